@@ -1,0 +1,71 @@
+"""Command line: `pop3-imap-bridge serve|check-config|demo` (also `python -m bridge`)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import trio
+
+from bridge import __version__
+from bridge.config import BridgeSettings, ConfigError, load_settings
+from bridge.observability import configure_logging
+
+
+def _load(path: Path | None) -> BridgeSettings:
+    try:
+        return load_settings(path)
+    except ConfigError as exc:
+        print(f"pop3-imap-bridge: bad configuration:\n{exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from bridge.server import run_until_signalled
+
+    settings = _load(args.config)
+    configure_logging(settings.logging.level, settings.logging.format)
+    trio.run(run_until_signalled, settings)
+    return 0
+
+
+def _check_config(args: argparse.Namespace) -> int:
+    settings = _load(args.config)
+    print(f"{args.config or '(defaults)'}: configuration is valid")
+    for section, values in settings.model_dump().items():
+        print(f"[{section}]")
+        for key, value in values.items():
+            print(f"{key} = {value!r}")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from bridge.demo import run_demo
+
+    return run_demo(Path(args.workdir), args.port)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="pop3-imap-bridge", description="POP3 server for IMAP mailboxes")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run the service")
+    serve.add_argument("--config", type=Path, help="path to bridge.toml (default: built-in defaults)")
+    serve.set_defaults(func=_serve)
+
+    check = commands.add_parser("check-config", help="validate a configuration and print it")
+    check.add_argument("--config", type=Path, help="path to bridge.toml")
+    check.set_defaults(func=_check_config)
+
+    demo = commands.add_parser("demo", help="run the bridge against a local demo Dovecot")
+    demo.add_argument("--workdir", default=".demo", help="where the demo Dovecot keeps its files")
+    demo.add_argument("--port", type=int, default=1110, help="POP3 port on 127.0.0.1")
+    demo.set_defaults(func=_demo)
+
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except KeyboardInterrupt:
+        return 0

@@ -1,0 +1,257 @@
+"""One POP3 session: drives the sans-IO POP3 core with client bytes and an upstream mailbox.
+
+The core (`bridge.pop3`) decides what every command means; this module does the I/O the core
+asks for: authenticate upstream and snapshot the maildrop at PASS, stream a message in
+partial FETCH chunks for RETR/TOP, apply the deletions at QUIT. A session that ends any other
+way (client gone, timeout, error, shutdown) deletes nothing.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+
+import structlog
+import trio
+
+from bridge.config import BridgeSettings
+from bridge.maildrop_locks import MaildropInUse, MaildropLocks
+from bridge.observability import get_logger
+from bridge.pop3 import (
+    NEED_DATA,
+    Close,
+    CommitRequest,
+    LoginRequest,
+    Maildrop,
+    MaildropEntry,
+    Pop3Server,
+    ResponseCode,
+    RetrieveRequest,
+    Send,
+)
+from bridge.upstream import (
+    AuthenticationFailed,
+    MailboxSnapshot,
+    MessageGone,
+    UpstreamError,
+    UpstreamMailbox,
+    open_mailbox,
+)
+
+_log = get_logger()
+_RECEIVE_SIZE = 65536
+
+
+def unique_id(uidvalidity: int, uid: int) -> str:
+    """UIDL for a message: Dovecot's default pop3_uidl_format (%08Xu%08Xv), so mailboxes that
+    move from Dovecot's own POP3 to the bridge keep their UIDLs and devices don't re-download.
+    16 characters of 0-9a-f: within RFC 1939's 0x21-0x7E, 70-character rule."""
+    return f"{uid:08x}{uidvalidity:08x}"
+
+
+def maildrop_from_snapshot(snapshot: MailboxSnapshot) -> Maildrop:
+    return Maildrop(
+        [
+            MaildropEntry(size=info.size, unique_id=unique_id(snapshot.uidvalidity, info.uid), ref=info.uid)
+            for info in snapshot.messages
+        ]
+    )
+
+
+class _EndSession(Exception):
+    """Stop the session now, without a reply (the reason is logged where it is raised)."""
+
+    def __init__(self, outcome: str) -> None:
+        self.outcome = outcome
+
+
+@dataclass
+class ServiceState:
+    """What sessions of one service share."""
+
+    settings: BridgeSettings
+    locks: MaildropLocks = field(default_factory=MaildropLocks)
+    active_sessions: int = 0
+
+    async def connect_upstream(self, username: str, password: str) -> UpstreamMailbox:
+        return await open_mailbox(self.settings.upstream, username, password)
+
+
+class Pop3Session:
+    def __init__(self, stream: trio.abc.Stream, peer: str, service: ServiceState) -> None:
+        self._stream = stream
+        self._peer = peer
+        self._service = service
+        self._settings = service.settings
+        self._core = Pop3Server(
+            max_line_length=self._settings.pop3.max_line_length,
+            implementation=self._settings.pop3.implementation,
+        )
+        self._mailbox: UpstreamMailbox | None = None
+        self._exits = ExitStack()
+        self.session_id = secrets.token_hex(6)
+
+    async def run(self) -> None:
+        structlog.contextvars.bind_contextvars(session=self.session_id, peer=self._peer)
+        started = time.monotonic()
+        _log.info("session_start")
+        outcome = "error"
+        try:
+            outcome = await self._converse()
+        except _EndSession as end:
+            outcome = end.outcome
+        except trio.BrokenResourceError:
+            outcome = "client_gone"
+        except trio.ClosedResourceError:
+            outcome = "closed"
+        except Exception:
+            _log.exception("session_crashed")
+        finally:
+            await self._cleanup()
+            _log.info("session_end", outcome=outcome, seconds=round(time.monotonic() - started, 3))
+
+    async def _cleanup(self) -> None:
+        with trio.CancelScope(shield=True):
+            if self._mailbox is not None:
+                await self._mailbox.aclose()
+            self._exits.close()
+            with trio.move_on_after(1):
+                await self._stream.aclose()
+
+    async def _send(self, data: bytes) -> None:
+        # A client that stops reading for the autologout period is as gone as a silent one.
+        with trio.move_on_after(self._settings.pop3.autologout_seconds) as scope:
+            await self._stream.send_all(data)
+        if scope.cancelled_caught:
+            _log.info("client_not_reading")
+            raise _EndSession("send_timeout")
+
+    async def _receive(self) -> bytes:
+        with trio.move_on_after(self._settings.pop3.autologout_seconds):
+            return await self._stream.receive_some(_RECEIVE_SIZE)
+        # RFC 1939 autologout: close without a reply and without entering UPDATE.
+        _log.info("autologout", seconds=self._settings.pop3.autologout_seconds)
+        raise _EndSession("autologout")
+
+    async def _converse(self) -> str:
+        core = self._core
+        await self._send(core.greeting())
+        while True:
+            event = core.next_event()
+            if event is NEED_DATA:
+                data = await self._receive()
+                core.receive_data(data)
+                if not data:
+                    _log.debug("client_closed")
+            elif isinstance(event, Send):
+                await self._send(event.data)
+            elif isinstance(event, LoginRequest):
+                await self._send(await self._login(event))
+            elif isinstance(event, RetrieveRequest):
+                await self._retrieve(event)
+            elif isinstance(event, CommitRequest):
+                reply, outcome = await self._commit(event)
+                await self._send(reply)
+                return outcome
+            elif isinstance(event, Close):
+                return "quit" if self._mailbox is None else "closed_without_quit"
+            else:  # pragma: no cover - the core's event set is closed
+                raise AssertionError(f"unexpected event {event!r}")
+
+    @contextmanager
+    def _timed(self, command: str) -> Iterator[None]:
+        started = time.monotonic()
+        yield
+        _log.debug("command", command=command, ms=round((time.monotonic() - started) * 1000, 2))
+
+    async def _login(self, request: LoginRequest) -> bytes:
+        core = self._core
+        user = request.username
+        structlog.contextvars.bind_contextvars(user=user)
+        try:
+            mailbox = await self._service.connect_upstream(user, request.password)
+        except AuthenticationFailed:
+            _log.info("login_failed", reason="credentials")
+            structlog.contextvars.unbind_contextvars("user")
+            return core.reject_login("invalid user name or password", ResponseCode.AUTH)
+        except UpstreamError as exc:
+            _log.warning("login_failed", reason="upstream", error=str(exc))
+            return core.reject_login("mail server unavailable, try again later", ResponseCode.SYS_TEMP)
+        try:
+            self._exits.enter_context(self._service.locks.hold(user))
+        except MaildropInUse:
+            await mailbox.aclose()
+            _log.info("login_failed", reason="in_use")
+            return core.reject_login("maildrop already in use by another session", ResponseCode.IN_USE)
+        self._mailbox = mailbox
+        try:
+            snapshot = await mailbox.snapshot()
+        except UpstreamError as exc:
+            _log.warning("login_failed", reason="snapshot", error=str(exc))
+            self._mailbox = None
+            self._exits.close()
+            self._exits = ExitStack()
+            await mailbox.aclose()
+            return core.reject_login("mail server unavailable, try again later", ResponseCode.SYS_TEMP)
+        _log.info("login_ok", messages=len(snapshot.messages), uidvalidity=snapshot.uidvalidity)
+        return core.accept_login(maildrop_from_snapshot(snapshot))
+
+    async def _retrieve(self, request: RetrieveRequest) -> None:
+        core = self._core
+        assert self._mailbox is not None
+        mailbox = self._mailbox
+        entry = request.entry
+        chunk = self._settings.upstream.fetch_chunk
+        command = "RETR" if request.body_lines is None else "TOP"
+        with self._timed(command):
+            try:
+                data = await mailbox.fetch_range(entry.ref, 0, min(chunk, entry.size)) if entry.size else b""
+            except MessageGone:
+                _log.info("message_gone", uid=entry.ref, number=request.number)
+                await self._send(core.refuse_message(f"message {request.number} was removed from the mailbox"))
+                return
+            except UpstreamError as exc:
+                _log.warning("upstream_error", command=command, error=str(exc))
+                await self._send(core.refuse_message("mail server unavailable, try again later", ResponseCode.SYS_TEMP))
+                return
+            await self._send(core.start_message())
+            encoder = core.message_body_encoder()
+            offset = 0
+            while True:
+                out = encoder.feed(data)
+                if out:
+                    await self._send(out)
+                offset += len(data)
+                if encoder.done or offset >= entry.size or not data:
+                    break
+                try:
+                    data = await mailbox.fetch_range(entry.ref, offset, min(chunk, entry.size - offset))
+                except (MessageGone, UpstreamError) as exc:
+                    # Part of the body is out; a terminator now would pass off a truncated
+                    # message as whole. Dropping the connection is the only honest answer.
+                    core.abort_message()
+                    _log.warning("retrieve_aborted", uid=entry.ref, offset=offset, error=type(exc).__name__)
+                    raise _EndSession("upstream_failed_mid_message") from None
+            await self._send(encoder.finish())
+            core.end_message()
+
+    async def _commit(self, request: CommitRequest) -> tuple[bytes, str]:
+        core = self._core
+        uids = [entry.ref for entry in request.marked]
+        if not uids:
+            return core.commit_succeeded(), "quit"
+        assert self._mailbox is not None
+        try:
+            with self._timed("QUIT"):
+                await self._mailbox.delete(uids)
+        except UpstreamError as exc:
+            _log.warning("deletions_failed", count=len(uids), error=str(exc))
+            return (
+                core.commit_failed("could not delete the messages on the mail server; try again"),
+                "quit_failed",
+            )
+        _log.info("deletions_applied", count=len(uids))
+        return core.commit_succeeded(), "quit"

@@ -1,0 +1,350 @@
+"""Upstream engine: aioimaplib under trio-asyncio.
+
+This is the only module that imports aioimaplib or trio_asyncio. It exposes `upstream_runtime()`
+(the asyncio loop the engine needs, opened inside Trio) and `open_mailbox()` (an authenticated
+connection with the maildrop folder selected, implementing `UpstreamMailbox`).
+
+aioimaplib 2.0.3 needs these fixes, all made here by subclassing (pinned version):
+- its response handler recurses once per line (a ~1,000-line read raises RecursionError) and
+  copies the unread tail for every line; `_handle_responses` is replaced by a loop over offsets;
+- its FETCH completeness check rescans every line of the response for every new line
+  (quadratic); `_IncrementalFetchCommand` keeps a running parenthesis depth instead;
+- a lost connection is not surfaced, the next command hangs; `connection_lost` now fails every
+  pending command at once;
+- it formats every received chunk into a debug log string even when debug is off (and would
+  log message bodies); `data_received` and `send` skip that;
+- LOGIN does not quote the user name; we authenticate with our own commands;
+- NO/BAD come back as result strings; every call here checks them and raises typed errors;
+- concurrent commands on one connection corrupt its state; each mailbox serialises with a lock;
+- under trio-asyncio any exception escaping an asyncio callback kills `trio.run`;
+  `upstream_runtime()` installs an exception handler that logs instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
+from typing import Any, TypeVar
+
+import trio
+import trio_asyncio
+from aioimaplib import aioimaplib as _aio
+
+from bridge.config import UpstreamSettings
+from bridge.observability import get_logger
+from bridge.upstream import imap_syntax
+from bridge.upstream.interface import (
+    AuthenticationFailed,
+    MailboxSnapshot,
+    MessageGone,
+    MessageInfo,
+    UpstreamError,
+    UpstreamUnavailable,
+    chunked_uid_sets,
+)
+
+_T = TypeVar("_T")
+_log = get_logger(component="upstream")
+
+# Codes (RFC 5530) with which a server says "not now" rather than "wrong password".
+_TEMPORARY_AUTH_CODES = frozenset({"UNAVAILABLE", "SERVERBUG", "LIMIT", "INUSE", "CONTACTADMIN"})
+_CLOSE_GRACE_SECONDS = 2.0
+
+
+def _log_asyncio_error(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    exc = context.get("exception")
+    _log.warning(
+        "upstream_asyncio_error",
+        message=context.get("message"),
+        error=type(exc).__name__ if exc else None,
+    )
+
+
+@asynccontextmanager
+async def upstream_runtime() -> AsyncIterator[None]:
+    """The asyncio loop (inside Trio) that the engine runs on; wrap the service in it."""
+    async with trio_asyncio.open_loop() as loop:
+        loop.set_exception_handler(_log_asyncio_error)
+        yield
+
+
+class _IncrementalFetchCommand(_aio.FetchCommand):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._depth = 0
+
+    def append_to_resp(self, line: bytes, result: str = "Pending") -> None:
+        super().append_to_resp(line, result)
+        # Literal payloads arrive as bytearray and never count towards parentheses.
+        if type(line) is bytes:
+            if self.FETCH_MESSAGE_DATA_RE.match(line):
+                self._depth = line.count(b"(") - line.count(b")")
+            else:
+                self._depth += line.count(b"(") - line.count(b")")
+
+    def wait_data(self) -> bool:
+        return self._depth > 0
+
+
+class _ClientProtocol(_aio.IMAP4ClientProtocol):
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(loop)
+        self.lost = False
+        self.greeting_error: str | None = None
+
+    def data_received(self, d: bytes) -> None:
+        try:
+            self._handle_responses(self.incomplete_line + d, self._handle_line, self.current_command)
+            self.incomplete_line = b""
+            self.current_command = None
+        except _aio.IncompleteRead as incomplete_read:
+            self.current_command = incomplete_read.cmd
+            self.incomplete_line = incomplete_read.data
+
+    def send(self, line: str, scrub: str | None = None) -> None:
+        # surrogateescape: credentials that were not valid UTF-8 go out as the bytes the client sent.
+        self.transport.write(line.encode("utf-8", "surrogateescape") + b"\r\n")
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        error = _aio.Abort("upstream connection lost")
+        pending = [*self.pending_async_commands.values(), self.pending_sync_command]
+        for command in pending:
+            if command is not None and not command._event.is_set():
+                command._exception = error
+                command.close(b"connection lost", "BYE")
+
+    async def welcome(self, command: bytes) -> None:
+        try:
+            await super().welcome(command)
+        except Exception as exc:  # a BYE greeting or a non-IMAP4rev1 server
+            self.greeting_error = type(exc).__name__
+            async with self.state_condition:
+                self.state = _aio.LOGOUT
+                self.state_condition.notify_all()
+
+    def _handle_responses(
+        self,
+        data: bytes,
+        line_handler: Callable[[bytes, _aio.Command], _aio.Command | None],
+        current_cmd: _aio.Command | None = None,
+    ) -> None:
+        pos, end_of_data = 0, len(data)
+        while True:
+            if pos >= end_of_data:
+                if self.pending_sync_command is not None:
+                    self.pending_sync_command.flush()
+                if current_cmd is not None and current_cmd.wait_data():
+                    raise _aio.IncompleteRead(current_cmd)
+                return
+            if current_cmd is not None and current_cmd.wait_literal_data():
+                missing = current_cmd._expected_size - len(current_cmd._resp_literal_data)
+                piece = data[pos : pos + missing]
+                pos += len(piece)
+                current_cmd.append_literal_data(piece)
+                if current_cmd.wait_literal_data():
+                    raise _aio.IncompleteRead(current_cmd)
+                continue
+            line_end = data.find(b"\r\n", pos)
+            if line_end < 0:
+                raise _aio.IncompleteRead(current_cmd, data[pos:])
+            line = data[pos:line_end]
+            pos = line_end + 2
+            command = line_handler(line, current_cmd)
+            literal = _aio.literal_data_re.match(line)
+            if literal:
+                if command is None:
+                    command = _aio.Command("NIL", "unused", loop=self.loop)
+                command.begin_literal_data(int(literal.group("size")))
+                current_cmd = command
+            elif command is not None and command.wait_data():
+                current_cmd = command
+            else:
+                current_cmd = None
+
+    async def fetch(
+        self, message_set: str, message_parts: str, by_uid: bool = False, timeout: float | None = None
+    ) -> _aio.Response:
+        return await self.execute(
+            _IncrementalFetchCommand(
+                self.new_tag(), message_set, message_parts,
+                prefix="UID" if by_uid else "", loop=self.loop, timeout=timeout,
+            )
+        )
+
+    async def authenticate(self, *args: str, scrub: str) -> _aio.Response:
+        response = await self.execute(_aio.Command(args[0], self.new_tag(), *args[1:], loop=self.loop), scrub=scrub)
+        if response.result == "OK":
+            self.state = _aio.AUTH
+        return response
+
+
+async def _connect(host: str, port: int) -> _ClientProtocol:
+    loop = asyncio.get_running_loop()
+    protocol = _ClientProtocol(loop)
+    await loop.create_connection(lambda: protocol, host, port)
+    await protocol.wait(f"{_aio.AUTH}|{_aio.NONAUTH}|{_aio.LOGOUT}")
+    return protocol
+
+
+class AioImapMailbox:
+    """`UpstreamMailbox` on one aioimaplib connection."""
+
+    def __init__(self, protocol: _ClientProtocol, settings: UpstreamSettings) -> None:
+        self._protocol = protocol
+        self._settings = settings
+        self._lock = trio.Lock()
+        self._broken = False
+        self._capabilities: frozenset[str] = frozenset(c.upper() for c in protocol.capabilities)
+
+    @property
+    def capabilities(self) -> frozenset[str]:
+        return self._capabilities
+
+    @property
+    def usable(self) -> bool:
+        return not self._broken and not self._protocol.lost
+
+    def _break(self) -> None:
+        self._broken = True
+        transport = self._protocol.transport
+        if transport is not None:
+            transport.close()
+
+    async def _call(self, what: str, fn: Callable[..., Awaitable[_T]], *args: Any, **kwargs: Any) -> _T:
+        async with self._lock:
+            if not self.usable:
+                raise UpstreamUnavailable(f"{what}: upstream connection is closed")
+            try:
+                with trio.fail_after(self._settings.timeout_seconds):
+                    return await trio_asyncio.aio_as_trio(fn)(*args, **kwargs)
+            except trio.TooSlowError:
+                self._break()
+                raise UpstreamUnavailable(f"{what}: no answer within {self._settings.timeout_seconds:g} s") from None
+            except (_aio.AioImapException, OSError, asyncio.CancelledError) as exc:
+                self._break()
+                raise UpstreamUnavailable(f"{what}: {type(exc).__name__}") from None
+            except trio.Cancelled:
+                # A command cut off half-way leaves the protocol state unknown.
+                self._break()
+                raise
+
+    async def _checked(self, what: str, fn: Callable[..., Awaitable[_aio.Response]], *args: Any, **kwargs: Any) -> _aio.Response:
+        response = await self._call(what, fn, *args, **kwargs)
+        if response.result != "OK":
+            raise UpstreamError(f"{what}: server answered {response.result}")
+        return response
+
+    async def _login(self, username: str, password: str) -> None:
+        caps = self._capabilities
+        if "AUTH=PLAIN" in caps and "SASL-IR" in caps:
+            # SASL PLAIN carries any byte sequence (RFC 4616); LOGIN's quoted strings cannot.
+            token = base64.b64encode(
+                b"\0" + username.encode("utf-8", "surrogateescape") + b"\0" + password.encode("utf-8", "surrogateescape")
+            ).decode("ascii")
+            response = await self._call("login", self._protocol.authenticate, "AUTHENTICATE", "PLAIN", token, scrub=token)
+        else:
+            try:
+                args = (imap_syntax.quote_string(username), imap_syntax.quote_string(password))
+            except ValueError:
+                raise AuthenticationFailed("credentials cannot be sent to the server") from None
+            response = await self._call("login", self._protocol.authenticate, "LOGIN", *args, scrub=password)
+        if response.result != "OK":
+            text = response.lines[-1] if response.lines else b""
+            if response.result == "NO" and imap_syntax.response_code(text) not in _TEMPORARY_AUTH_CODES:
+                raise AuthenticationFailed("upstream rejected the credentials")
+            raise UpstreamError(f"login: server answered {response.result} [{imap_syntax.response_code(text)}]")
+        caps_after = imap_syntax.find_capabilities(list(response.lines))
+        if caps_after is None:
+            await self._call("capability", self._protocol.capability)
+            caps_after = frozenset(c.upper() for c in self._protocol.capabilities)
+        self._capabilities = caps_after
+
+    async def snapshot(self) -> MailboxSnapshot:
+        mailbox = imap_syntax.quote_string(imap_syntax.encode_mailbox_name(self._settings.mailbox))
+        selected = await self._checked("select", self._protocol.select, mailbox)
+        uidvalidity = imap_syntax.find_uidvalidity(selected.lines)
+        exists = imap_syntax.find_exists(selected.lines)
+        if uidvalidity is None or exists is None:
+            raise UpstreamError("select: server sent no UIDVALIDITY or EXISTS")
+        messages: list[MessageInfo] = []
+        if exists:
+            listing = await self._checked(
+                "listing", self._protocol.fetch, "1:*", "(UID RFC822.SIZE FLAGS)", by_uid=True
+            )
+            seen: set[int] = set()
+            for line in listing.lines:
+                if type(line) is not bytes:
+                    continue
+                parsed = imap_syntax.parse_listing_line(line)
+                if parsed is None:
+                    continue
+                uid, size, flags = parsed
+                if "\\deleted" in flags or uid in seen:
+                    continue
+                seen.add(uid)
+                messages.append(MessageInfo(uid, size))
+            messages.sort(key=lambda info: info.uid)
+        return MailboxSnapshot(uidvalidity=uidvalidity, messages=tuple(messages))
+
+    async def fetch_range(self, uid: int, offset: int, length: int) -> bytes:
+        response = await self._call(
+            "fetch", self._protocol.fetch, str(uid), f"(BODY.PEEK[]<{offset}.{length}>)", by_uid=True
+        )
+        data = imap_syntax.extract_body_section(list(response.lines), uid)
+        if data is None:
+            if response.result in ("OK", "NO"):
+                raise MessageGone(f"UID {uid} no longer exists")
+            raise UpstreamError(f"fetch: server answered {response.result}")
+        if response.result != "OK":
+            raise UpstreamError(f"fetch: server answered {response.result}")
+        return data
+
+    async def delete(self, uids: Sequence[int]) -> None:
+        if not uids:
+            return
+        pieces = chunked_uid_sets(uids)
+        for piece in pieces:
+            await self._checked("store", self._protocol.store, piece, "+FLAGS.SILENT", "(\\Deleted)", by_uid=True)
+        if "UIDPLUS" in self._capabilities:
+            for piece in pieces:
+                await self._checked("expunge", self._protocol.expunge, piece, by_uid=True)
+        # Without UIDPLUS a plain EXPUNGE would also remove messages other clients flagged;
+        # the messages stay flagged \Deleted (hidden from POP) until the mailbox is expunged by
+        # its owner or the server (README, "Deletion").
+
+    async def aclose(self) -> None:
+        if not self.usable:
+            self._break()
+            return
+        with trio.CancelScope(shield=True), trio.move_on_after(_CLOSE_GRACE_SECONDS):
+            try:
+                async with self._lock:
+                    await trio_asyncio.aio_as_trio(self._protocol.logout)()
+            except Exception:  # logging out is a courtesy; the connection closes regardless
+                pass
+        self._break()
+
+
+async def open_mailbox(settings: UpstreamSettings, username: str, password: str) -> AioImapMailbox:
+    """Connect, authenticate as the POP3 user. Raises AuthenticationFailed or UpstreamUnavailable."""
+    try:
+        with trio.fail_after(settings.timeout_seconds):
+            protocol = await trio_asyncio.aio_as_trio(_connect)(settings.host, settings.port)
+    except trio.TooSlowError:
+        raise UpstreamUnavailable(f"connect: no greeting within {settings.timeout_seconds:g} s") from None
+    except OSError as exc:
+        raise UpstreamUnavailable(f"connect: {exc.strerror or type(exc).__name__}") from None
+    mailbox = AioImapMailbox(protocol, settings)
+    if protocol.state == _aio.LOGOUT:
+        mailbox._break()
+        raise UpstreamUnavailable(f"connect: server refused the session ({protocol.greeting_error})")
+    try:
+        if protocol.state == _aio.NONAUTH:
+            await mailbox._login(username, password)
+    except BaseException:
+        mailbox._break()
+        raise
+    return mailbox

@@ -1,0 +1,96 @@
+"""The Trio-facing interface every upstream IMAP engine implements, and its errors.
+
+The session layer sees only this: an authenticated, selected mailbox that can be snapshotted,
+read in byte ranges, and changed by UID. Which IMAP client library sits behind it is the
+engine's business (see `bridge.upstream.aioimap`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+
+class UpstreamError(Exception):
+    """The upstream failed or answered something we cannot use; POP3 says [SYS/TEMP]."""
+
+
+class UpstreamUnavailable(UpstreamError):
+    """The upstream could not be reached, or did not answer within the configured timeout."""
+
+
+class AuthenticationFailed(Exception):
+    """The upstream rejected the credentials; POP3 says [AUTH]."""
+
+
+class MessageGone(Exception):
+    """The message no longer exists upstream (another client expunged it)."""
+
+
+@dataclass(frozen=True, slots=True)
+class MessageInfo:
+    uid: int
+    size: int
+
+
+@dataclass(frozen=True, slots=True)
+class MailboxSnapshot:
+    """The maildrop as it was when the session logged in, in UID order."""
+
+    uidvalidity: int
+    messages: tuple[MessageInfo, ...]
+
+
+class UpstreamMailbox(Protocol):
+    """One authenticated IMAP connection with the POP3 maildrop folder selected."""
+
+    @property
+    def capabilities(self) -> frozenset[str]: ...
+
+    async def snapshot(self) -> MailboxSnapshot:
+        """UIDs and sizes of the messages not flagged \\Deleted, in UID order."""
+        ...
+
+    async def fetch_range(self, uid: int, offset: int, length: int) -> bytes:
+        """Bytes [offset, offset+length) of the message as the server stores it, without
+        setting \\Seen. Raises MessageGone if the UID no longer exists."""
+        ...
+
+    async def delete(self, uids: Sequence[int]) -> None:
+        """Flag exactly these UIDs \\Deleted and expunge exactly these UIDs."""
+        ...
+
+    async def aclose(self) -> None:
+        """Log out (best effort, bounded in time) and close the connection."""
+        ...
+
+
+def format_uid_set(uids: Iterable[int]) -> str:
+    """Compress UIDs into an IMAP sequence set of ranges: 1:3,7,9:10."""
+    ordered = sorted(set(uids))
+    if not ordered:
+        raise ValueError("an IMAP UID set cannot be empty")
+    parts: list[str] = []
+    start = prev = ordered[0]
+    for uid in ordered[1:]:
+        if uid == prev + 1:
+            prev = uid
+            continue
+        parts.append(f"{start}:{prev}" if start != prev else str(start))
+        start = prev = uid
+    parts.append(f"{start}:{prev}" if start != prev else str(start))
+    return ",".join(parts)
+
+
+def chunked_uid_sets(uids: Iterable[int], max_length: int = 2000) -> list[str]:
+    """Split a UID set so no command line grows past what servers accept (Dovecot: 64 KiB,
+    others far less); each piece stays a valid, exact set."""
+    text = format_uid_set(uids)
+    pieces: list[str] = []
+    while len(text) > max_length:
+        cut = text.rfind(",", 0, max_length)
+        pieces.append(text[:cut])
+        text = text[cut + 1 :]
+    pieces.append(text)
+    return pieces
