@@ -1,0 +1,56 @@
+"""Sans-IO POP3 server core: bytes in, events and bytes out.
+
+No sockets, no Trio, no IMAP here.  The session layer feeds what it reads to
+`Pop3Server.receive_data`, acts on what `Pop3Server.next_event` returns, and
+answers the request events with the matching methods.  See `connection` for
+the state machine and its input bounds.
+"""
+
+from .commands import BadCommand, Command, parse_command
+from .connection import Pop3Server, State
+from .dotstuff import DotStuffer, MessageEncoder, TopEncoder, TopFilter
+from .errors import LocalProtocolError
+from .events import (
+    NEED_DATA,
+    Close,
+    CommitRequest,
+    Event,
+    LoginRequest,
+    NeedData,
+    RetrieveRequest,
+    Send,
+)
+from .linebuffer import LINE_TOO_LONG, LineBuffer, LineTooLong
+from .maildrop import Maildrop, MaildropEntry, Unavailable
+from .responses import ResponseCode, err, multiline, ok
+
+__all__ = [
+    "LINE_TOO_LONG",
+    "NEED_DATA",
+    "BadCommand",
+    "Close",
+    "Command",
+    "CommitRequest",
+    "DotStuffer",
+    "Event",
+    "LineBuffer",
+    "LineTooLong",
+    "LocalProtocolError",
+    "LoginRequest",
+    "Maildrop",
+    "MaildropEntry",
+    "MessageEncoder",
+    "NeedData",
+    "Pop3Server",
+    "ResponseCode",
+    "RetrieveRequest",
+    "Send",
+    "State",
+    "TopEncoder",
+    "TopFilter",
+    "Unavailable",
+    "err",
+    "multiline",
+    "ok",
+    "parse_command",
+]

@@ -1,0 +1,399 @@
+"""The POP3 server state machine (RFC 1939), without any I/O.
+
+Bytes from the client go into `Pop3Server.receive_data`; `next_event` then
+returns, one at a time and in order, what the I/O layer has to do: send bytes,
+check a login, fetch a message, expunge at QUIT, close, or read more.  Work
+that needs the upstream mailbox comes out as a request event, and the core
+waits for the matching answer method before it looks at the next command.
+
+Everything that moves the state machine lives in this module: the session
+states and the transitions between them (`_TRANSITIONS`), which commands each
+state accepts (`_ALLOWED`), and the outstanding request, if any (`_Awaiting`).
+
+Input is bounded as follows.  An incomplete command line is never held beyond
+``max_line_length`` bytes (see `linebuffer`).  Complete but not yet answered
+commands are bounded by what the I/O layer hands to ``receive_data``; it is
+expected to read from the socket only when ``next_event`` returns `NEED_DATA`,
+which is after every buffered command has been answered, so a pipelining
+client is held back by TCP flow control rather than by our memory.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Sequence
+
+from .commands import (
+    BadCommand,
+    Capa,
+    Command,
+    Dele,
+    List,
+    Noop,
+    Pass,
+    Quit,
+    Retr,
+    Rset,
+    Stat,
+    Top,
+    Uidl,
+    User,
+    parse_command,
+)
+from .dotstuff import DotStuffer, MessageEncoder, TopEncoder
+from .errors import LocalProtocolError
+from .events import (
+    NEED_DATA,
+    Close,
+    CommitRequest,
+    Event,
+    LoginRequest,
+    RetrieveRequest,
+    Send,
+)
+from .linebuffer import LINE_TOO_LONG, LineBuffer
+from .maildrop import Maildrop, Unavailable
+from .responses import ResponseCode, err, multiline, ok
+
+__all__ = ["Pop3Server", "State"]
+
+
+class State(enum.Enum):
+    """The session states of RFC 1939 section 3, plus CLOSED."""
+
+    AUTHORIZATION = "AUTHORIZATION"
+    TRANSACTION = "TRANSACTION"
+    UPDATE = "UPDATE"  # QUIT received, waiting for the deletions to be applied
+    CLOSED = "CLOSED"
+
+
+class _Trigger(enum.Enum):
+    LOGIN_ACCEPTED = enum.auto()
+    QUIT = enum.auto()
+    COMMIT_FINISHED = enum.auto()
+    CONNECTION_LOST = enum.auto()  # client EOF, or a message that broke mid-send
+
+
+_TRANSITIONS: dict[tuple[State, _Trigger], State] = {
+    (State.AUTHORIZATION, _Trigger.LOGIN_ACCEPTED): State.TRANSACTION,
+    # QUIT before login has nothing to commit (RFC 1939 section 4).
+    (State.AUTHORIZATION, _Trigger.QUIT): State.CLOSED,
+    (State.TRANSACTION, _Trigger.QUIT): State.UPDATE,
+    # Whether the deletions worked or not, the session ends (RFC 1939 section 6).
+    (State.UPDATE, _Trigger.COMMIT_FINISHED): State.CLOSED,
+    # Without a QUIT nothing may be deleted, so these skip UPDATE.
+    (State.AUTHORIZATION, _Trigger.CONNECTION_LOST): State.CLOSED,
+    (State.TRANSACTION, _Trigger.CONNECTION_LOST): State.CLOSED,
+}
+
+_ALLOWED: dict[State, frozenset[type[Command]]] = {
+    State.AUTHORIZATION: frozenset({User, Pass, Quit, Capa}),
+    State.TRANSACTION: frozenset({Stat, List, Retr, Dele, Noop, Rset, Quit, Top, Uidl, Capa}),
+    State.UPDATE: frozenset(),
+    State.CLOSED: frozenset(),
+}
+
+# What a command gets in a state that does not accept it.
+_WRONG_STATE: dict[State, str] = {
+    State.AUTHORIZATION: "not logged in",
+    State.TRANSACTION: "already logged in",
+    State.UPDATE: "session is ending",
+    State.CLOSED: "session is closed",
+}
+
+
+class _Awaiting(enum.Enum):
+    """Which answer method the core is waiting for, if any."""
+
+    NOTHING = "nothing"
+    LOGIN = "accept_login() or reject_login()"
+    MESSAGE_START = "start_message(), refuse_message() or abort_message()"
+    MESSAGE_BODY = "message_body_encoder(), end_message() or abort_message()"
+    COMMIT = "commit_succeeded() or commit_failed()"
+
+
+# Our reply texts.  Parse errors come with their own text from `commands`.
+_LINE_TOO_LONG = "line too long"
+_USER_FIRST = "send USER first"
+_USER_ACCEPTED = "send PASS"
+_LOGGED_IN = "logged in."
+_BYE = "bye"
+_CAPA = "capability list follows"
+
+
+def _check_capability(text: str) -> str:
+    if not text or not text.isascii() or not text.isprintable() or text.startswith("."):
+        raise ValueError(f"not a valid capability line: {text!r}")
+    return text
+
+
+class Pop3Server:
+    """One POP3 session, server side.  See the module docstring."""
+
+    def __init__(
+        self,
+        *,
+        max_line_length: int = 255,
+        implementation: str = "pop3-imap-bridge",
+        extra_capabilities: Sequence[str] = (),
+    ) -> None:
+        # Rejecting bad configuration here keeps a broken CAPA or greeting
+        # from ever reaching a client halfway through a session.
+        if max_line_length < len(b"QUIT\r\n"):
+            raise ValueError("max_line_length is too small for any POP3 command")
+        self._implementation = _check_capability(implementation)
+        self._extra_capabilities = tuple(_check_capability(c) for c in extra_capabilities)
+        _check_capability(f"IMPLEMENTATION {implementation}")
+
+        self._lines = LineBuffer(max_line_length)
+        self._eof = False
+        self._state = State.AUTHORIZATION
+        self._awaiting = _Awaiting.NOTHING
+        self._user: str | None = None  # set by USER, consumed by the next line
+        self._maildrop: Maildrop | None = None
+        self._retrieval: RetrieveRequest | None = None
+        self._encoder: DotStuffer | TopEncoder | None = None
+
+    # -- state -------------------------------------------------------------
+
+    @property
+    def state(self) -> State:
+        return self._state
+
+    def _fire(self, trigger: _Trigger) -> None:
+        new_state = _TRANSITIONS.get((self._state, trigger))
+        if new_state is None:
+            raise LocalProtocolError(f"no transition for {trigger.name} in {self._state.name}")
+        self._state = new_state
+
+    def _expect(self, *awaiting: _Awaiting) -> None:
+        if self._awaiting not in awaiting:
+            wanted = " or ".join(a.name for a in awaiting)
+            raise LocalProtocolError(
+                f"called while the core waits for {self._awaiting.value}; needs {wanted}"
+            )
+
+    @property
+    def _drop(self) -> Maildrop:
+        if self._maildrop is None:
+            raise LocalProtocolError("no maildrop outside TRANSACTION")
+        return self._maildrop
+
+    # -- input -------------------------------------------------------------
+
+    def greeting(self) -> bytes:
+        """The first line to send on a new connection."""
+        return ok(f"{self._implementation} ready.")
+
+    def receive_data(self, data: bytes) -> None:
+        """Hand over bytes read from the client; ``b""`` means EOF."""
+        if self._state is State.CLOSED:
+            return  # nothing a closed session reads can matter any more
+        if self._eof:
+            if data:
+                raise LocalProtocolError("receive_data() with data after EOF")
+            return
+        if not data:
+            self._eof = True
+            return
+        self._lines.feed(data)
+
+    def next_event(self) -> Event:
+        """What to do next; see the module docstring."""
+        if self._awaiting is not _Awaiting.NOTHING:
+            raise LocalProtocolError(f"next_event() while waiting for {self._awaiting.value}")
+        if self._state is State.CLOSED:
+            return Close()
+        line = self._lines.next_line()
+        if line is None:
+            if self._eof:
+                # A partial line left at EOF was never a command.
+                self._fire(_Trigger.CONNECTION_LOST)
+                return Close()
+            return NEED_DATA
+        if line is LINE_TOO_LONG:
+            self._user = None
+            return Send(err(_LINE_TOO_LONG))
+        return self._execute(parse_command(line))
+
+    # -- commands ----------------------------------------------------------
+
+    def _execute(self, command: Command | BadCommand) -> Event:
+        # PASS is only valid immediately after USER (RFC 1939 section 7), so
+        # every line, good or bad, uses up a pending user name.
+        user, self._user = self._user, None
+        if isinstance(command, BadCommand):
+            if command.command is not None and command.command not in _ALLOWED[self._state]:
+                return Send(err(_WRONG_STATE[self._state]))
+            return Send(err(command.text))
+        if type(command) not in _ALLOWED[self._state]:
+            return Send(err(_WRONG_STATE[self._state]))
+
+        match command:
+            case User(name=name):
+                self._user = name
+                return Send(ok(_USER_ACCEPTED))
+            case Pass(password=password):
+                if user is None:
+                    return Send(err(_USER_FIRST))
+                self._awaiting = _Awaiting.LOGIN
+                return LoginRequest(user, password)
+            case Quit():
+                return self._quit()
+            case Capa():
+                return Send(multiline(_CAPA, self._capabilities()))
+            case Stat():
+                count, octets = self._drop.stat()
+                return Send(ok(f"{count} {octets}"))
+            case List(number=None):
+                listing = self._drop.scan_listing()
+                lines = (f"{number} {size}" for number, size in listing)
+                return Send(multiline(f"{len(listing)} messages:", lines))
+            case List(number=int(number)):
+                found = self._drop.lookup(number)
+                if isinstance(found, Unavailable):
+                    return Send(err(self._unavailable(number, found)))
+                return Send(ok(f"{number} {found.size}"))
+            case Uidl(number=None):
+                listing = self._drop.unique_id_listing()
+                lines = (f"{number} {uid}" for number, uid in listing)
+                return Send(multiline("", lines))
+            case Uidl(number=int(number)):
+                found = self._drop.lookup(number)
+                if isinstance(found, Unavailable):
+                    return Send(err(self._unavailable(number, found)))
+                return Send(ok(f"{number} {found.unique_id}"))
+            case Retr(number=number):
+                return self._retrieve(number, None)
+            case Top(number=number, lines=body_lines):
+                return self._retrieve(number, body_lines)
+            case Dele(number=number):
+                found = self._drop.mark_deleted(number)
+                if isinstance(found, Unavailable):
+                    return Send(err(self._unavailable(number, found)))
+                return Send(ok(f"message {number} deleted"))
+            case Rset():
+                self._drop.reset()
+                return Send(ok())
+            case Noop():
+                return Send(ok())
+        raise LocalProtocolError(f"no handler for {type(command).__name__}")  # pragma: no cover
+
+    def _capabilities(self) -> list[str]:
+        # The same list in every state for now.  RFC 2449 lets it differ
+        # (STLS, say, only before login), which is why this is a method that
+        # can look at self._state rather than a constant.
+        return [
+            "TOP",
+            "UIDL",
+            "USER",
+            "RESP-CODES",
+            "AUTH-RESP-CODE",
+            "PIPELINING",
+            *self._extra_capabilities,
+            f"IMPLEMENTATION {self._implementation}",
+        ]
+
+    @staticmethod
+    def _unavailable(number: int, why: Unavailable) -> str:
+        if why is Unavailable.DELETED:
+            return f"message {number} already deleted"
+        return "no such message"
+
+    def _quit(self) -> Event:
+        if self._state is State.AUTHORIZATION:
+            self._fire(_Trigger.QUIT)
+            return Send(ok(_BYE))
+        marked = self._drop.marked()
+        self._fire(_Trigger.QUIT)
+        self._awaiting = _Awaiting.COMMIT
+        return CommitRequest(marked)
+
+    def _retrieve(self, number: int, body_lines: int | None) -> Event:
+        found = self._drop.lookup(number)
+        if isinstance(found, Unavailable):
+            return Send(err(self._unavailable(number, found)))
+        self._retrieval = RetrieveRequest(number, found, body_lines)
+        self._awaiting = _Awaiting.MESSAGE_START
+        return self._retrieval
+
+    # -- answers to requests -----------------------------------------------
+
+    def accept_login(self, maildrop: Maildrop) -> bytes:
+        """The credentials were good and ``maildrop`` is this session's view."""
+        self._expect(_Awaiting.LOGIN)
+        self._maildrop = maildrop
+        self._awaiting = _Awaiting.NOTHING
+        self._fire(_Trigger.LOGIN_ACCEPTED)
+        return ok(_LOGGED_IN)
+
+    def reject_login(self, text: str, code: ResponseCode | None) -> bytes:
+        """The login failed; the client may start again with USER."""
+        self._expect(_Awaiting.LOGIN)
+        reply = err(text, code)
+        self._awaiting = _Awaiting.NOTHING
+        return reply
+
+    def _current(self) -> RetrieveRequest:
+        if self._retrieval is None:  # pragma: no cover - guarded by _expect
+            raise LocalProtocolError("no retrieval in progress")
+        return self._retrieval
+
+    def start_message(self) -> bytes:
+        """The +OK line that goes before the body of the requested message."""
+        self._expect(_Awaiting.MESSAGE_START)
+        request = self._current()
+        self._awaiting = _Awaiting.MESSAGE_BODY
+        # Like Dovecot: RETR announces the size it listed, TOP says nothing.
+        return ok(f"{request.entry.size} octets" if request.body_lines is None else "")
+
+    def refuse_message(self, text: str, code: ResponseCode | None = None) -> bytes:
+        """An -ERR instead of the body (the message vanished upstream, say)."""
+        self._expect(_Awaiting.MESSAGE_START)
+        reply = err(text, code)
+        self._retrieval = None
+        self._awaiting = _Awaiting.NOTHING
+        return reply
+
+    def message_body_encoder(self) -> MessageEncoder:
+        """The encoder for the body: dot-stuffing, and for TOP the cut-off."""
+        self._expect(_Awaiting.MESSAGE_BODY)
+        if self._encoder is not None:
+            raise LocalProtocolError("message_body_encoder() called twice for one message")
+        body_lines = self._current().body_lines
+        self._encoder = DotStuffer() if body_lines is None else TopEncoder(body_lines)
+        return self._encoder
+
+    def end_message(self) -> None:
+        """The body and its terminator have been sent in full."""
+        self._expect(_Awaiting.MESSAGE_BODY)
+        # A missing terminator would leave the client reading our next
+        # response as part of the message, so this is checked, not trusted.
+        if self._encoder is None or not self._encoder.finished:
+            raise LocalProtocolError("end_message() before the encoder's finish()")
+        self._retrieval = None
+        self._encoder = None
+        self._awaiting = _Awaiting.NOTHING
+
+    def abort_message(self) -> None:
+        """The message could not be sent in full: the connection must be dropped."""
+        self._expect(_Awaiting.MESSAGE_START, _Awaiting.MESSAGE_BODY)
+        self._retrieval = None
+        self._encoder = None
+        self._awaiting = _Awaiting.NOTHING
+        self._fire(_Trigger.CONNECTION_LOST)
+
+    def commit_succeeded(self) -> bytes:
+        """The marked messages were deleted upstream; the session is over."""
+        self._expect(_Awaiting.COMMIT)
+        self._awaiting = _Awaiting.NOTHING
+        self._fire(_Trigger.COMMIT_FINISHED)
+        return ok(_BYE)
+
+    def commit_failed(self, text: str, code: ResponseCode | None = ResponseCode.SYS_TEMP) -> bytes:
+        """Applying the deletions failed; the session is over all the same."""
+        self._expect(_Awaiting.COMMIT)
+        reply = err(text, code)
+        self._awaiting = _Awaiting.NOTHING
+        self._fire(_Trigger.COMMIT_FINISHED)
+        return reply

@@ -1,0 +1,82 @@
+"""The values `Pop3Server.next_event` hands to the I/O layer.
+
+Each is small and frozen.  The request events (`LoginRequest`,
+`RetrieveRequest`, `CommitRequest`) need an answer through the matching
+`Pop3Server` method before the next call to ``next_event``.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from .maildrop import MaildropEntry
+
+__all__ = [
+    "NEED_DATA",
+    "Close",
+    "CommitRequest",
+    "Event",
+    "LoginRequest",
+    "NeedData",
+    "RetrieveRequest",
+    "Send",
+]
+
+
+class NeedData(enum.Enum):
+    """Type of `NEED_DATA`: feed more bytes with ``receive_data`` first.
+
+    A one-member enum gives a true singleton that type checkers understand.
+    """
+
+    NEED_DATA = "NEED_DATA"
+
+    def __repr__(self) -> str:
+        return "NEED_DATA"
+
+
+NEED_DATA = NeedData.NEED_DATA
+
+
+@dataclass(frozen=True, slots=True)
+class Send:
+    """Bytes to write to the client; the core has already moved on."""
+
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class LoginRequest:
+    """USER and PASS are in: answer with ``accept_login`` or ``reject_login``."""
+
+    username: str
+    password: str = field(repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class RetrieveRequest:
+    """RETR or TOP of a message that exists and is not marked.
+
+    ``number`` is the 1-based number the client used; ``body_lines`` is None
+    for RETR and the requested line count for TOP.
+    """
+
+    number: int
+    entry: MaildropEntry
+    body_lines: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class CommitRequest:
+    """QUIT in TRANSACTION: expunge ``marked`` upstream, then report back."""
+
+    marked: tuple[MaildropEntry, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Close:
+    """Close the connection once everything returned before has been sent."""
+
+
+Event = NeedData | Send | LoginRequest | RetrieveRequest | CommitRequest | Close

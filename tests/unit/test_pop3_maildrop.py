@@ -1,0 +1,119 @@
+"""Maildrop: the message list, its 1-based numbering and the deletion marks."""
+
+from __future__ import annotations
+
+import pytest
+
+from bridge.pop3 import Maildrop, MaildropEntry, Unavailable
+from bridge.pop3.commands import HUGE_NUMBER
+
+A = MaildropEntry(size=100, unique_id="uid-a", ref=11)
+B = MaildropEntry(size=200, unique_id="uid-b", ref=22)
+C = MaildropEntry(size=300, unique_id="uid-c", ref=33)
+
+
+def drop() -> Maildrop:
+    return Maildrop([A, B, C])
+
+
+def test_numbering_is_one_based() -> None:
+    maildrop = drop()
+    assert maildrop.lookup(1) is A
+    assert maildrop.lookup(2) is B
+    assert maildrop.lookup(3) is C
+
+
+@pytest.mark.parametrize("number", [0, -1, 4, 5, HUGE_NUMBER, 10**1000])
+def test_out_of_range(number: int) -> None:
+    assert drop().lookup(number) is Unavailable.NO_SUCH_MESSAGE
+
+
+def test_empty_maildrop() -> None:
+    maildrop = Maildrop([])
+    assert len(maildrop) == 0
+    assert maildrop.stat() == (0, 0)
+    assert maildrop.scan_listing() == []
+    assert maildrop.unique_id_listing() == []
+    assert maildrop.lookup(1) is Unavailable.NO_SUCH_MESSAGE
+    assert maildrop.marked() == ()
+
+
+def test_listings_before_any_mark() -> None:
+    maildrop = drop()
+    assert len(maildrop) == 3
+    assert maildrop.stat() == (3, 600)
+    assert maildrop.scan_listing() == [(1, 100), (2, 200), (3, 300)]
+    assert maildrop.unique_id_listing() == [(1, "uid-a"), (2, "uid-b"), (3, "uid-c")]
+
+
+def test_marks_hide_messages_but_keep_numbers() -> None:
+    maildrop = drop()
+    assert maildrop.mark_deleted(2) is B
+    assert maildrop.stat() == (2, 400)
+    assert maildrop.scan_listing() == [(1, 100), (3, 300)]
+    assert maildrop.unique_id_listing() == [(1, "uid-a"), (3, "uid-c")]
+    assert maildrop.lookup(2) is Unavailable.DELETED
+    assert maildrop.lookup(3) is C
+    assert len(maildrop) == 3
+
+
+def test_marking_twice_or_out_of_range() -> None:
+    maildrop = drop()
+    maildrop.mark_deleted(1)
+    assert maildrop.mark_deleted(1) is Unavailable.DELETED
+    assert maildrop.mark_deleted(4) is Unavailable.NO_SUCH_MESSAGE
+    assert maildrop.mark_deleted(0) is Unavailable.NO_SUCH_MESSAGE
+    assert maildrop.marked() == (A,)
+
+
+def test_marked_entries_come_in_maildrop_order() -> None:
+    maildrop = drop()
+    maildrop.mark_deleted(3)
+    maildrop.mark_deleted(1)
+    assert maildrop.marked() == (A, C)
+
+
+def test_reset_unmarks_everything() -> None:
+    maildrop = drop()
+    maildrop.mark_deleted(1)
+    maildrop.mark_deleted(3)
+    maildrop.reset()
+    assert maildrop.marked() == ()
+    assert maildrop.stat() == (3, 600)
+    assert maildrop.lookup(1) is A
+
+
+def test_maildrop_copies_its_input() -> None:
+    entries = [A, B]
+    maildrop = Maildrop(entries)
+    entries.append(C)
+    assert len(maildrop) == 2
+
+
+@pytest.mark.parametrize(
+    "unique_id",
+    ["", "x" * 71, "has space", "tab\there", "crlf\r\n", "caf\u00e9", "\x7f", "nul\0"],
+)
+def test_invalid_unique_ids_are_refused(unique_id: str) -> None:
+    with pytest.raises(ValueError):
+        MaildropEntry(size=1, unique_id=unique_id, ref=1)
+
+
+@pytest.mark.parametrize("unique_id", ["!", "~" * 70, "0000000A5F3C21B0", "<a@b>"])
+def test_valid_unique_ids(unique_id: str) -> None:
+    assert MaildropEntry(size=0, unique_id=unique_id, ref=0).unique_id == unique_id
+
+
+def test_negative_size_is_refused() -> None:
+    with pytest.raises(ValueError):
+        MaildropEntry(size=-1, unique_id="u", ref=1)
+
+
+def test_duplicate_unique_ids_are_refused() -> None:
+    with pytest.raises(ValueError):
+        Maildrop([A, MaildropEntry(size=5, unique_id="uid-a", ref=99)])
+
+
+def test_entries_are_frozen() -> None:
+    with pytest.raises(AttributeError):
+        A.size = 5  # type: ignore[misc]
