@@ -82,12 +82,48 @@ class UpstreamSettings(_Section):
     mailbox: str = Field(default="INBOX", min_length=1)
     fetch_chunk: int = Field(default=1048576, ge=4096, le=64 * 1048576)
     timeout_seconds: float = Field(default=30.0, gt=0, le=300)
+    ignore_capabilities: list[str] = Field(default_factory=list)
+
+    @property
+    def ignore_capabilities_set(self) -> frozenset[str]:
+        return frozenset(name.upper() for name in self.ignore_capabilities)
 
     @field_validator("tls")
     @classmethod
     def _tls_available(cls, value: str) -> str:
         if value != "none":
             raise ValueError("upstream TLS is not implemented yet; only 'none' works in this version")
+        return value
+
+
+DeletePolicy = Literal["expunge", "move", "keep", "per-client"]
+DEVICE_NAME_PATTERN = r"^[A-Za-z0-9._-]{1,64}$"
+
+
+class AccountSettings(_Section):
+    """Overrides for one upstream account (the login without its device suffix)."""
+
+    policy: DeletePolicy | None = None
+    folder: str | None = Field(default=None, min_length=1)
+    default_device: str | None = Field(default=None, pattern=DEVICE_NAME_PATTERN)
+
+
+class DeleteSettings(_Section):
+    policy: DeletePolicy = "expunge"
+    folder: str = Field(default="POP Downloaded", min_length=1)
+    state_folder: str = Field(default="POP3 Bridge State", min_length=1)
+    device_separator: str = Field(default="#", min_length=1, max_length=1)
+    default_device: str = Field(default="default", pattern=DEVICE_NAME_PATTERN)
+    expire_after_days: int = Field(default=0, ge=0, le=36500)
+    expire_action: Literal["expunge", "move"] = "expunge"
+    logins: dict[str, str] = Field(default_factory=dict)
+    accounts: dict[str, AccountSettings] = Field(default_factory=dict)
+
+    @field_validator("device_separator")
+    @classmethod
+    def _separator_is_punctuation(cls, value: str) -> str:
+        if value.isalnum() or value.isspace() or not value.isprintable():
+            raise ValueError("must be one printable punctuation character, e.g. '#' or '+'")
         return value
 
 
@@ -106,6 +142,7 @@ class BridgeSettings(BaseSettings):
 
     pop3: Pop3Settings = Field(default_factory=Pop3Settings)
     upstream: UpstreamSettings = Field(default_factory=UpstreamSettings)
+    delete: DeleteSettings = Field(default_factory=DeleteSettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
 
     @classmethod

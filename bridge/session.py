@@ -18,6 +18,8 @@ import structlog
 import trio
 
 from bridge.config import BridgeSettings
+from bridge.delete_policy import MaildropView, apply_deletions, expire_capability, open_maildrop
+from bridge.devices import InvalidLogin, resolve_login
 from bridge.maildrop_locks import MaildropInUse, MaildropLocks
 from bridge.observability import get_logger
 from bridge.pop3 import (
@@ -89,8 +91,10 @@ class Pop3Session:
         self._core = Pop3Server(
             max_line_length=self._settings.pop3.max_line_length,
             implementation=self._settings.pop3.implementation,
+            extra_capabilities=[expire_capability(self._settings, None)],
         )
         self._mailbox: UpstreamMailbox | None = None
+        self._view: MaildropView | None = None
         self._exits = ExitStack()
         self.session_id = secrets.token_hex(6)
 
@@ -169,26 +173,30 @@ class Pop3Session:
 
     async def _login(self, request: LoginRequest) -> bytes:
         core = self._core
-        user = request.username
-        structlog.contextvars.bind_contextvars(user=user)
+        structlog.contextvars.bind_contextvars(user=request.username)
         try:
-            mailbox = await self._service.connect_upstream(user, request.password)
+            identity = resolve_login(request.username, self._settings.delete)
+        except InvalidLogin as exc:
+            _log.info("login_failed", reason="device_name")
+            return core.reject_login(f"invalid login: {exc}", ResponseCode.AUTH)
+        structlog.contextvars.bind_contextvars(account=identity.account, device=identity.device)
+        try:
+            mailbox = await self._service.connect_upstream(identity.account, request.password)
         except AuthenticationFailed:
             _log.info("login_failed", reason="credentials")
-            structlog.contextvars.unbind_contextvars("user")
             return core.reject_login("invalid user name or password", ResponseCode.AUTH)
         except UpstreamError as exc:
             _log.warning("login_failed", reason="upstream", error=str(exc))
             return core.reject_login("mail server unavailable, try again later", ResponseCode.SYS_TEMP)
         try:
-            self._exits.enter_context(self._service.locks.hold(user))
+            self._exits.enter_context(self._service.locks.hold(identity.lock_key))
         except MaildropInUse:
             await mailbox.aclose()
             _log.info("login_failed", reason="in_use")
             return core.reject_login("maildrop already in use by another session", ResponseCode.IN_USE)
         self._mailbox = mailbox
         try:
-            snapshot = await mailbox.snapshot()
+            view = await open_maildrop(mailbox, identity, self._settings)
         except UpstreamError as exc:
             _log.warning("login_failed", reason="snapshot", error=str(exc))
             self._mailbox = None
@@ -196,8 +204,14 @@ class Pop3Session:
             self._exits = ExitStack()
             await mailbox.aclose()
             return core.reject_login("mail server unavailable, try again later", ResponseCode.SYS_TEMP)
-        _log.info("login_ok", messages=len(snapshot.messages), uidvalidity=snapshot.uidvalidity)
-        return core.accept_login(maildrop_from_snapshot(snapshot))
+        self._view = view
+        snapshot = view.snapshot
+        _log.info(
+            "login_ok", messages=len(snapshot.messages), uidvalidity=snapshot.uidvalidity, policy=identity.policy
+        )
+        return core.accept_login(
+            maildrop_from_snapshot(snapshot), extra_capabilities=[expire_capability(self._settings, identity)]
+        )
 
     async def _retrieve(self, request: RetrieveRequest) -> None:
         core = self._core
@@ -240,18 +254,15 @@ class Pop3Session:
 
     async def _commit(self, request: CommitRequest) -> tuple[bytes, str]:
         core = self._core
+        assert self._mailbox is not None and self._view is not None
         uids = [entry.ref for entry in request.marked]
-        if not uids:
-            return core.commit_succeeded(), "quit"
-        assert self._mailbox is not None
         try:
             with self._timed("QUIT"):
-                await self._mailbox.delete(uids)
+                await apply_deletions(self._mailbox, self._view, uids, self._settings)
         except UpstreamError as exc:
-            _log.warning("deletions_failed", count=len(uids), error=str(exc))
+            _log.warning("deletions_failed", count=len(uids), policy=self._view.identity.policy, error=str(exc))
             return (
-                core.commit_failed("could not delete the messages on the mail server; try again"),
+                core.commit_failed("could not apply the deletions on the mail server; try again"),
                 "quit_failed",
             )
-        _log.info("deletions_applied", count=len(uids))
         return core.commit_succeeded(), "quit"

@@ -319,9 +319,15 @@ class Pop3Server:
 
     # -- answers to requests -----------------------------------------------
 
-    def accept_login(self, maildrop: Maildrop) -> bytes:
-        """The credentials were good and ``maildrop`` is this session's view."""
+    def accept_login(self, maildrop: Maildrop, extra_capabilities: Sequence[str] | None = None) -> bytes:
+        """The credentials were good and ``maildrop`` is this session's view.
+
+        ``extra_capabilities``, if given, replaces the extra CAPA lines from now on: RFC 2449
+        lets a capability such as EXPIRE depend on the user, known only after login.
+        """
         self._expect(_Awaiting.LOGIN)
+        if extra_capabilities is not None:
+            self._extra_capabilities = tuple(_check_capability(c) for c in extra_capabilities)
         self._maildrop = maildrop
         self._awaiting = _Awaiting.NOTHING
         self._fire(_Trigger.LOGIN_ACCEPTED)

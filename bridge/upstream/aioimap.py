@@ -165,7 +165,7 @@ class _ClientProtocol(_aio.IMAP4ClientProtocol):
                 current_cmd = None
 
     async def fetch(
-        self, message_set: str, message_parts: str, by_uid: bool = False, timeout: float | None = None
+        self, message_set: str, message_parts: str, by_uid: bool = False, timeout: float | None = None  # noqa: ASYNC109 (aioimaplib signature)
     ) -> _aio.Response:
         return await self.execute(
             _IncrementalFetchCommand(
@@ -198,10 +198,11 @@ class AioImapMailbox:
         self._lock = trio.Lock()
         self._broken = False
         self._capabilities: frozenset[str] = frozenset(c.upper() for c in protocol.capabilities)
+        self._selected: str | None = None
 
     @property
     def capabilities(self) -> frozenset[str]:
-        return self._capabilities
+        return self._capabilities - self._settings.ignore_capabilities_set
 
     @property
     def usable(self) -> bool:
@@ -262,9 +263,22 @@ class AioImapMailbox:
             caps_after = frozenset(c.upper() for c in self._protocol.capabilities)
         self._capabilities = caps_after
 
+    async def _select(self, folder: str) -> _aio.Response:
+        self._selected = None
+        response = await self._checked("select", self._protocol.select, _wire_name(folder))
+        self._selected = folder
+        return response
+
+    async def _ensure_selected(self, folder: str) -> None:
+        if self._selected != folder:
+            await self._select(folder)
+
+    async def _execute(self, what: str, name: str, *args: str, prefix: str = "") -> _aio.Response:
+        command = _aio.Command(name, self._protocol.new_tag(), *args, prefix=prefix, loop=self._protocol.loop)
+        return await self._checked(what, self._protocol.execute, command)
+
     async def snapshot(self) -> MailboxSnapshot:
-        mailbox = imap_syntax.quote_string(imap_syntax.encode_mailbox_name(self._settings.mailbox))
-        selected = await self._checked("select", self._protocol.select, mailbox)
+        selected = await self._select(self._settings.mailbox)
         uidvalidity = imap_syntax.find_uidvalidity(selected.lines)
         exists = imap_syntax.find_exists(selected.lines)
         if uidvalidity is None or exists is None:
@@ -290,6 +304,7 @@ class AioImapMailbox:
         return MailboxSnapshot(uidvalidity=uidvalidity, messages=tuple(messages))
 
     async def fetch_range(self, uid: int, offset: int, length: int) -> bytes:
+        await self._ensure_selected(self._settings.mailbox)
         response = await self._call(
             "fetch", self._protocol.fetch, str(uid), f"(BODY.PEEK[]<{offset}.{length}>)", by_uid=True
         )
@@ -302,18 +317,78 @@ class AioImapMailbox:
             raise UpstreamError(f"fetch: server answered {response.result}")
         return data
 
-    async def delete(self, uids: Sequence[int]) -> None:
-        if not uids:
-            return
+    async def _remove_selected(self, uids: Sequence[int]) -> None:
+        """Flag exactly `uids` of the selected folder \\Deleted and expunge exactly them."""
         pieces = chunked_uid_sets(uids)
         for piece in pieces:
             await self._checked("store", self._protocol.store, piece, "+FLAGS.SILENT", "(\\Deleted)", by_uid=True)
-        if "UIDPLUS" in self._capabilities:
+        if "UIDPLUS" in self.capabilities:
             for piece in pieces:
                 await self._checked("expunge", self._protocol.expunge, piece, by_uid=True)
         # Without UIDPLUS a plain EXPUNGE would also remove messages other clients flagged;
-        # the messages stay flagged \Deleted (hidden from POP) until the mailbox is expunged by
-        # its owner or the server (README, "Deletion").
+        # the messages stay flagged \Deleted (hidden from POP) until the folder is expunged by
+        # its owner or the server (README, "Deletion, exactly").
+
+    async def delete(self, uids: Sequence[int]) -> None:
+        if uids:
+            await self._ensure_selected(self._settings.mailbox)
+            await self._remove_selected(uids)
+
+    async def add_flags(self, uids: Sequence[int], flags: str) -> None:
+        if uids:
+            await self._ensure_selected(self._settings.mailbox)
+            for piece in chunked_uid_sets(uids):
+                await self._checked("store", self._protocol.store, piece, "+FLAGS.SILENT", f"({flags})", by_uid=True)
+
+    async def move(self, uids: Sequence[int], folder: str) -> None:
+        if not uids:
+            return
+        await self.ensure_folder(folder)
+        await self._ensure_selected(self._settings.mailbox)
+        target = _wire_name(folder)
+        if "MOVE" in self.capabilities:
+            for piece in chunked_uid_sets(uids):
+                await self._execute("move", "MOVE", piece, target, prefix="UID")
+            return
+        # RFC 6851's fallback, limited to exactly these UIDs: if the copy fails nothing is
+        # flagged; if the expunge fails the originals stay (flagged), never lost.
+        for piece in chunked_uid_sets(uids):
+            await self._execute("copy", "COPY", piece, target, prefix="UID")
+        await self._remove_selected(uids)
+
+    async def ensure_folder(self, folder: str) -> None:
+        command = _aio.Command("CREATE", self._protocol.new_tag(), _wire_name(folder), loop=self._protocol.loop)
+        response = await self._call("create", self._protocol.execute, command)
+        if response.result == "OK":
+            return
+        # [ALREADYEXISTS] is RFC 5530; older servers just say NO. STATUS tells for sure.
+        await self._execute("status", "STATUS", _wire_name(folder), "(UIDNEXT)")
+
+    async def append(self, folder: str, message: bytes) -> None:
+        await self._checked("append", self._protocol.append, message, mailbox=_wire_name(folder))
+
+    async def search(self, folder: str, *criteria: str) -> list[int]:
+        """UID SEARCH in `folder`; criteria are IMAP search keys (strings already quoted)."""
+        await self._ensure_selected(folder)
+        response = await self._checked("search", self._protocol.search, *criteria, charset=None, by_uid=True)
+        return imap_syntax.parse_search(list(response.lines))
+
+    async def fetch_texts(self, folder: str, uids: Sequence[int]) -> dict[int, bytes]:
+        if not uids:
+            return {}
+        await self._ensure_selected(folder)
+        found: dict[int, bytes] = {}
+        for piece in chunked_uid_sets(uids):
+            response = await self._checked("fetch", self._protocol.fetch, piece, "(UID BODY.PEEK[TEXT])", by_uid=True)
+            for uid, _line, data in imap_syntax.iter_fetch_literals(list(response.lines)):
+                if uid is not None:
+                    found[uid] = data
+        return found
+
+    async def delete_in(self, folder: str, uids: Sequence[int]) -> None:
+        if uids:
+            await self._ensure_selected(folder)
+            await self._remove_selected(uids)
 
     async def aclose(self) -> None:
         if not self.usable:
@@ -326,6 +401,10 @@ class AioImapMailbox:
             except Exception:  # logging out is a courtesy; the connection closes regardless
                 pass
         self._break()
+
+
+def _wire_name(folder: str) -> str:
+    return imap_syntax.quote_string(imap_syntax.encode_mailbox_name(folder))
 
 
 async def open_mailbox(settings: UpstreamSettings, username: str, password: str) -> AioImapMailbox:

@@ -94,31 +94,68 @@ def parse_listing_line(line: bytes) -> tuple[int, int, frozenset[str]] | None:
     return int(uid.group(1)), int(size.group(1)), flag_set
 
 
+_FETCH_LITERAL = re.compile(rb"\{(\d+)\}$")
+_SEARCH = re.compile(rb"^SEARCH\b(.*)$", re.IGNORECASE)
+
+
+def iter_fetch_literals(lines: list[bytes | bytearray]) -> list[tuple[int | None, bytes, bytes]]:
+    """(uid, announcing line, literal data) for every literal in a FETCH response.
+
+    Literals arrive as separate entries right after the line that announced them; the UID may
+    stand in that line or in the line after the literal (servers order items freely).
+    """
+    found: list[tuple[int | None, bytes, bytes]] = []
+    current_start: bytes | None = None
+    for index, line in enumerate(lines):
+        if isinstance(line, bytearray):
+            continue
+        if _FETCH_START.match(line):
+            current_start = line
+        literal = _FETCH_LITERAL.search(line)
+        if literal is None or index + 1 >= len(lines):
+            continue
+        data = lines[index + 1]
+        if not isinstance(data, bytearray) or len(data) != int(literal.group(1)):
+            continue
+        tail = lines[index + 2] if index + 2 < len(lines) else b""
+        found_uid = (
+            _FETCH_UID.search(line)
+            or (_FETCH_UID.search(current_start) if current_start else None)
+            or (_FETCH_UID.search(tail) if isinstance(tail, bytes) else None)
+        )
+        found.append((int(found_uid.group(1)) if found_uid else None, line, bytes(data)))
+    return found
+
+
 def extract_body_section(lines: list[bytes | bytearray], uid: int) -> bytes | None:
     """The BODY[]<offset> data for `uid` from a UID FETCH response, or None if absent.
 
-    Literals arrive as separate entries right after the line that announced them. Other FETCH
-    responses (unsolicited flag updates) may be mixed in; only one carrying BODY[] and our UID
-    (in its opening line or the line after the literal) counts.
+    Other FETCH responses (unsolicited flag updates) may be mixed in; only one carrying BODY[]
+    and our UID counts.
     """
-    for index, line in enumerate(lines):
+    for found_uid, line, data in iter_fetch_literals(lines):
+        if _BODY_LITERAL.search(line) and found_uid in (None, uid):
+            return data
+    for line in lines:
         if isinstance(line, bytearray) or not _FETCH_START.match(line):
             continue
-        literal = _BODY_LITERAL.search(line)
-        if literal is not None and index + 1 < len(lines):
-            data = lines[index + 1]
-            if not isinstance(data, bytearray) or len(data) != int(literal.group(1)):
-                continue
-            tail = lines[index + 2] if index + 2 < len(lines) else b""
-            found_uid = _FETCH_UID.search(line) or (
-                _FETCH_UID.search(tail) if isinstance(tail, bytes) else None
-            )
-            if found_uid is not None and int(found_uid.group(1)) != uid:
-                continue
-            return bytes(data)
         empty = _BODY_EMPTY.search(line)
         if empty is not None:
             found_uid = _FETCH_UID.search(line)
             if found_uid is None or int(found_uid.group(1)) == uid:
                 return b"" if empty.group(1) == b'""' else None
     return None
+
+
+def parse_search(lines: list[bytes | bytearray]) -> list[int]:
+    """UIDs (or numbers) from a SEARCH response: every line but the last (the tagged text),
+    each either `SEARCH n n ...` or, as aioimaplib hands them over, just `n n ...`."""
+    found: list[int] = []
+    for line in lines[:-1]:
+        if isinstance(line, bytearray):
+            continue
+        match = _SEARCH.match(line)
+        tokens = (match.group(1) if match else line).split()
+        if all(token.isdigit() for token in tokens):
+            found.extend(int(token) for token in tokens)
+    return found

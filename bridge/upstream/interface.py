@@ -61,6 +61,31 @@ class UpstreamMailbox(Protocol):
         """Flag exactly these UIDs \\Deleted and expunge exactly these UIDs."""
         ...
 
+    async def move(self, uids: Sequence[int], folder: str) -> None:
+        """Move exactly these UIDs to `folder` (created if missing): MOVE, else COPY and
+        delete as above."""
+        ...
+
+    async def add_flags(self, uids: Sequence[int], flags: str) -> None:
+        """Add flags (e.g. "\\Seen") to exactly these UIDs of the maildrop."""
+        ...
+
+    async def ensure_folder(self, folder: str) -> None: ...
+
+    async def append(self, folder: str, message: bytes) -> None: ...
+
+    async def search(self, folder: str, *criteria: str) -> list[int]:
+        """UID SEARCH in `folder`; criteria are IMAP search keys, strings already quoted."""
+        ...
+
+    async def fetch_texts(self, folder: str, uids: Sequence[int]) -> dict[int, bytes]:
+        """BODY[TEXT] of small messages (state records), by UID."""
+        ...
+
+    async def delete_in(self, folder: str, uids: Sequence[int]) -> None:
+        """`delete` for another folder than the maildrop."""
+        ...
+
     async def aclose(self) -> None:
         """Log out (best effort, bounded in time) and close the connection."""
         ...

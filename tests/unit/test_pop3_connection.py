@@ -1017,3 +1017,18 @@ def test_property_byte_at_a_time(data: bytes) -> None:
     single.send(data, chunk=1)
     assert single.out == whole.out
     assert single.commits == whole.commits
+
+
+def test_capabilities_given_at_login_replace_the_extra_ones_after_login() -> None:
+    from bridge.pop3 import Maildrop, Pop3Server
+
+    server = Pop3Server(extra_capabilities=["EXPIRE 0 USER"])
+    server.receive_data(b"CAPA\r\nUSER a\r\nPASS b\r\n")
+    before = server.next_event()
+    assert b"EXPIRE 0 USER\r\n" in before.data
+    server.next_event()
+    server.next_event()
+    server.accept_login(Maildrop([]), extra_capabilities=["EXPIRE NEVER"])
+    server.receive_data(b"CAPA\r\n")
+    after = server.next_event().data
+    assert b"EXPIRE NEVER\r\n" in after and b"EXPIRE 0" not in after

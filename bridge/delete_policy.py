@@ -1,0 +1,118 @@
+"""What DELE means upstream: the operator's delete policy, applied at QUIT.
+
+- expunge: `\\Deleted` + `UID EXPUNGE` of the marked UIDs (classic POP3).
+- move: the marked messages move to a folder (MOVE, or COPY + delete of exactly them).
+- keep: nothing is deleted; the marked messages get `\\Seen`.
+- per-client: the marked messages are hidden from this device only, in its state record
+  (bridge.device_state); with `expire_after_days`, messages every recently seen device has
+  hidden, or older than the limit, are then removed by `expire_action`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from functools import reduce
+
+from bridge.config import BridgeSettings
+from bridge.device_state import DeviceState, DeviceStateStore
+from bridge.devices import LoginIdentity
+from bridge.observability import get_logger
+from bridge.uid_ranges import UidRanges
+from bridge.upstream import MailboxSnapshot, UpstreamMailbox
+
+_log = get_logger()
+_IMAP_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+
+
+def expire_capability(settings: BridgeSettings, identity: LoginIdentity | None) -> str:
+    """RFC 2449 EXPIRE: days the server keeps a message after a client leaves it, per user
+    once logged in; before login, with USER when accounts may differ."""
+    days = settings.delete.expire_after_days
+
+    def value(policy: str) -> str:
+        return str(days) if days and policy == "per-client" else "NEVER"
+
+    if identity is not None:
+        return f"EXPIRE {value(identity.policy)}"
+    per_account = {value(a.policy) for a in settings.delete.accounts.values() if a.policy}
+    default = value(settings.delete.policy)
+    return f"EXPIRE {default} USER" if per_account - {default} else f"EXPIRE {default}"
+
+
+def _imap_date(moment: datetime) -> str:
+    return f"{moment.day}-{_IMAP_MONTHS[moment.month - 1]}-{moment.year}"
+
+
+@dataclass
+class MaildropView:
+    """The session's maildrop: the snapshot the device sees, and what is needed at QUIT."""
+
+    identity: LoginIdentity
+    snapshot: MailboxSnapshot
+    all_uids: tuple[int, ...]
+    device_state: DeviceState | None = None
+    store: DeviceStateStore | None = field(default=None, repr=False)
+
+
+async def open_maildrop(mailbox: UpstreamMailbox, identity: LoginIdentity, settings: BridgeSettings) -> MaildropView:
+    snapshot = await mailbox.snapshot()
+    all_uids = tuple(info.uid for info in snapshot.messages)
+    if identity.policy != "per-client":
+        return MaildropView(identity, snapshot, all_uids)
+    store = DeviceStateStore(mailbox, settings.delete.state_folder, settings.upstream.mailbox)
+    state = await store.load(identity.device, snapshot.uidvalidity)
+    visible = tuple(info for info in snapshot.messages if info.uid not in state.hidden)
+    return MaildropView(
+        identity, MailboxSnapshot(snapshot.uidvalidity, visible), all_uids, state, store
+    )
+
+
+async def apply_deletions(
+    mailbox: UpstreamMailbox, view: MaildropView, marked: list[int], settings: BridgeSettings
+) -> None:
+    """Apply the session's DELE marks per policy; raises UpstreamError if the server fails."""
+    identity = view.identity
+    if identity.policy == "expunge":
+        await mailbox.delete(marked)
+    elif identity.policy == "move":
+        await mailbox.move(marked, identity.folder)
+    elif identity.policy == "keep":
+        await mailbox.add_flags(marked, "\\Seen")
+    else:
+        await _hide_for_device(mailbox, view, marked, settings)
+    if marked:
+        _log.info("deletions_applied", count=len(marked), policy=identity.policy)
+
+
+async def _hide_for_device(
+    mailbox: UpstreamMailbox, view: MaildropView, marked: list[int], settings: BridgeSettings
+) -> None:
+    assert view.store is not None and view.device_state is not None
+    expire_days = settings.delete.expire_after_days
+    if not marked and not expire_days:
+        return  # nothing to record; last_seen only matters for expiry
+    state = view.device_state
+    newest = max(view.all_uids, default=0)
+    state.hidden = state.hidden.union(UidRanges.of(marked)).restricted_to(view.all_uids, newest)
+    now = datetime.now(UTC)
+    await view.store.save(state, view.snapshot.uidvalidity, now)
+    if expire_days:
+        await _expire(mailbox, view, settings, now - timedelta(days=expire_days))
+
+
+async def _expire(mailbox: UpstreamMailbox, view: MaildropView, settings: BridgeSettings, cutoff: datetime) -> None:
+    assert view.store is not None
+    states = await view.store.load_all(view.snapshot.uidvalidity)
+    active = [s.hidden for s in states.values() if s.last_seen is not None and s.last_seen >= cutoff]
+    hidden_by_all = reduce(UidRanges.intersection, active) if active else UidRanges()
+    existing = set(view.all_uids)
+    old = await mailbox.search(settings.upstream.mailbox, "BEFORE", _imap_date(cutoff))
+    doomed = sorted((set(hidden_by_all) & existing) | (set(old) & existing))
+    if not doomed:
+        return
+    if settings.delete.expire_action == "move":
+        await mailbox.move(doomed, view.identity.folder)
+    else:
+        await mailbox.delete(doomed)
+    _log.info("messages_expired", count=len(doomed), action=settings.delete.expire_action, devices=len(active))

@@ -1,0 +1,52 @@
+"""Who is logging in: the upstream account, the device, and the delete policy that applies.
+
+`alice@example.com#phone` logs in upstream as `alice@example.com`, device `phone`. Devices that
+cannot change their login get a name from `[delete.logins]` (a fixed login -> account#device
+mapping) or from their account's `default_device`.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from bridge.config import DEVICE_NAME_PATTERN, DeletePolicy, DeleteSettings
+
+_DEVICE_NAME = re.compile(DEVICE_NAME_PATTERN)
+
+
+class InvalidLogin(Exception):
+    """The login names a device the bridge cannot accept (the text is safe to show)."""
+
+
+@dataclass(frozen=True)
+class LoginIdentity:
+    account: str
+    device: str
+    policy: DeletePolicy
+    folder: str
+
+    @property
+    def lock_key(self) -> str:
+        # One POP3 session per device of an account; different devices may poll at once.
+        return f"{self.account}\0{self.device}"
+
+
+def resolve_login(login: str, settings: DeleteSettings) -> LoginIdentity:
+    mapped = settings.logins.get(login, login)
+    account, separator, device = mapped.rpartition(settings.device_separator)
+    if not separator:
+        account, device = mapped, ""
+    if not account:
+        raise InvalidLogin("empty account name")
+    overrides = settings.accounts.get(account)
+    if not device:
+        device = (overrides.default_device if overrides else None) or settings.default_device
+    if not _DEVICE_NAME.match(device):
+        raise InvalidLogin("device names are 1-64 letters, digits, '.', '_' or '-'")
+    return LoginIdentity(
+        account=account,
+        device=device,
+        policy=(overrides.policy if overrides else None) or settings.policy,
+        folder=(overrides.folder if overrides else None) or settings.folder,
+    )
