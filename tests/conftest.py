@@ -1,0 +1,135 @@
+"""Shared fixtures: one real Dovecot for the whole run, a fresh mailbox per test.
+
+Tests drive real clients (poplib, imaplib) against real servers. Nothing here
+skips: if Dovecot is not installed, every test that needs it errors with a message
+naming the Debian packages (scripts/install-deps installs them).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import poplib
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from bridge.sandbox import DovecotSandbox, Mailbox
+from bridge.sandbox.cyrus import CyrusSandbox
+
+# poplib rejects lines over 2048 bytes; that is a client-side guard, not a POP3
+# rule, and the test corpus deliberately has 20,000-byte lines.
+poplib._MAXLINE = 1024 * 1024
+
+_kept_workdirs = pytest.StashKey[list[Path]]()
+
+
+@pytest.fixture(scope="session")
+def dovecot(request: pytest.FixtureRequest) -> Iterator[DovecotSandbox]:
+    """One Dovecot (IMAP + POP3 on free loopback ports) for the whole test run."""
+    # Not tmp_path_factory: as root its base (/tmp/pytest-of-root) is mode 0700,
+    # which Dovecot's unprivileged mail processes cannot get through.
+    workdir = Path(tempfile.mkdtemp(prefix="bridge-dovecot-"))
+    sandbox = DovecotSandbox(workdir)
+    try:
+        sandbox.start()
+        yield sandbox
+    finally:
+        sandbox.stop()
+        if request.session.testsfailed:
+            # Keep Dovecot's log for whoever investigates the failure.
+            request.config.stash.setdefault(_kept_workdirs, []).append(workdir)
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def cyrus() -> Iterator[CyrusSandbox]:
+    """One Cyrus IMAP (Debian cyrus-imapd) on a free loopback port, for the compatibility
+    tests that re-run against every supported upstream (tests/integration/test_compat_*)."""
+    workdir = Path(tempfile.mkdtemp(prefix="bridge-cyrus-"))
+    sandbox = CyrusSandbox(workdir)
+    try:
+        sandbox.start()
+        yield sandbox
+    finally:
+        sandbox.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    for workdir in terminalreporter.config.stash.get(_kept_workdirs, []):
+        terminalreporter.write_line(
+            f"Dovecot sandbox kept for inspection: {workdir} (log: {workdir / 'dovecot.log'})"
+        )
+
+
+@pytest.fixture
+def mailbox_factory(dovecot: DovecotSandbox) -> Iterator[Callable[[], Mailbox]]:
+    """Make as many fresh mailboxes as a test needs."""
+    made: list[Mailbox] = []
+
+    def make() -> Mailbox:
+        box = dovecot.new_mailbox()
+        made.append(box)
+        return box
+
+    yield make
+    for box in made:
+        box.close()
+
+
+@pytest.fixture
+def mailbox(mailbox_factory: Callable[[], Mailbox]) -> Mailbox:
+    """A fresh user with an empty INBOX on the session's Dovecot."""
+    return mailbox_factory()
+
+
+@pytest.fixture
+def native_pop3() -> Iterator[Callable[..., poplib.POP3]]:
+    """``native_pop3(mailbox, login=True)``: Dovecot's own POP3 for ``mailbox``."""
+    opened: list[poplib.POP3] = []
+
+    def connect(box: Mailbox, *, login: bool = True) -> poplib.POP3:
+        pop = box.native_pop3(login=login)
+        opened.append(pop)
+        return pop
+
+    yield connect
+    for pop in opened:
+        with contextlib.suppress(Exception):
+            pop.close()
+
+
+# ---------------------------------------------------------------------------
+# Bridge fixtures go below this line (owned by whoever writes the bridge
+# fixture; the sandbox fixtures above do not depend on the bridge).
+# ---------------------------------------------------------------------------
+
+
+from tests.harness import ThreadedBridge, bridge_settings  # noqa: E402
+
+
+@pytest.fixture
+def bridge_factory(dovecot: DovecotSandbox) -> Iterator[Callable[..., ThreadedBridge]]:
+    """``bridge_factory(**sections)``: a bridge on a free loopback port in front of the
+    session's Dovecot; keyword arguments override config sections, e.g.
+    ``bridge_factory(upstream={"fetch_chunk": 4096})``. Stopped at the end of the test."""
+    started: list[ThreadedBridge] = []
+
+    def start(**sections: dict[str, object]) -> ThreadedBridge:
+        bridge = ThreadedBridge(bridge_settings(dovecot.imap_port, **sections)).start()
+        started.append(bridge)
+        return bridge
+
+    yield start
+    for bridge in started:
+        bridge.stop()
+
+
+@pytest.fixture
+def bridge(bridge_factory: Callable[..., ThreadedBridge]) -> ThreadedBridge:
+    """The bridge with test defaults (debug JSON logs captured in ``bridge.log``)."""
+    return bridge_factory()
