@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from functools import partial
 from pathlib import Path
 
 import trio
@@ -23,17 +24,24 @@ def _load(path: Path | None) -> BridgeSettings:
 
 def _serve(args: argparse.Namespace) -> int:
     from bridge.server import run_until_signalled
+    from bridge.workers import run_supervisor, run_worker
 
     settings = _load(args.config)
     configure_logging(settings.logging.level, settings.logging.format)
-    trio.run(run_until_signalled, settings)
+    if args.worker_index is not None:
+        return run_worker(settings, args.config, args.worker_index, args.notify_fd)
+    if settings.server.workers > 1:
+        return run_supervisor(settings, args.config)
+    trio.run(partial(run_until_signalled, settings, reload=partial(load_settings, args.config)))
     return 0
 
 
 def _check_config(args: argparse.Namespace) -> int:
+    from bridge.lifecycle import mask_secrets
+
     settings = _load(args.config)
-    print(f"{args.config or '(defaults)'}: configuration is valid")
-    for section, values in settings.model_dump().items():
+    print(f"{args.config or '(defaults)'}: configuration is valid (environment overrides applied)")
+    for section, values in mask_secrets(settings.model_dump()).items():
         print(f"[{section}]")
         for key, value in values.items():
             print(f"{key} = {value!r}")
@@ -53,6 +61,9 @@ def main(argv: list[str] | None = None) -> int:
 
     serve = commands.add_parser("serve", help="run the service")
     serve.add_argument("--config", type=Path, help="path to bridge.toml (default: built-in defaults)")
+    # Set by the supervisor when it starts a worker process (bridge.workers), not by hand.
+    serve.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)
+    serve.add_argument("--notify-fd", type=int, help=argparse.SUPPRESS)
     serve.set_defaults(func=_serve)
 
     check = commands.add_parser("check-config", help="validate a configuration and print it")

@@ -14,8 +14,9 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from functools import reduce
 
+from bridge import metrics
 from bridge.config import BridgeSettings
-from bridge.device_state import DeviceState, DeviceStateStore
+from bridge.device_state import DeviceState, DeviceStateStore, StateChanging
 from bridge.devices import LoginIdentity
 from bridge.observability import get_logger
 from bridge.uid_ranges import UidRanges
@@ -83,6 +84,7 @@ async def apply_deletions(
         await _hide_for_device(mailbox, view, marked, settings)
     if marked:
         _log.info("deletions_applied", count=len(marked), policy=identity.policy)
+        metrics.DELETIONS_APPLIED.labels(identity.policy).inc(len(marked))
 
 
 async def _hide_for_device(
@@ -103,7 +105,12 @@ async def _hide_for_device(
 
 async def _expire(mailbox: UpstreamMailbox, view: MaildropView, settings: BridgeSettings, cutoff: datetime) -> None:
     assert view.store is not None
-    states = await view.store.load_all(view.snapshot.uidvalidity)
+    try:
+        states = await view.store.load_all(view.snapshot.uidvalidity)
+    except StateChanging:
+        # This device's own state is saved; expiry just waits for a calmer QUIT.
+        _log.warning("expiry_skipped", reason="state_changing")
+        return
     active = [s.hidden for s in states.values() if s.last_seen is not None and s.last_seen >= cutoff]
     hidden_by_all = reduce(UidRanges.intersection, active) if active else UidRanges()
     existing = set(view.all_uids)

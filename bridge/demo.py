@@ -31,7 +31,8 @@ def run_demo(workdir: Path, port: int = 1110) -> int:
             None,
             {
                 "pop3": {"listen": [f"127.0.0.1:{port}"]},
-                "upstream": {"host": dovecot.host, "port": dovecot.imap_port},
+                # The demo Dovecot speaks plain IMAP on loopback only.
+                "upstream": {"host": dovecot.host, "port": dovecot.imap_port, "tls": "none"},
                 "logging": {"format": "console"},
             },
         )

@@ -27,10 +27,16 @@ from typing import Protocol
 from bridge.observability import get_logger
 from bridge.uid_ranges import UidRanges
 from bridge.upstream.imap_syntax import quote_string
+from bridge.upstream.interface import UpstreamError
 
 STATE_HEADER = "X-Pop3-Bridge-Device"
 STATE_FORMAT = 1
+_READ_ATTEMPTS = 5
 _log = get_logger(component="device_state")
+
+
+class StateChanging(UpstreamError):
+    """Other writers kept replacing state versions while this one read them."""
 
 
 class StateBackend(Protocol):
@@ -92,12 +98,23 @@ class DeviceStateStore:
         self._folder = folder
         self._mailbox = mailbox
 
+    async def _read_versions(self, device: str | None) -> dict[int, bytes]:
+        for _attempt in range(_READ_ATTEMPTS):
+            # SEARCH HEADER is a substring match and "" matches every message with the
+            # header; the JSON body decides which device a version belongs to.
+            uids = await self._backend.search(self._folder, "HEADER", STATE_HEADER, quote_string(device or ""))
+            texts = await self._backend.fetch_texts(self._folder, uids)
+            if set(texts) >= set(uids):
+                return texts
+            # A version vanished between SEARCH and FETCH: another bridge saved that
+            # device meanwhile, and its newer version (appended before the expunge) is
+            # found by searching again. Reading on without it would look as if the device
+            # had hidden nothing, or did not exist, which expiry must never believe.
+        raise StateChanging(f"device state in {self._folder!r} kept changing while being read")
+
     async def _read(self, device: str | None, uidvalidity: int) -> dict[str, DeviceState]:
         await self._backend.ensure_folder(self._folder)
-        # SEARCH HEADER is a substring match and "" matches every message with the header;
-        # the JSON body decides which device a version belongs to.
-        uids = await self._backend.search(self._folder, "HEADER", STATE_HEADER, quote_string(device or ""))
-        texts = await self._backend.fetch_texts(self._folder, uids)
+        texts = await self._read_versions(device)
         states: dict[str, DeviceState] = {}
         for uid, text in sorted(texts.items()):
             data = parse_state(text)
@@ -108,16 +125,18 @@ class DeviceStateStore:
                 continue
             state = states.setdefault(name, DeviceState(name))
             state.versions.append(uid)
-            if data.get("uidvalidity") != uidvalidity:
+            stale = data.get("uidvalidity") != uidvalidity
+            if stale:
                 # The folder was recreated: old UIDs mean other messages now. Forgetting
-                # them makes the device download again, the safe direction.
+                # them makes the device download again, the safe direction. The device
+                # stays known (last_seen), so expiry keeps holding mail back for it.
                 _log.warning(
                     "device_state_reset", device=name, stored_uidvalidity=data.get("uidvalidity"),
                     uidvalidity=uidvalidity,
                 )
-                continue
             try:
-                state.hidden = state.hidden.union(UidRanges.parse(str(data.get("hidden", ""))))
+                if not stale:
+                    state.hidden = state.hidden.union(UidRanges.parse(str(data.get("hidden", ""))))
                 seen = datetime.fromisoformat(str(data["last_seen"]))
             except (KeyError, ValueError):
                 _log.warning("device_state_unreadable", device=name, state_uid=uid)

@@ -37,6 +37,9 @@ def resolve_login(login: str, settings: DeleteSettings) -> LoginIdentity:
     account, separator, device = mapped.rpartition(settings.device_separator)
     if not separator:
         account, device = mapped, ""
+    elif not device:
+        # "alice#" is a typo more likely than a wish for the default device.
+        raise InvalidLogin(f"no device name after '{settings.device_separator}'")
     if not account:
         raise InvalidLogin("empty account name")
     overrides = settings.accounts.get(account)

@@ -8,6 +8,7 @@ way (client gone, timeout, error, shutdown) deletes nothing.
 
 from __future__ import annotations
 
+import math
 import secrets
 import time
 from collections.abc import Iterator
@@ -17,13 +18,17 @@ from dataclasses import dataclass, field
 import structlog
 import trio
 
+from bridge import metrics
 from bridge.config import BridgeSettings
 from bridge.delete_policy import MaildropView, apply_deletions, expire_capability, open_maildrop
 from bridge.devices import InvalidLogin, resolve_login
+from bridge.listeners import ClientConnection, host_of_peer, plaintext_auth_allowed
+from bridge.login_limiter import LoginLimiter
 from bridge.maildrop_locks import MaildropInUse, MaildropLocks
 from bridge.observability import get_logger
 from bridge.pop3 import (
     NEED_DATA,
+    SUPPORTED_MECHANISMS,
     Close,
     CommitRequest,
     LoginRequest,
@@ -33,18 +38,23 @@ from bridge.pop3 import (
     ResponseCode,
     RetrieveRequest,
     Send,
+    StartTls,
 )
+from bridge.tls import ServerTls
 from bridge.upstream import (
     AuthenticationFailed,
     MailboxSnapshot,
     MessageGone,
     UpstreamError,
     UpstreamMailbox,
-    open_mailbox,
 )
+from bridge.upstream.pool import UpstreamPool
 
 _log = get_logger()
 _RECEIVE_SIZE = 65536
+# Replies go out in pieces of this size, each within pop3.send_timeout_seconds: the timeout
+# measures a client that stops reading, not a slow link taking long over a big message.
+_SEND_PIECE = 16384
 
 
 def unique_id(uidvalidity: int, uid: int) -> str:
@@ -63,6 +73,16 @@ def maildrop_from_snapshot(snapshot: MailboxSnapshot) -> Maildrop:
     )
 
 
+@dataclass
+class _CommandResult:
+    value: str = "ok"  # "err" once the command is answered -ERR
+
+
+def _count_login_failure(reason: str) -> None:
+    metrics.LOGINS.labels("failed").inc()
+    metrics.LOGIN_FAILURES.labels(reason).inc()
+
+
 class _EndSession(Exception):
     """Stop the session now, without a reply (the reason is logged where it is raised)."""
 
@@ -78,21 +98,45 @@ class ServiceState:
     locks: MaildropLocks = field(default_factory=MaildropLocks)
     active_sessions: int = 0
 
+    # Parked connections for the next session of the same account (bridge.upstream.pool); a
+    # session's `mailbox.aclose()` hands its connection back here.
+    pool: UpstreamPool = field(init=False)
+
+    # Failed-login delays and blocks (bridge.login_limiter); the POP3 side's TLS context, if
+    # a certificate is configured (bridge.tls).
+    login_limiter: LoginLimiter = field(init=False)
+    server_tls: ServerTls | None = None
+
+    def __post_init__(self) -> None:
+        self.pool = UpstreamPool(lambda: self.settings)
+        self.login_limiter = LoginLimiter(self.settings.login_limits)
+
     async def connect_upstream(self, username: str, password: str) -> UpstreamMailbox:
-        return await open_mailbox(self.settings.upstream, username, password)
+        return await self.pool.checkout(username, password)
 
 
 class Pop3Session:
-    def __init__(self, stream: trio.abc.Stream, peer: str, service: ServiceState) -> None:
+    def __init__(
+        self, stream: trio.abc.Stream, peer: str, service: ServiceState, client: ClientConnection | None = None
+    ) -> None:
         self._stream = stream
         self._peer = peer
         self._service = service
         self._settings = service.settings
+        # The real client (behind a PROXY balancer, the one its header named) and whether its
+        # connection is encrypted already (bridge.listeners).
+        self._client = client or ClientConnection(stream, host_of_peer(peer), peer)
+        pop3 = self._settings.pop3
         self._core = Pop3Server(
-            max_line_length=self._settings.pop3.max_line_length,
-            implementation=self._settings.pop3.implementation,
+            max_line_length=pop3.max_line_length,
+            implementation=pop3.implementation,
             extra_capabilities=[expire_capability(self._settings, None)],
+            sasl_mechanisms=SUPPORTED_MECHANISMS,
+            stls_available=pop3.stls and service.server_tls is not None,
+            tls_active=self._client.tls_active,
+            plaintext_auth_allowed=plaintext_auth_allowed(pop3.allow_plaintext_auth, self._client.address),
         )
+        self._deadline = math.inf  # pop3.session_timeout_seconds, set when the session starts
         self._mailbox: UpstreamMailbox | None = None
         self._view: MaildropView | None = None
         self._exits = ExitStack()
@@ -101,12 +145,19 @@ class Pop3Session:
     async def run(self) -> None:
         structlog.contextvars.bind_contextvars(session=self.session_id, peer=self._peer)
         started = time.monotonic()
-        _log.info("session_start")
+        if self._settings.pop3.session_timeout_seconds:
+            self._deadline = trio.current_time() + self._settings.pop3.session_timeout_seconds
+        _log.info("session_start", tls=self._client.tls_active, proxied_by=self._client.proxied_by)
+        metrics.SESSIONS_ACTIVE.inc()
         outcome = "error"
         try:
             outcome = await self._converse()
         except _EndSession as end:
             outcome = end.outcome
+        except trio.Cancelled:
+            # Only the service cancels sessions: shutdown after the grace period.
+            outcome = "shutdown"
+            raise
         except trio.BrokenResourceError:
             outcome = "client_gone"
         except trio.ClosedResourceError:
@@ -115,6 +166,8 @@ class Pop3Session:
             _log.exception("session_crashed")
         finally:
             await self._cleanup()
+            metrics.SESSIONS_ACTIVE.dec()
+            metrics.SESSIONS.labels(outcome).inc()
             _log.info("session_end", outcome=outcome, seconds=round(time.monotonic() - started, 3))
 
     async def _cleanup(self) -> None:
@@ -126,19 +179,52 @@ class Pop3Session:
                 await self._stream.aclose()
 
     async def _send(self, data: bytes) -> None:
-        # A client that stops reading for the autologout period is as gone as a silent one.
-        with trio.move_on_after(self._settings.pop3.autologout_seconds) as scope:
-            await self._stream.send_all(data)
-        if scope.cancelled_caught:
-            _log.info("client_not_reading")
-            raise _EndSession("send_timeout")
+        # A client that stops reading is dropped after pop3.send_timeout_seconds: at most one
+        # upstream chunk waits here for it, never the rest of the message.
+        timeout = self._settings.pop3.send_timeout_seconds
+        view = memoryview(data)
+        for start in range(0, len(view), _SEND_PIECE):
+            with trio.move_on_at(min(trio.current_time() + timeout, self._deadline)) as scope:
+                await self._stream.send_all(view[start : start + _SEND_PIECE])
+            if scope.cancelled_caught:
+                self._check_session_deadline()
+                _log.info("client_not_reading", seconds=timeout)
+                raise _EndSession("send_timeout")
+        metrics.BYTES_SENT.inc(len(data))
+
+    def _check_session_deadline(self) -> None:
+        if trio.current_time() >= self._deadline:
+            _log.info("session_timeout", seconds=self._settings.pop3.session_timeout_seconds)
+            raise _EndSession("session_timeout")
 
     async def _receive(self) -> bytes:
-        with trio.move_on_after(self._settings.pop3.autologout_seconds):
+        autologout = self._settings.pop3.autologout_seconds
+        with trio.move_on_at(min(trio.current_time() + autologout, self._deadline)):
             return await self._stream.receive_some(_RECEIVE_SIZE)
+        self._check_session_deadline()
         # RFC 1939 autologout: close without a reply and without entering UPDATE.
-        _log.info("autologout", seconds=self._settings.pop3.autologout_seconds)
+        _log.info("autologout", seconds=autologout)
         raise _EndSession("autologout")
+
+    async def _start_tls(self) -> None:
+        """STLS: TLS on this connection; the core has already dropped what came before."""
+        server_tls = self._service.server_tls
+        assert server_tls is not None  # the core offers STLS only with a certificate
+        tls_stream = trio.SSLStream(self._stream, server_tls.context, server_side=True)
+        with trio.move_on_after(self._settings.pop3.handshake_timeout_seconds):
+            try:
+                await tls_stream.do_handshake()
+            except trio.BrokenResourceError as exc:
+                self._core.tls_failed()
+                _log.info("tls_handshake_failed", reason=type(exc.__cause__ or exc).__name__)
+                raise _EndSession("tls_failed") from None
+            self._stream = tls_stream
+            self._core.tls_established()
+            _log.info("stls_started", version=tls_stream.version())
+            return
+        self._core.tls_failed()
+        _log.info("tls_handshake_failed", reason="timeout")
+        raise _EndSession("tls_failed")
 
     async def _converse(self) -> str:
         core = self._core
@@ -152,6 +238,9 @@ class Pop3Session:
                     _log.debug("client_closed")
             elif isinstance(event, Send):
                 await self._send(event.data)
+            elif isinstance(event, StartTls):
+                await self._send(event.data)
+                await self._start_tls()
             elif isinstance(event, LoginRequest):
                 await self._send(await self._login(event))
             elif isinstance(event, RetrieveRequest):
@@ -166,10 +255,19 @@ class Pop3Session:
                 raise AssertionError(f"unexpected event {event!r}")
 
     @contextmanager
-    def _timed(self, command: str) -> Iterator[None]:
+    def _timed(self, command: str) -> Iterator[_CommandResult]:
         started = time.monotonic()
-        yield
-        _log.debug("command", command=command, ms=round((time.monotonic() - started) * 1000, 2))
+        result = _CommandResult()
+        try:
+            yield result
+        except BaseException:
+            metrics.COMMANDS.labels(command, "error").inc()
+            raise
+        seconds = time.monotonic() - started
+        metrics.COMMANDS.labels(command, result.value).inc()
+        if command != "QUIT" and result.value == "ok":
+            metrics.RETRIEVE_SECONDS.labels(command).observe(seconds)
+        _log.debug("command", command=command, ms=round(seconds * 1000, 2))
 
     async def _login(self, request: LoginRequest) -> bytes:
         core = self._core
@@ -178,27 +276,42 @@ class Pop3Session:
             identity = resolve_login(request.username, self._settings.delete)
         except InvalidLogin as exc:
             _log.info("login_failed", reason="device_name")
+            _count_login_failure("device_name")
             return core.reject_login(f"invalid login: {exc}", ResponseCode.AUTH)
         structlog.contextvars.bind_contextvars(account=identity.account, device=identity.device)
+        limiter, address = self._service.login_limiter, self._client.address
+        verdict = limiter.check(address, identity.account)
+        if verdict.blocked:
+            # Refused without asking the mail server; not counted, so the block does not grow.
+            _log.warning("login_blocked", retry_after=round(verdict.retry_after, 1))
+            _count_login_failure("blocked")
+            await trio.sleep(limiter.blocked_delay(address, identity.account))
+            return core.reject_login("too many failed logins, try again later", ResponseCode.SYS_TEMP)
         try:
             mailbox = await self._service.connect_upstream(identity.account, request.password)
         except AuthenticationFailed:
-            _log.info("login_failed", reason="credentials")
+            delay = limiter.record_failure(address, identity.account)
+            _log.info("login_failed", reason="credentials", mechanism=request.mechanism, delay=delay)
+            _count_login_failure("credentials")
+            await trio.sleep(delay)
             return core.reject_login("invalid user name or password", ResponseCode.AUTH)
         except UpstreamError as exc:
             _log.warning("login_failed", reason="upstream", error=str(exc))
+            _count_login_failure("upstream")
             return core.reject_login("mail server unavailable, try again later", ResponseCode.SYS_TEMP)
         try:
             self._exits.enter_context(self._service.locks.hold(identity.lock_key))
         except MaildropInUse:
             await mailbox.aclose()
             _log.info("login_failed", reason="in_use")
+            _count_login_failure("in_use")
             return core.reject_login("maildrop already in use by another session", ResponseCode.IN_USE)
         self._mailbox = mailbox
         try:
             view = await open_maildrop(mailbox, identity, self._settings)
         except UpstreamError as exc:
             _log.warning("login_failed", reason="snapshot", error=str(exc))
+            _count_login_failure("snapshot")
             self._mailbox = None
             self._exits.close()
             self._exits = ExitStack()
@@ -206,8 +319,16 @@ class Pop3Session:
             return core.reject_login("mail server unavailable, try again later", ResponseCode.SYS_TEMP)
         self._view = view
         snapshot = view.snapshot
+        metrics.LOGINS.labels("ok").inc()
+        limiter.record_success(address, identity.account)
+        # The audit record: user, account and device (context), peer (the real client), TLS.
         _log.info(
-            "login_ok", messages=len(snapshot.messages), uidvalidity=snapshot.uidvalidity, policy=identity.policy
+            "login_ok",
+            messages=len(snapshot.messages),
+            uidvalidity=snapshot.uidvalidity,
+            policy=identity.policy,
+            mechanism=request.mechanism,
+            tls=core.tls_active,
         )
         return core.accept_login(
             maildrop_from_snapshot(snapshot), extra_capabilities=[expire_capability(self._settings, identity)]
@@ -220,15 +341,17 @@ class Pop3Session:
         entry = request.entry
         chunk = self._settings.upstream.fetch_chunk
         command = "RETR" if request.body_lines is None else "TOP"
-        with self._timed(command):
+        with self._timed(command) as timing:
             try:
                 data = await mailbox.fetch_range(entry.ref, 0, min(chunk, entry.size)) if entry.size else b""
             except MessageGone:
                 _log.info("message_gone", uid=entry.ref, number=request.number)
+                timing.value = "err"
                 await self._send(core.refuse_message(f"message {request.number} was removed from the mailbox"))
                 return
             except UpstreamError as exc:
                 _log.warning("upstream_error", command=command, error=str(exc))
+                timing.value = "err"
                 await self._send(core.refuse_message("mail server unavailable, try again later", ResponseCode.SYS_TEMP))
                 return
             await self._send(core.start_message())

@@ -133,3 +133,35 @@ def bridge_factory(dovecot: DovecotSandbox) -> Iterator[Callable[..., ThreadedBr
 def bridge(bridge_factory: Callable[..., ThreadedBridge]) -> ThreadedBridge:
     """The bridge with test defaults (debug JSON logs captured in ``bridge.log``)."""
     return bridge_factory()
+
+
+# ---------------------------------------------------------------------------
+# TLS (issue 5): certificates made by trustme, and a second Dovecot with TLS on.
+# ---------------------------------------------------------------------------
+
+from tests.security_support import TlsFiles, make_tls_files  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tls_files() -> Iterator[TlsFiles]:
+    """A test CA and, signed by it, a server certificate for localhost, 127.0.0.1 and ::1
+    (the bridge's POP3 side) and one for 127.0.0.1 only (the TLS Dovecot), as PEM files."""
+    workdir = Path(tempfile.mkdtemp(prefix="bridge-tls-"))
+    try:
+        yield make_tls_files(workdir)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def tls_dovecot(tls_files: TlsFiles) -> Iterator[DovecotSandbox]:
+    """A Dovecot with STARTTLS on its IMAP port and IMAPS on ``imaps_port``, its certificate
+    naming 127.0.0.1 only (so "localhost" is a host-name mismatch)."""
+    workdir = Path(tempfile.mkdtemp(prefix="bridge-dovecot-tls-"))
+    sandbox = DovecotSandbox(workdir, tls_cert=tls_files.upstream_cert, tls_key=tls_files.upstream_key)
+    try:
+        sandbox.start()
+        yield sandbox
+    finally:
+        sandbox.stop()
+        shutil.rmtree(workdir, ignore_errors=True)

@@ -25,7 +25,7 @@ from bridge.server import Pop3Service
 def bridge_settings(imap_port: int, **sections: dict[str, Any]) -> BridgeSettings:
     overrides: dict[str, dict[str, Any]] = {
         "pop3": {"listen": ["127.0.0.1:0"]},
-        "upstream": {"host": "127.0.0.1", "port": imap_port, "timeout_seconds": 10},
+        "upstream": {"host": "127.0.0.1", "port": imap_port, "timeout_seconds": 10, "tls": "none"},
         "logging": {"level": "debug", "format": "json"},
     }
     for section, values in sections.items():
@@ -54,6 +54,7 @@ class ThreadedBridge:
         self.settings = settings
         self.log = _LockedBuffer()
         self.port = 0
+        self.addresses: list[str] = []  # every bound address: pop3.listen ones, then tls_listen
         self._ready = threading.Event()
         self._error: BaseException | None = None
         self._token: trio.lowlevel.TrioToken | None = None
@@ -73,6 +74,7 @@ class ThreadedBridge:
             self._cancel = nursery.cancel_scope
             addresses = await nursery.start(Pop3Service(self.settings).serve)
             self.port = int(addresses[0].rsplit(":", 1)[1])
+            self.addresses = list(addresses)
             self._ready.set()
 
     def start(self) -> ThreadedBridge:
@@ -112,12 +114,15 @@ def free_port() -> int:
 class SubprocessBridge:
     """`python -m bridge serve --config FILE` as a child process."""
 
-    def __init__(self, workdir: Path, imap_port: int, extra_toml: str = "") -> None:
+    def __init__(
+        self, workdir: Path, imap_port: int, extra_toml: str = "", env: dict[str, str] | None = None
+    ) -> None:
+        self.env = env or {}  # e.g. BRIDGE_<SECTION>__<KEY> overrides
         self.port = free_port()
         self.config_path = workdir / "bridge.toml"
         self.config_path.write_text(
             f'[pop3]\nlisten = ["127.0.0.1:{self.port}"]\n'
-            f'[upstream]\nhost = "127.0.0.1"\nport = {imap_port}\ntimeout_seconds = 10\n'
+            f'[upstream]\nhost = "127.0.0.1"\nport = {imap_port}\ntimeout_seconds = 10\ntls = "none"\n'
             f'[logging]\nlevel = "info"\nformat = "json"\n{extra_toml}'
         )
         self.log_path = workdir / "bridge.log"
@@ -127,7 +132,7 @@ class SubprocessBridge:
         log = open(self.log_path, "wb")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "bridge", "serve", "--config", str(self.config_path)],
-            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1", **self.env},
         )
         log.close()
         deadline = time.monotonic() + 30
@@ -151,8 +156,185 @@ class SubprocessBridge:
                 self.process.kill()
                 self.process.wait(5)
 
+    def events(self) -> list[dict[str, Any]]:
+        """The JSON log events written so far."""
+        text = self.log_path.read_text(errors="replace")
+        # The last piece may be a line still being written.
+        return [json.loads(line) for line in text.split("\n")[:-1] if line.startswith("{")]
+
     def __enter__(self) -> SubprocessBridge:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+# ---------------------------------------------------------------------------
+# A raw-socket POP3 client: the exact bytes on the wire, for byte-for-byte comparisons
+# (poplib un-stuffs dots and splits lines, which would hide exactly the bugs we look for).
+# ---------------------------------------------------------------------------
+
+import poplib  # noqa: E402  (helpers appended below the bridge runners)
+from collections.abc import Callable  # noqa: E402
+
+POP3_TERMINATOR = b"\r\n.\r\n"
+
+
+def pop3_unstuff(raw_body: bytes) -> bytes:
+    """A multi-line response body as sent (after the status line, with its ``.CRLF``
+    terminator) back to the data it carries: terminator removed, stuffed dots removed."""
+    if not raw_body.endswith(b".\r\n"):
+        raise ValueError(f"no terminator at the end of {raw_body[-40:]!r}")
+    body = raw_body[:-3]
+    if body[:1] == b".":
+        body = body[1:]
+    return body.replace(b"\n..", b"\n.")
+
+
+class RawPop3:
+    """Blocking POP3 over a plain socket that hands back responses byte for byte.
+
+    ``status()`` reads one status line (CRLF included); ``multiline()`` reads a status line
+    and, if it is +OK, everything up to and including the ``.CRLF`` terminator line.
+    Responses are read from one buffer in order, so pipelined commands can be sent in one
+    write and their answers collected one after another.
+    """
+
+    def __init__(self, host: str, port: int, timeout: float = 60.0) -> None:
+        self.sock = socket.create_connection((host, port), timeout=timeout)
+        self._buf = bytearray()
+        self.greeting = self.status()
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def __enter__(self) -> RawPop3:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def _fill(self) -> None:
+        chunk = self.sock.recv(1 << 20)
+        if not chunk:
+            raise ConnectionError(f"server closed the connection; unread: {bytes(self._buf[-200:])!r}")
+        self._buf += chunk
+
+    def status(self) -> bytes:
+        """One status line, CRLF included."""
+        while (end := self._buf.find(b"\r\n")) < 0:
+            self._fill()
+        line = bytes(self._buf[: end + 2])
+        del self._buf[: end + 2]
+        return line
+
+    def body(self) -> bytes:
+        """The lines of a multi-line response after its status line, terminator included."""
+        if self._buf[:3] == b".\r\n":
+            del self._buf[:3]
+            return b".\r\n"
+        start = 0
+        while (end := self._buf.find(POP3_TERMINATOR, start)) < 0:
+            start = max(0, len(self._buf) - len(POP3_TERMINATOR) + 1)
+            self._fill()
+            if self._buf[:3] == b".\r\n":
+                del self._buf[:3]
+                return b".\r\n"
+        data = bytes(self._buf[: end + len(POP3_TERMINATOR)])
+        del self._buf[: end + len(POP3_TERMINATOR)]
+        return data
+
+    def multiline(self) -> tuple[bytes, bytes]:
+        """(status line, body incl. terminator); body is b"" after -ERR."""
+        line = self.status()
+        return line, (self.body() if line.startswith(b"+OK") else b"")
+
+    def command(self, line: bytes) -> bytes:
+        self.send(line + b"\r\n")
+        return self.status()
+
+    def command_multiline(self, line: bytes) -> tuple[bytes, bytes]:
+        self.send(line + b"\r\n")
+        return self.multiline()
+
+    def login(self, user: str, password: str) -> None:
+        for line in (b"USER " + user.encode(), b"PASS " + password.encode()):
+            reply = self.command(line)
+            if not reply.startswith(b"+OK"):
+                raise AssertionError(f"{line.split()[0].decode()} refused: {reply!r}")
+
+    def at_eof(self) -> bool:
+        """True if the server closed the connection (nothing more to read)."""
+        if self._buf:
+            return False
+        return self.sock.recv(1) == b""
+
+
+def retr_payload(stored: bytes) -> bytes:
+    """What RETR carries for a message IMAP stores as ``stored`` (after un-stuffing, before
+    the terminator): the same bytes, plus the CRLF that completes a last line without one."""
+    return stored if stored.endswith(b"\r\n") else stored + b"\r\n"
+
+
+def poplib_payload(lines: list[bytes]) -> bytes:
+    """The bytes poplib's RETR/TOP lines stand for (poplib has already un-stuffed dots and
+    stripped each line's CRLF)."""
+    return b"".join(line + b"\r\n" for line in lines)
+
+
+class Pop3Client:
+    """``with Pop3Client(port, user, password) as pop:`` a logged-in poplib.POP3 whose
+    socket is closed at the end (without QUIT, so nothing is deleted unless the test
+    called ``pop.quit()`` itself)."""
+
+    def __init__(self, port: int, user: str | None = None, password: str | None = None,
+                 host: str = "127.0.0.1", timeout: float = 60.0) -> None:
+        self._args = (host, port, timeout)
+        self._login = (user, password)
+        self.pop: poplib.POP3 | None = None
+
+    def __enter__(self) -> poplib.POP3:
+        host, port, timeout = self._args
+        self.pop = poplib.POP3(host, port, timeout=timeout)
+        user, password = self._login
+        try:
+            if user is not None:
+                self.pop.user(user)
+                self.pop.pass_(password or "")
+        except BaseException:
+            self.pop.close()
+            raise
+        return self.pop
+
+    def __exit__(self, *exc: object) -> None:
+        if self.pop is not None:
+            self.pop.close()
+
+
+def wait_until(condition: Callable[[], Any], what: str, timeout: float = 30.0) -> Any:
+    """Poll ``condition`` until it returns something truthy; fail with ``what`` after
+    ``timeout`` seconds. A liveness guard for things that happen asynchronously (a log
+    line written after the socket closed), not a speed requirement."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = condition()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(0.02)
+
+
+def wait_for_event(bridge: ThreadedBridge, event: str, **fields: Any) -> dict[str, Any]:
+    """The first log event named ``event`` whose fields include ``fields``, waiting for it."""
+
+    def find() -> dict[str, Any] | None:
+        for item in bridge.events():
+            if item.get("event") == event and all(item.get(k) == v for k, v in fields.items()):
+                return item
+        return None
+
+    return wait_until(find, f"log event {event} {fields}")

@@ -6,7 +6,7 @@ answers the request events with the matching methods.  See `connection` for
 the state machine and its input bounds.
 """
 
-from .commands import BadCommand, Command, parse_command
+from .commands import Auth, BadCommand, Command, Stls, parse_command
 from .connection import Pop3Server, State
 from .dotstuff import DotStuffer, MessageEncoder, TopEncoder, TopFilter
 from .errors import LocalProtocolError
@@ -19,14 +19,19 @@ from .events import (
     NeedData,
     RetrieveRequest,
     Send,
+    StartTls,
 )
 from .linebuffer import LINE_TOO_LONG, LineBuffer, LineTooLong
 from .maildrop import Maildrop, MaildropEntry, Unavailable
-from .responses import ResponseCode, err, multiline, ok
+from .responses import ResponseCode, continuation, err, multiline, ok
+from .sasl import MAX_RESPONSE_LINE, SUPPORTED_MECHANISMS
 
 __all__ = [
     "LINE_TOO_LONG",
+    "MAX_RESPONSE_LINE",
     "NEED_DATA",
+    "SUPPORTED_MECHANISMS",
+    "Auth",
     "BadCommand",
     "Close",
     "Command",
@@ -45,10 +50,13 @@ __all__ = [
     "ResponseCode",
     "RetrieveRequest",
     "Send",
+    "StartTls",
     "State",
+    "Stls",
     "TopEncoder",
     "TopFilter",
     "Unavailable",
+    "continuation",
     "err",
     "multiline",
     "ok",

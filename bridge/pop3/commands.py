@@ -6,9 +6,11 @@ reply.  Nothing here knows about session state; deciding whether a command is
 allowed *now* is the state machine's job, which is why `BadCommand` remembers
 which command the broken line was meant to be.
 
-Adding a command (STLS, AUTH, ...) means one frozen dataclass below (named in
-the `Command` union) and one entry in `_PARSERS`; the state machine then
-decides where it is allowed and what it does.
+Adding a command means one frozen dataclass below (named in the `Command`
+union) and one entry in `_PARSERS`; the state machine then decides where it is
+allowed and what it does.  STLS (RFC 2595) and AUTH (RFC 5034) only name what
+the client asked for here: whether TLS or a SASL mechanism is available, and
+the exchange that follows AUTH, are the state machine's business.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 __all__ = [
+    "Auth",
     "BadCommand",
     "Capa",
     "Command",
@@ -28,6 +31,7 @@ __all__ = [
     "Retr",
     "Rset",
     "Stat",
+    "Stls",
     "Top",
     "Uidl",
     "User",
@@ -103,7 +107,25 @@ class Capa:
     pass
 
 
-Command = User | Pass | Stat | List | Retr | Dele | Noop | Rset | Quit | Top | Uidl | Capa
+@dataclass(frozen=True, slots=True)
+class Stls:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Auth:
+    """``AUTH [mechanism [initial-response]]`` (RFC 5034).
+
+    ``mechanism`` is upper-cased, or None for a bare ``AUTH`` (which asks for
+    the list of mechanisms).  ``initial_response`` is the base64 text as sent,
+    still encoded ("=" stands for an empty response), or None when absent.
+    """
+
+    mechanism: str | None = None
+    initial_response: bytes | None = field(default=None, repr=False)
+
+
+Command = User | Pass | Stat | List | Retr | Dele | Noop | Rset | Quit | Top | Uidl | Capa | Stls | Auth
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,6 +153,10 @@ MISSING_MESSAGE_NUMBER = "missing message number"
 INVALID_MESSAGE_NUMBER = "invalid message number"
 MISSING_LINE_COUNT = "missing line count"
 INVALID_LINE_COUNT = "invalid line count"
+INVALID_MECHANISM = "invalid authentication mechanism name"
+
+# RFC 4422 section 3.1: SASL mechanism names are 1 to 20 of A-Z, 0-9, "-" and "_".
+_MECHANISM_CHARS = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_")
 
 
 # An argument parser returns the command, or the text of the -ERR reply.
@@ -226,6 +252,18 @@ def _rest_verbatim(cls: Callable[[str], Command], missing: str) -> _Parser:
     return parse
 
 
+def _parse_auth(rest: bytes | None) -> _Parsed:
+    args = _split(rest)
+    if not args:
+        return Auth()
+    if len(args) > 2:
+        return TOO_MANY_ARGUMENTS
+    mechanism = args[0].upper()
+    if len(mechanism) > 20 or not _MECHANISM_CHARS.issuperset(mechanism):
+        return INVALID_MECHANISM
+    return Auth(mechanism.decode("ascii"), args[1] if len(args) == 2 else None)
+
+
 # keyword -> (command class, argument parser).  ``rest`` is everything after
 # the first space, verbatim, or None when the line had no space at all.
 _PARSERS: dict[bytes, tuple[type[Command], _Parser]] = {
@@ -241,6 +279,8 @@ _PARSERS: dict[bytes, tuple[type[Command], _Parser]] = {
     b"TOP": (Top, _parse_top),
     b"UIDL": (Uidl, _optional_message(Uidl)),
     b"CAPA": (Capa, _no_arguments(Capa)),
+    b"STLS": (Stls, _no_arguments(Stls)),
+    b"AUTH": (Auth, _parse_auth),
 }
 
 

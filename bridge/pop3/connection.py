@@ -16,6 +16,13 @@ commands are bounded by what the I/O layer hands to ``receive_data``; it is
 expected to read from the socket only when ``next_event`` returns `NEED_DATA`,
 which is after every buffered command has been answered, so a pipelining
 client is held back by TCP flow control rather than by our memory.
+
+Security-relevant rules also live here.  STLS (RFC 2595) throws away every
+byte received before the TLS negotiation, so nothing a client (or an attacker
+on the path) pipelined in the clear behind STLS is ever executed.  Logins
+(USER/PASS and AUTH, RFC 5034) are refused with ``-ERR [AUTH]`` on a
+connection that is not encrypted unless the I/O layer says plaintext logins
+are allowed there, and CAPA advertises only what would be accepted now.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ import enum
 from collections.abc import Sequence
 
 from .commands import (
+    Auth,
     BadCommand,
     Capa,
     Command,
@@ -35,6 +43,7 @@ from .commands import (
     Retr,
     Rset,
     Stat,
+    Stls,
     Top,
     Uidl,
     User,
@@ -50,10 +59,20 @@ from .events import (
     LoginRequest,
     RetrieveRequest,
     Send,
+    StartTls,
 )
 from .linebuffer import LINE_TOO_LONG, LineBuffer
 from .maildrop import Maildrop, Unavailable
-from .responses import ResponseCode, err, multiline, ok
+from .responses import ResponseCode, continuation, err, multiline, ok
+from .sasl import (
+    MAX_RESPONSE_LINE,
+    SUPPORTED_MECHANISMS,
+    Credentials,
+    SaslExchange,
+    SaslFailure,
+    decode_response,
+    start_exchange,
+)
 
 __all__ = ["Pop3Server", "State"]
 
@@ -87,7 +106,7 @@ _TRANSITIONS: dict[tuple[State, _Trigger], State] = {
 }
 
 _ALLOWED: dict[State, frozenset[type[Command]]] = {
-    State.AUTHORIZATION: frozenset({User, Pass, Quit, Capa}),
+    State.AUTHORIZATION: frozenset({User, Pass, Quit, Capa, Stls, Auth}),
     State.TRANSACTION: frozenset({Stat, List, Retr, Dele, Noop, Rset, Quit, Top, Uidl, Capa}),
     State.UPDATE: frozenset(),
     State.CLOSED: frozenset(),
@@ -110,6 +129,7 @@ class _Awaiting(enum.Enum):
     MESSAGE_START = "start_message(), refuse_message() or abort_message()"
     MESSAGE_BODY = "message_body_encoder(), end_message() or abort_message()"
     COMMIT = "commit_succeeded() or commit_failed()"
+    TLS = "tls_established() or tls_failed()"
 
 
 # Our reply texts.  Parse errors come with their own text from `commands`.
@@ -119,6 +139,15 @@ _USER_ACCEPTED = "send PASS"
 _LOGGED_IN = "logged in."
 _BYE = "bye"
 _CAPA = "capability list follows"
+_BEGIN_TLS = "begin TLS negotiation"
+_NO_STLS = "STLS not available"
+_TLS_ALREADY = "TLS is already active"
+_UNSUPPORTED_MECHANISM = "unsupported authentication mechanism"
+_AUTH_CANCELLED = "authentication cancelled"
+_RESPONSE_TOO_LONG = "authentication response too long"
+_MECHANISMS = "supported authentication mechanisms follow"
+_PLAINTEXT_REFUSED_STLS = "plaintext authentication is disabled on unencrypted connections; use STLS first"
+_PLAINTEXT_REFUSED = "plaintext authentication is disabled on unencrypted connections; connect with TLS"
 
 
 def _check_capability(text: str) -> str:
@@ -136,11 +165,27 @@ class Pop3Server:
         max_line_length: int = 255,
         implementation: str = "pop3-imap-bridge",
         extra_capabilities: Sequence[str] = (),
+        sasl_mechanisms: Sequence[str] = (),
+        stls_available: bool = False,
+        tls_active: bool = False,
+        plaintext_auth_allowed: bool = True,
     ) -> None:
+        """``sasl_mechanisms``: what AUTH offers (a subset of PLAIN, LOGIN; none
+        by default).  ``stls_available``: the I/O layer can start TLS on this
+        connection.  ``tls_active``: the connection is encrypted already
+        (implicit TLS).  ``plaintext_auth_allowed``: USER/PASS and AUTH may be
+        used while the connection is not encrypted."""
         # Rejecting bad configuration here keeps a broken CAPA or greeting
         # from ever reaching a client halfway through a session.
         if max_line_length < len(b"QUIT\r\n"):
             raise ValueError("max_line_length is too small for any POP3 command")
+        unknown = set(sasl_mechanisms) - set(SUPPORTED_MECHANISMS)
+        if unknown:
+            raise ValueError(f"unsupported SASL mechanisms: {sorted(unknown)}")
+        self._mechanisms = tuple(dict.fromkeys(sasl_mechanisms))
+        self._stls_available = stls_available
+        self._tls_active = tls_active
+        self._plaintext_auth_allowed = plaintext_auth_allowed
         self._implementation = _check_capability(implementation)
         self._extra_capabilities = tuple(_check_capability(c) for c in extra_capabilities)
         _check_capability(f"IMPLEMENTATION {implementation}")
@@ -153,12 +198,22 @@ class Pop3Server:
         self._maildrop: Maildrop | None = None
         self._retrieval: RetrieveRequest | None = None
         self._encoder: DotStuffer | TopEncoder | None = None
+        self._max_line_length = max_line_length
+        self._sasl: SaslExchange | None = None  # an AUTH exchange waiting for a response line
 
     # -- state -------------------------------------------------------------
 
     @property
     def state(self) -> State:
         return self._state
+
+    @property
+    def tls_active(self) -> bool:
+        return self._tls_active
+
+    @property
+    def _auth_allowed(self) -> bool:
+        return self._tls_active or self._plaintext_auth_allowed
 
     def _fire(self, trigger: _Trigger) -> None:
         new_state = _TRANSITIONS.get((self._state, trigger))
@@ -211,6 +266,8 @@ class Pop3Server:
                 self._fire(_Trigger.CONNECTION_LOST)
                 return Close()
             return NEED_DATA
+        if self._sasl is not None:
+            return self._sasl_response(line)
         if line is LINE_TOO_LONG:
             self._user = None
             return Send(err(_LINE_TOO_LONG))
@@ -231,9 +288,13 @@ class Pop3Server:
 
         match command:
             case User(name=name):
+                if not self._auth_allowed:
+                    return self._plaintext_refused()
                 self._user = name
                 return Send(ok(_USER_ACCEPTED))
             case Pass(password=password):
+                if not self._auth_allowed:
+                    return self._plaintext_refused()
                 if user is None:
                     return Send(err(_USER_FIRST))
                 self._awaiting = _Awaiting.LOGIN
@@ -242,6 +303,10 @@ class Pop3Server:
                 return self._quit()
             case Capa():
                 return Send(multiline(_CAPA, self._capabilities()))
+            case Stls():
+                return self._stls()
+            case Auth(mechanism=mechanism, initial_response=initial):
+                return self._auth(mechanism, initial)
             case Stat():
                 count, octets = self._drop.stat()
                 return Send(ok(f"{count} {octets}"))
@@ -280,19 +345,105 @@ class Pop3Server:
         raise LocalProtocolError(f"no handler for {type(command).__name__}")  # pragma: no cover
 
     def _capabilities(self) -> list[str]:
-        # The same list in every state for now.  RFC 2449 lets it differ
-        # (STLS, say, only before login), which is why this is a method that
-        # can look at self._state rather than a constant.
+        # RFC 2449 lets the list depend on the state: STLS only before login
+        # and before TLS; USER and SASL only where a login would be accepted
+        # (RFC 2595 section 4: a client must re-issue CAPA after STLS).
+        auth = self._auth_allowed
+        mechanisms = " ".join(self._mechanisms)
         return [
             "TOP",
             "UIDL",
-            "USER",
+            *(["USER"] if auth else []),
+            *([f"SASL {mechanisms}"] if auth and mechanisms else []),
+            *(["STLS"] if self._stls_offered else []),
             "RESP-CODES",
             "AUTH-RESP-CODE",
             "PIPELINING",
             *self._extra_capabilities,
             f"IMPLEMENTATION {self._implementation}",
         ]
+
+    @property
+    def _stls_offered(self) -> bool:
+        return self._stls_available and not self._tls_active and self._state is State.AUTHORIZATION
+
+    def _plaintext_refused(self) -> Event:
+        text = _PLAINTEXT_REFUSED_STLS if self._stls_offered else _PLAINTEXT_REFUSED
+        return Send(err(text, ResponseCode.AUTH))
+
+    # -- STLS (RFC 2595) ---------------------------------------------------------
+
+    def _stls(self) -> Event:
+        if self._tls_active:
+            return Send(err(_TLS_ALREADY))
+        if not self._stls_available:
+            return Send(err(_NO_STLS))
+        # Whatever the client sent after STLS arrived in the clear and could have
+        # been injected by anyone on the path: it is dropped, never executed.
+        self._lines.clear()
+        self._awaiting = _Awaiting.TLS
+        return StartTls(ok(_BEGIN_TLS))
+
+    def tls_established(self) -> None:
+        """TLS is up; the session starts over in AUTHORIZATION with nothing buffered."""
+        self._expect(_Awaiting.TLS)
+        self._lines.clear()
+        self._user = None
+        self._tls_active = True
+        self._awaiting = _Awaiting.NOTHING
+
+    def tls_failed(self) -> None:
+        """The TLS negotiation failed: the connection is unusable and must be closed."""
+        self._expect(_Awaiting.TLS)
+        self._lines.clear()
+        self._awaiting = _Awaiting.NOTHING
+        self._fire(_Trigger.CONNECTION_LOST)
+
+    # -- AUTH (RFC 5034) ---------------------------------------------------------
+
+    def _auth(self, mechanism: str | None, initial: bytes | None) -> Event:
+        if not self._auth_allowed:
+            return self._plaintext_refused()
+        if mechanism is None:
+            # Not in RFC 5034, but many clients (and Dovecot, Cyrus) use a bare
+            # AUTH to list the mechanisms, as RFC 1734 implementations did.
+            return Send(multiline(_MECHANISMS, self._mechanisms))
+        if mechanism not in self._mechanisms:
+            return Send(err(_UNSUPPORTED_MECHANISM))
+        exchange = start_exchange(mechanism)
+        if initial is None:
+            return self._challenge(exchange, exchange.first_challenge)
+        try:
+            return self._sasl_step(exchange, decode_response(initial))
+        except SaslFailure as failure:
+            return Send(err(str(failure)))
+
+    def _challenge(self, exchange: SaslExchange, challenge: bytes) -> Event:
+        self._sasl = exchange
+        # A response line may be longer than a command line (RFC 5034 section 4).
+        self._lines.max_line_length = max(self._max_line_length, MAX_RESPONSE_LINE)
+        return Send(continuation(challenge))
+
+    def _sasl_step(self, exchange: SaslExchange, response: bytes) -> Event:
+        result = exchange.step(response)
+        if isinstance(result, Credentials):
+            self._awaiting = _Awaiting.LOGIN
+            return LoginRequest(result.username, result.password, exchange.name)
+        return self._challenge(exchange, result)
+
+    def _sasl_response(self, line: bytes | object) -> Event:
+        exchange, self._sasl = self._sasl, None
+        self._lines.max_line_length = self._max_line_length
+        assert exchange is not None
+        if line is LINE_TOO_LONG:
+            return Send(err(_RESPONSE_TOO_LONG))
+        assert isinstance(line, bytes)
+        if line == b"*":
+            return Send(err(_AUTH_CANCELLED))
+        try:
+            return self._sasl_step(exchange, decode_response(line))
+        except SaslFailure as failure:
+            return Send(err(str(failure)))
 
     @staticmethod
     def _unavailable(number: int, why: Unavailable) -> str:

@@ -21,6 +21,7 @@ __all__ = [
     "NeedData",
     "RetrieveRequest",
     "Send",
+    "StartTls",
 ]
 
 
@@ -48,10 +49,22 @@ class Send:
 
 @dataclass(frozen=True, slots=True)
 class LoginRequest:
-    """USER and PASS are in: answer with ``accept_login`` or ``reject_login``."""
+    """USER and PASS (or an AUTH exchange) are in: answer with ``accept_login``
+    or ``reject_login``.  ``mechanism`` says how the client logged in: "USER"
+    for USER/PASS, else the SASL mechanism name ("PLAIN", "LOGIN")."""
 
     username: str
     password: str = field(repr=False)
+    mechanism: str = "USER"
+
+
+@dataclass(frozen=True, slots=True)
+class StartTls:
+    """STLS was accepted: send ``data`` (the +OK), then negotiate TLS on the
+    connection and report with ``tls_established`` or ``tls_failed``.  Input
+    received before the negotiation has already been thrown away."""
+
+    data: bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,4 +92,4 @@ class Close:
     """Close the connection once everything returned before has been sent."""
 
 
-Event = NeedData | Send | LoginRequest | RetrieveRequest | CommitRequest | Close
+Event = NeedData | Send | LoginRequest | RetrieveRequest | CommitRequest | Close | StartTls

@@ -55,6 +55,26 @@ class LineBuffer:
     def max_line_length(self) -> int:
         return self._max
 
+    @max_line_length.setter
+    def max_line_length(self, value: int) -> None:
+        # The cap may change between lines (a SASL response may be longer than a
+        # command).  Bytes of a partial line already dropped under the old cap
+        # stay dropped, so such a line still ends as LINE_TOO_LONG.
+        if value < 2:
+            raise ValueError("max_line_length must leave room for a line terminator")
+        self._max = value
+
+    def clear(self) -> None:
+        """Forget everything held, complete lines and partial line alike.
+
+        After STLS nothing received in the clear may be acted on (RFC 2595
+        section 4 / the STARTTLS command-injection attack), so the core throws
+        away whatever the client pipelined behind the command.
+        """
+        self._buf = bytearray()
+        self._pos = 0
+        self._tail_start = 0
+
     def feed(self, data: bytes) -> None:
         """Append received bytes.  ``b""`` is a no-op (EOF is the owner's business)."""
         if not data:

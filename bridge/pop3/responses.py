@@ -8,10 +8,11 @@ instead of a desynchronised session.
 
 from __future__ import annotations
 
+import base64
 import enum
 from collections.abc import Iterable
 
-__all__ = ["CRLF", "ResponseCode", "err", "multiline", "ok"]
+__all__ = ["CRLF", "ResponseCode", "continuation", "err", "multiline", "ok"]
 
 CRLF = b"\r\n"
 
@@ -41,6 +42,11 @@ def err(text: str, code: ResponseCode | None = None) -> bytes:
     """``-ERR [CODE] text`` with its CRLF."""
     line = b"-ERR [" + code.value.encode("ascii") + b"]" if code else b"-ERR"
     return line + b" " + _encode(text) + CRLF if text else line + CRLF
+
+
+def continuation(challenge: bytes = b"") -> bytes:
+    """A SASL server challenge (RFC 5034 section 4): ``+`` SP base64 CRLF."""
+    return b"+ " + base64.b64encode(challenge) + CRLF
 
 
 def multiline(text: str, lines: Iterable[str]) -> bytes:

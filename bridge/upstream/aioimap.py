@@ -17,13 +17,17 @@ aioimaplib 2.0.3 needs these fixes, all made here by subclassing (pinned version
 - NO/BAD come back as result strings; every call here checks them and raises typed errors;
 - concurrent commands on one connection corrupt its state; each mailbox serialises with a lock;
 - under trio-asyncio any exception escaping an asyncio callback kills `trio.run`;
-  `upstream_runtime()` installs an exception handler that logs instead.
+  `upstream_runtime()` installs an exception handler that logs instead;
+- it has no STARTTLS: `_connect` sends it and upgrades with `loop.start_tls`, dropping any
+  plaintext the server sent after its OK (a response-injection defence), then asks for the
+  capabilities again (RFC 3501 6.2.1: those from before TLS must be forgotten).
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
@@ -32,8 +36,10 @@ import trio
 import trio_asyncio
 from aioimaplib import aioimaplib as _aio
 
+from bridge import metrics
 from bridge.config import UpstreamSettings
 from bridge.observability import get_logger
+from bridge.tls import load_client_context
 from bridge.upstream import imap_syntax
 from bridge.upstream.interface import (
     AuthenticationFailed,
@@ -41,6 +47,7 @@ from bridge.upstream.interface import (
     MessageGone,
     MessageInfo,
     UpstreamError,
+    UpstreamNotListening,
     UpstreamUnavailable,
     chunked_uid_sets,
 )
@@ -93,8 +100,15 @@ class _ClientProtocol(_aio.IMAP4ClientProtocol):
         super().__init__(loop)
         self.lost = False
         self.greeting_error: str | None = None
+        # STARTTLS: the tag of the command in flight, and whether its tagged answer came in.
+        # From that answer until TLS takes over, received bytes are plaintext nobody may
+        # inject into the encrypted session: they are dropped.
+        self.starttls_tag: bytes | None = None
+        self.plaintext_closed = False
 
     def data_received(self, d: bytes) -> None:
+        if self.plaintext_closed:
+            return
         try:
             self._handle_responses(self.incomplete_line + d, self._handle_line, self.current_command)
             self.incomplete_line = b""
@@ -153,6 +167,9 @@ class _ClientProtocol(_aio.IMAP4ClientProtocol):
             line = data[pos:line_end]
             pos = line_end + 2
             command = line_handler(line, current_cmd)
+            if self.starttls_tag is not None and line.startswith(self.starttls_tag + b" "):
+                self.plaintext_closed = True
+                return
             literal = _aio.literal_data_re.match(line)
             if literal:
                 if command is None:
@@ -181,12 +198,54 @@ class _ClientProtocol(_aio.IMAP4ClientProtocol):
         return response
 
 
-async def _connect(host: str, port: int) -> _ClientProtocol:
+class _StartTlsRefused(Exception):
+    """The server offers no STARTTLS or refused it: never carry on in plaintext."""
+
+
+async def _connect(settings: UpstreamSettings) -> _ClientProtocol:
     loop = asyncio.get_running_loop()
     protocol = _ClientProtocol(loop)
-    await loop.create_connection(lambda: protocol, host, port)
-    await protocol.wait(f"{_aio.AUTH}|{_aio.NONAUTH}|{_aio.LOGOUT}")
+    context = load_client_context(settings.ca_file, verify=settings.verify) if settings.tls != "none" else None
+    if settings.tls == "implicit":
+        await loop.create_connection(
+            lambda: protocol, settings.host, settings.port, ssl=context, server_hostname=settings.host
+        )
+    else:
+        await loop.create_connection(lambda: protocol, settings.host, settings.port)
+    try:
+        await protocol.wait(f"{_aio.AUTH}|{_aio.NONAUTH}|{_aio.LOGOUT}")
+        if settings.tls == "starttls" and protocol.state == _aio.NONAUTH:
+            assert context is not None
+            await _starttls(loop, protocol, context, settings.host)
+    except BaseException:
+        if protocol.transport is not None:
+            protocol.transport.close()
+        raise
     return protocol
+
+
+async def _starttls(
+    loop: asyncio.AbstractEventLoop, protocol: _ClientProtocol, context: ssl.SSLContext, host: str
+) -> None:
+    if not protocol.capabilities:
+        await protocol.capability()
+    if "STARTTLS" not in {c.upper() for c in protocol.capabilities}:
+        raise _StartTlsRefused("the server does not offer STARTTLS")
+    tag = protocol.new_tag()
+    protocol.starttls_tag = tag.encode("ascii")
+    response = await protocol.execute(_aio.Command("STARTTLS", tag, loop=loop))
+    if response.result != "OK":
+        raise _StartTlsRefused(f"the server answered {response.result} to STARTTLS")
+    protocol.starttls_tag = None
+    # No await between here and start_tls taking the transport over: nothing can slip in.
+    protocol.plaintext_closed = False
+    protocol.incomplete_line = b""
+    transport = await loop.start_tls(protocol.transport, protocol, context, server_hostname=host)
+    if transport is None:
+        raise ConnectionResetError("connection closed during the TLS handshake")
+    protocol.transport = transport
+    protocol.capabilities = set()
+    await protocol.capability()
 
 
 class AioImapMailbox:
@@ -349,12 +408,14 @@ class AioImapMailbox:
         if "MOVE" in self.capabilities:
             for piece in chunked_uid_sets(uids):
                 await self._execute("move", "MOVE", piece, target, prefix="UID")
+            _log.debug("messages_moved", count=len(uids), method="MOVE")
             return
         # RFC 6851's fallback, limited to exactly these UIDs: if the copy fails nothing is
         # flagged; if the expunge fails the originals stay (flagged), never lost.
         for piece in chunked_uid_sets(uids):
             await self._execute("copy", "COPY", piece, target, prefix="UID")
         await self._remove_selected(uids)
+        _log.debug("messages_moved", count=len(uids), method="COPY")
 
     async def ensure_folder(self, folder: str) -> None:
         command = _aio.Command("CREATE", self._protocol.new_tag(), _wire_name(folder), loop=self._protocol.loop)
@@ -369,7 +430,13 @@ class AioImapMailbox:
 
     async def search(self, folder: str, *criteria: str) -> list[int]:
         """UID SEARCH in `folder`; criteria are IMAP search keys (strings already quoted)."""
-        await self._ensure_selected(folder)
+        if self._selected == folder:
+            # A selected folder shows what other sessions appended only after a command
+            # that syncs it (NOOP does; Dovecot's CREATE and STATUS do not), and SEARCH
+            # answers from this session's view: without the NOOP it misses new messages.
+            await self._execute("noop", "NOOP")
+        else:
+            await self._select(folder)
         response = await self._checked("search", self._protocol.search, *criteria, charset=None, by_uid=True)
         return imap_syntax.parse_search(list(response.lines))
 
@@ -389,6 +456,15 @@ class AioImapMailbox:
         if uids:
             await self._ensure_selected(folder)
             await self._remove_selected(uids)
+
+    async def keep_alive(self, stop: trio.Event, interval: float) -> None:
+        """Hold a parked connection (bridge.upstream.pool) until `stop` is set: NOOP every
+        `interval` seconds. This engine keeps no warm listing; `snapshot` re-selects."""
+        while True:
+            with trio.move_on_after(interval):
+                await stop.wait()
+                return
+            await self._checked("noop", self._protocol.noop)
 
     async def aclose(self) -> None:
         if not self.usable:
@@ -411,15 +487,35 @@ async def open_mailbox(settings: UpstreamSettings, username: str, password: str)
     """Connect, authenticate as the POP3 user. Raises AuthenticationFailed or UpstreamUnavailable."""
     try:
         with trio.fail_after(settings.timeout_seconds):
-            protocol = await trio_asyncio.aio_as_trio(_connect)(settings.host, settings.port)
+            protocol = await trio_asyncio.aio_as_trio(_connect)(settings)
     except trio.TooSlowError:
+        metrics.UPSTREAM_CONNECT_FAILURES.labels("timeout").inc()
         raise UpstreamUnavailable(f"connect: no greeting within {settings.timeout_seconds:g} s") from None
+    except ssl.SSLCertVerificationError as exc:
+        # Not "unavailable": retrying cannot help until the certificate or upstream.ca_file changes.
+        metrics.UPSTREAM_CONNECT_FAILURES.labels("tls").inc()
+        raise UpstreamError(f"tls: certificate verification failed: {exc.verify_message}") from None
+    except ssl.SSLError as exc:
+        metrics.UPSTREAM_CONNECT_FAILURES.labels("tls").inc()
+        raise UpstreamError(f"tls: handshake failed: {exc.reason or type(exc).__name__}") from None
+    except _StartTlsRefused as exc:
+        metrics.UPSTREAM_CONNECT_FAILURES.labels("tls").inc()
+        raise UpstreamError(f"starttls: {exc} (upstream.tls = \"starttls\")") from None
+    except _aio.AioImapException as exc:
+        metrics.UPSTREAM_CONNECT_FAILURES.labels("greeting").inc()
+        raise UpstreamUnavailable(f"connect: {type(exc).__name__}") from None
+    except ConnectionRefusedError as exc:
+        metrics.UPSTREAM_CONNECT_FAILURES.labels("refused").inc()
+        raise UpstreamNotListening(f"connect: {exc.strerror or type(exc).__name__}") from None
     except OSError as exc:
+        metrics.UPSTREAM_CONNECT_FAILURES.labels("refused").inc()
         raise UpstreamUnavailable(f"connect: {exc.strerror or type(exc).__name__}") from None
     mailbox = AioImapMailbox(protocol, settings)
     if protocol.state == _aio.LOGOUT:
         mailbox._break()
+        metrics.UPSTREAM_CONNECT_FAILURES.labels("greeting").inc()
         raise UpstreamUnavailable(f"connect: server refused the session ({protocol.greeting_error})")
+    metrics.UPSTREAM_CONNECTS.inc()
     try:
         if protocol.state == _aio.NONAUTH:
             await mailbox._login(username, password)

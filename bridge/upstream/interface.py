@@ -20,6 +20,11 @@ class UpstreamUnavailable(UpstreamError):
     """The upstream could not be reached, or did not answer within the configured timeout."""
 
 
+class UpstreamNotListening(UpstreamUnavailable):
+    """Nothing accepts connections at the upstream address (e.g. a server restarting): worth
+    retrying within the timeout (bridge.upstream.pool), unlike a server that answers "no"."""
+
+
 class AuthenticationFailed(Exception):
     """The upstream rejected the credentials; POP3 says [AUTH]."""
 

@@ -1,0 +1,177 @@
+"""What the benchmark measures, one function per measurement; each returns raw samples.
+
+Every function takes a `Target` (host/port of one POP3 server) so the same client code runs
+against the native Dovecot, the imapc Dovecot and the bridge alike.
+"""
+
+from __future__ import annotations
+
+import statistics
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from bench.pop3client import Pop3Client, Pop3Error, poll, session_setup
+from bench.servers import Target
+from bridge.sandbox import DovecotSandbox, Mailbox
+
+
+@dataclass(frozen=True)
+class Account:
+    user: str
+    password: str
+
+
+def make_accounts(store: DovecotSandbox, count: int, messages: list[bytes], workers: int = 8) -> list[Account]:
+    """`count` fresh users on the store, each holding `messages` (seeded over IMAP)."""
+    boxes: list[Mailbox] = [store.new_mailbox() for _ in range(count)]
+    if messages:
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            list(pool.map(lambda box: box.append(messages), boxes))
+    return [Account(box.user, box.password) for box in boxes]
+
+
+def measure_poll(target: Target, account: Account, expected: int) -> float:
+    seconds, count = poll(target.host, target.port, account.user, account.password)
+    if count != expected:
+        raise Pop3Error(f"{target.name}: STAT says {count} messages, expected {expected}")
+    return seconds
+
+
+def measure_setup(target: Target, account: Account) -> float:
+    return session_setup(target.host, target.port, account.user, account.password)
+
+
+def measure_retr(target: Target, account: Account, number: int, size: int) -> float:
+    with Pop3Client(target.host, target.port) as client:
+        client.login(account.user, account.password)
+        started = time.perf_counter()
+        got = client.multiline(b"RETR %d" % number)
+        elapsed = time.perf_counter() - started
+        client.quit()
+    # Dot-stuffing adds bytes on the wire; fewer than the message size means truncation.
+    if got < size:
+        raise Pop3Error(f"{target.name}: RETR {number} sent {got} bytes, expected at least {size}")
+    return elapsed
+
+
+def measure_download(target: Target, account: Account, count: int) -> float:
+    """One session that downloads every message, one RETR after the other."""
+    started = time.perf_counter()
+    with Pop3Client(target.host, target.port) as client:
+        client.login(account.user, account.password)
+        found, _size = client.stat()
+        if found != count:
+            raise Pop3Error(f"{target.name}: STAT says {found}, expected {count}")
+        for number in range(1, count + 1):
+            client.multiline(b"RETR %d" % number)
+        client.quit()
+    return time.perf_counter() - started
+
+
+def _poll_and_retrieve(target: Target, account: Account) -> float:
+    started = time.perf_counter()
+    with Pop3Client(target.host, target.port) as client:
+        client.login(account.user, account.password)
+        count, _size = client.stat()
+        client.multiline(b"UIDL")
+        client.multiline(b"LIST")
+        for number in range(1, count + 1):
+            client.multiline(b"RETR %d" % number)
+        client.quit()
+    return time.perf_counter() - started
+
+
+def measure_concurrent(target: Target, accounts: list[Account], sessions_each: int) -> dict[str, float]:
+    """One client thread per account, all started together, each running `sessions_each`
+    poll-and-retrieve sessions back to back. Returns sessions/s and latency percentiles."""
+    barrier = threading.Barrier(len(accounts) + 1)
+    latencies: list[float] = []
+    lock = threading.Lock()
+
+    def client(account: Account) -> None:
+        barrier.wait()
+        mine = [_poll_and_retrieve(target, account) for _ in range(sessions_each)]
+        with lock:
+            latencies.extend(mine)
+
+    with ThreadPoolExecutor(max_workers=len(accounts)) as pool:
+        futures = [pool.submit(client, account) for account in accounts]
+        barrier.wait()
+        started = time.perf_counter()
+        for future in futures:
+            future.result()
+        wall = time.perf_counter() - started
+    return {
+        "sessions_per_second": len(latencies) / wall,
+        "p95_seconds": percentile(latencies, 95),
+        "median_seconds": statistics.median(latencies),
+    }
+
+
+def percentile(values: list[float], pct: float) -> float:
+    ordered = sorted(values)
+    if len(ordered) == 1:
+        return ordered[0]
+    return statistics.quantiles(ordered, n=100, method="inclusive")[int(pct) - 1]
+
+
+# -- memory (the bridge process only) ---------------------------------------------------------
+
+
+def rss_bytes(pid: int) -> int:
+    return _status_field(pid, "VmRSS")
+
+
+def _status_field(pid: int, name: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(name + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"/proc/{pid}/status has no {name}")
+
+
+def measure_idle_sessions(target: Target, pid: int, accounts: list[Account]) -> dict[str, float]:
+    """RSS of the process `pid` before and while `accounts` each hold one logged-in, idle
+    POP3 session."""
+    before = rss_bytes(pid)
+    clients: list[Pop3Client] = []
+    lock = threading.Lock()
+
+    def open_session(account: Account) -> None:
+        client = Pop3Client(target.host, target.port)
+        with lock:
+            clients.append(client)
+        client.login(account.user, account.password)
+        client.stat()
+
+    try:
+        with ThreadPoolExecutor(max_workers=16) as pool:
+            list(pool.map(open_session, accounts))
+        time.sleep(1.0)  # let the process settle (not readiness: everything is logged in)
+        during = rss_bytes(pid)
+    finally:
+        for client in clients:
+            try:
+                client.quit()
+            except (OSError, Pop3Error):
+                pass
+            client.close()
+    return {"sessions": len(accounts), "rss_before": before, "rss_with_sessions": during}
+
+
+def measure_retr_memory(target: Target, pid: int, account: Account, number: int, size: int) -> dict[str, float]:
+    """Peak RSS growth of `pid` while it serves RETR `number`. Linux: the peak (VmHWM) is
+    reset through /proc/pid/clear_refs right before the command, so no sampling is missed."""
+    with Pop3Client(target.host, target.port) as client:
+        client.login(account.user, account.password)
+        client.stat()
+        before = rss_bytes(pid)
+        Path(f"/proc/{pid}/clear_refs").write_text("5")
+        got = client.multiline(b"RETR %d" % number)
+        peak = _status_field(pid, "VmHWM")
+        client.quit()
+    if got < size:
+        raise Pop3Error(f"RETR {number} sent {got} bytes, expected at least {size}")
+    return {"size": size, "rss_before": before, "rss_peak": peak, "growth": max(0, peak - before)}

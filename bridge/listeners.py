@@ -1,0 +1,241 @@
+"""From an accepted socket to a POP3 client: PROXY header, per-address cap, implicit TLS.
+
+`server.py` accepts connections and applies the global cap; everything that has to happen
+before a session can greet its client lives here:
+
+1. On a listener named in `pop3.proxy_protocol`, the peer must be a trusted balancer
+   (`pop3.proxy_trusted`); its PROXY header (v1 or v2, `bridge.proxy_protocol`) names the real
+   client, which from then on is *the* client address for logs, caps and login limits.
+2. The per-address cap (`pop3.max_connections_per_address`, IPv6 by /64), counted before the
+   TLS handshake so stalled handshakes from one address cannot pile up.
+3. On an implicit-TLS listener (`pop3.tls_listen`), the TLS handshake.
+
+Steps 1 and 3 must finish within `pop3.handshake_timeout_seconds`. Every refusal is logged with a
+stable event name; a plain-text listener answers it with -ERR, an implicit-TLS listener just
+closes (a refusal in clear text would only be a TLS error to the client).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import ssl
+from collections import Counter
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import trio
+
+from bridge.config import Pop3Settings
+from bridge.login_limiter import address_key
+from bridge.observability import get_logger
+from bridge.pop3 import ResponseCode
+from bridge.pop3.responses import err
+from bridge.proxy_protocol import ProxyHeader, ProxyProtocolError, bytes_needed, parse_proxy_header
+from bridge.tls import ServerTls
+
+__all__ = [
+    "ClientConnection",
+    "ConnectionAdmission",
+    "ListenerKind",
+    "format_peer",
+    "host_of_peer",
+    "is_loopback",
+    "plaintext_auth_allowed",
+]
+
+_log = get_logger()
+
+
+@dataclass(frozen=True, slots=True)
+class ListenerKind:
+    """``configured``: the address as written in the configuration (proxy_protocol names it)."""
+
+    configured: str
+    tls: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ClientConnection:
+    """A client ready for its greeting.
+
+    ``address``/``peer``: the real client (behind a balancer, the one its PROXY header named).
+    ``tls_active``: the client's connection is encrypted: TLS with us, or (PROXY v2 SSL flag)
+    TLS with the trusted balancer. ``proxied_by``: the balancer's address, if any.
+    """
+
+    stream: trio.abc.Stream
+    address: str
+    peer: str
+    tls_active: bool = False
+    proxied_by: str | None = None
+
+
+def format_peer(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def host_of_peer(peer: str) -> str:
+    """The host part of "host:port" / "[v6]:port"."""
+    host = peer.rpartition(":")[0] if ":" in peer else peer
+    return host[1:-1] if host.startswith("[") and host.endswith("]") else host
+
+
+def plaintext_auth_allowed(policy: str, address: str) -> bool:
+    """`pop3.allow_plaintext_auth` for a client at ``address`` on an unencrypted connection."""
+    if policy == "always":
+        return True
+    if policy == "loopback":
+        return is_loopback(address)
+    return False
+
+
+def is_loopback(address: str) -> bool:
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_loopback
+
+
+def _trusted(address: str, networks: list[str]) -> bool:
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return any(ip in ipaddress.ip_network(item, strict=False) for item in networks)
+
+
+def _socket_peer(stream: trio.SocketStream) -> tuple[str, int]:
+    try:
+        host, port, *_ = stream.socket.getpeername()
+    except (OSError, ValueError):
+        return "unknown", 0
+    return str(host), int(port)
+
+
+class _Refused(Exception):
+    """The connection is not served; ``reply`` (plain listeners only) says why."""
+
+    def __init__(self, reply: bytes | None = None) -> None:
+        self.reply = reply
+
+
+async def read_proxy_header(stream: trio.abc.ReceiveStream) -> ProxyHeader:
+    """Read exactly one PROXY header, not a byte more. Raises ProxyProtocolError, EOFError."""
+    buffer = b""
+    while True:
+        parsed = parse_proxy_header(buffer)
+        if parsed is not None:
+            return parsed[0]
+        chunk = await stream.receive_some(bytes_needed(buffer))
+        if not chunk:
+            raise EOFError("connection closed inside the PROXY header")
+        buffer += chunk
+
+
+class ConnectionAdmission:
+    """Per-address connection counts and the steps before the greeting (module docstring)."""
+
+    def __init__(self, server_tls: ServerTls | None = None) -> None:
+        self.server_tls = server_tls
+        self._per_address: Counter[str] = Counter()
+
+    def connections_from(self, address: str) -> int:
+        return self._per_address[address_key(address)]
+
+    @asynccontextmanager
+    async def admit(
+        self, stream: trio.SocketStream, kind: ListenerKind, settings: Pop3Settings
+    ) -> AsyncIterator[ClientConnection | None]:
+        """Yields the client, or None when the connection was refused (and is closed)."""
+        host, port = _socket_peer(stream)
+        key: str | None = None
+        refused: _Refused | None = None
+        try:
+            with trio.fail_after(settings.handshake_timeout_seconds):
+                client = await self._proxy(stream, kind, settings, host, port)
+                if self._per_address[address_key(client.address)] >= settings.max_connections_per_address:
+                    _log.warning("connection_refused", peer=client.peer, reason="max_connections_per_address")
+                    raise _Refused(err("too many connections from your address, try again later", ResponseCode.SYS_TEMP))
+                key = address_key(client.address)
+                self._per_address[key] += 1
+                if kind.tls:
+                    client = await self._start_tls(client)
+        except trio.TooSlowError:
+            _log.info("connection_dropped", peer=format_peer(host, port), reason="handshake_timeout")
+            refused = _Refused()
+        except _Refused as exc:
+            refused = exc
+        if refused is not None:
+            await self._refuse(stream, None if kind.tls else refused.reply)
+            if key is not None:
+                self._release(key)
+            yield None
+            return
+        assert key is not None
+        try:
+            yield client
+        finally:
+            self._release(key)
+
+    def _release(self, key: str) -> None:
+        self._per_address[key] -= 1
+        if self._per_address[key] <= 0:
+            del self._per_address[key]
+
+    async def _proxy(
+        self, stream: trio.SocketStream, kind: ListenerKind, settings: Pop3Settings, host: str, port: int
+    ) -> ClientConnection:
+        direct = ClientConnection(stream, host, format_peer(host, port))
+        if kind.configured not in settings.proxy_protocol:
+            return direct
+        if not _trusted(host, settings.proxy_trusted):
+            _log.warning("proxy_untrusted", peer=direct.peer)
+            raise _Refused(err("connection not accepted", ResponseCode.SYS_PERM))
+        try:
+            header = await read_proxy_header(stream)
+        except ProxyProtocolError as exc:
+            _log.warning("proxy_header_invalid", peer=direct.peer, error=str(exc))
+            raise _Refused() from None
+        except EOFError:
+            _log.info("proxy_header_incomplete", peer=direct.peer)
+            raise _Refused() from None
+        if header.source is None:
+            # LOCAL / UNKNOWN: the balancer speaks for itself (a health check).
+            return ClientConnection(stream, host, direct.peer, proxied_by=direct.peer)
+        client_host, client_port = header.source
+        return ClientConnection(
+            stream,
+            client_host,
+            format_peer(client_host, client_port),
+            tls_active=header.client_tls,
+            proxied_by=direct.peer,
+        )
+
+    async def _start_tls(self, client: ClientConnection) -> ClientConnection:
+        if self.server_tls is None:  # pragma: no cover - config validation requires a certificate
+            raise _Refused()
+        tls_stream = trio.SSLStream(client.stream, self.server_tls.context, server_side=True)
+        try:
+            await tls_stream.do_handshake()
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            cause = exc.__cause__
+            reason = cause.reason if isinstance(cause, ssl.SSLError) and cause.reason else type(cause or exc).__name__
+            _log.info("tls_handshake_failed", peer=client.peer, reason=str(reason))
+            raise _Refused() from None
+        return ClientConnection(tls_stream, client.address, client.peer, True, client.proxied_by)
+
+    @staticmethod
+    async def _refuse(stream: trio.SocketStream, reply: bytes | None) -> None:
+        if reply is not None:
+            with trio.move_on_after(1):
+                try:
+                    await stream.send_all(reply)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    pass
+        await trio.aclose_forcefully(stream)

@@ -1,0 +1,100 @@
+"""Prometheus metrics of the service, served by the admin listener (`bridge.admin`).
+
+The metrics live in prometheus_client's default registry. With `[server] workers` > 1 the
+supervisor starts every worker with PROMETHEUS_MULTIPROC_DIR set, so prometheus_client keeps
+the values in per-process files that the supervisor adds up on /metrics (`aggregated_registry`);
+gauges say how to combine the workers (`multiprocess_mode`), and are ignored in one process.
+
+Label values come from small closed sets (command names, outcomes, policies, reasons), never
+from user names or peers: a label per user would grow without bound.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
+from prometheus_client import multiprocess as _multiprocess
+
+# The *_created timestamp series double the output and no dashboard here uses them.
+disable_created_metrics()
+
+SESSIONS_ACTIVE = Gauge(
+    "bridge_sessions_active", "POP3 sessions open now.", multiprocess_mode="livesum"
+)
+SESSIONS = Counter(
+    "bridge_sessions", "POP3 sessions ended, by outcome (quit, autologout, client_gone, shutdown, ...).",
+    ["outcome"],
+)
+LOGINS = Counter("bridge_logins", "Login attempts by result (ok, failed).", ["result"])
+LOGIN_FAILURES = Counter(
+    "bridge_login_failures", "Failed logins by reason (credentials, upstream, in_use, ...).", ["reason"]
+)
+COMMANDS = Counter(
+    "bridge_commands",
+    "Commands that need the upstream (RETR, TOP, QUIT), by result (ok, err, error).",
+    ["command", "result"],
+)
+BYTES_SENT = Counter("bridge_bytes_sent", "Bytes sent to POP3 clients.")
+RETRIEVE_SECONDS = Histogram(
+    "bridge_retrieve_seconds",
+    "Time to send one message (RETR) or its top (TOP), first upstream FETCH to terminator.",
+    ["command"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
+)
+UPSTREAM_CONNECTS = Counter(
+    "bridge_upstream_connects", "IMAP connections opened (TCP connect and greeting received)."
+)
+UPSTREAM_CONNECT_FAILURES = Counter(
+    "bridge_upstream_connect_failures",
+    "IMAP connections that could not be opened, by reason (timeout, refused, greeting).",
+    ["reason"],
+)
+UPSTREAM_REUSES = Counter(
+    "bridge_upstream_connection_reuses", "Sessions served by an already open, pooled IMAP connection."
+)
+UPSTREAM_POOLED = Gauge(
+    "bridge_upstream_pooled_connections", "Idle IMAP connections held in the pool.",
+    multiprocess_mode="livesum",
+)
+DELETIONS_APPLIED = Counter(
+    "bridge_deletions_applied", "Messages deleted, moved, kept or hidden at QUIT, by delete policy.",
+    ["policy"],
+)
+
+# Login failure reasons known in advance, so a dashboard sees a 0 instead of no series.
+for _reason in ("credentials", "upstream", "in_use"):
+    LOGIN_FAILURES.labels(_reason)
+for _result in ("ok", "failed"):
+    LOGINS.labels(_result)
+
+
+def supervisor_metrics(registry: CollectorRegistry) -> Counter:
+    """The supervisor's own metric, next to the workers' sums: worker restarts."""
+    return Counter("bridge_worker_restarts", "Worker processes restarted after exiting unexpectedly.", registry=registry)
+
+
+def aggregated_registry(multiprocess_dir: str) -> CollectorRegistry:
+    """A registry adding up what the worker processes wrote to `multiprocess_dir`."""
+    registry = CollectorRegistry()
+    _multiprocess.MultiProcessCollector(registry, path=multiprocess_dir)
+    return registry
+
+
+def forget_process(pid: int, multiprocess_dir: str) -> None:
+    """Drop a dead worker's live gauges (its counters keep counting towards the totals)."""
+    _multiprocess.mark_process_dead(pid, multiprocess_dir)
+
+
+def render(registry: CollectorRegistry | None = None) -> bytes:
+    """The Prometheus text exposition of `registry` (default: this process's metrics)."""
+    if registry is None:
+        from prometheus_client import REGISTRY
+
+        registry = REGISTRY
+    return generate_latest(registry)

@@ -1,0 +1,302 @@
+"""Parked upstream connections: a finished POP3 session's IMAP connection, kept for the same
+account's next session.
+
+Devices poll every few minutes; each poll would otherwise pay connect + login + SELECT + a
+full listing. When a session ends, its connection (still logged in) is parked here for
+`pool.park_seconds`; the account's next session takes it over after its password has been
+checked against the one that opened the connection. The pool keeps a salted digest of that
+password only (HMAC-SHA256, random salt per connection, compared in constant time); the clear
+password is never stored here: a parked connection that breaks is simply dropped, and the
+next session opens a fresh one with its own password.
+
+While parked, a connection is held by a keeper task (`keep_alive`: IDLE, re-issued every
+`pool.keepalive_seconds`, or NOOP), which also keeps the engine's maildrop listing warm. A
+connection that breaks (server restart, `doveadm kick`, network) leaves the pool at once.
+Caps: `pool.max_per_account` and `pool.max_connections`, the least recently parked logged out
+first.
+
+Opening a connection retries a server that is not listening (refused: restarting, say) with
+capped exponential backoff and jitter, within `upstream.timeout_seconds` in all, so a POP3
+client never waits longer; a server that accepts and then fails is reported at once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import random
+import secrets
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import trio
+
+from bridge import metrics
+from bridge.config import BridgeSettings, UpstreamSettings
+from bridge.observability import get_logger
+from bridge.upstream.interface import (
+    MailboxSnapshot,
+    UpstreamError,
+    UpstreamMailbox,
+    UpstreamNotListening,
+    UpstreamUnavailable,
+)
+
+_log = get_logger(component="pool")
+_SHUTDOWN_GRACE_SECONDS = 3.0
+
+
+class PoolableMailbox(UpstreamMailbox, Protocol):
+    """What an engine offers beyond `UpstreamMailbox` so its connections can be parked."""
+
+    @property
+    def usable(self) -> bool: ...
+
+    async def keep_alive(self, stop: trio.Event, interval: float) -> None:
+        """Keep the connection healthy (and the maildrop listing warm) until `stop` is set;
+        raises UpstreamError if the connection breaks."""
+        ...
+
+
+Opener = Callable[[UpstreamSettings, str, str], Awaitable[PoolableMailbox]]
+
+
+async def open_engine_mailbox(settings: UpstreamSettings, username: str, password: str) -> PoolableMailbox:
+    """A fresh, authenticated connection from the engine `upstream.engine` names."""
+    if settings.engine == "aioimaplib":
+        from bridge.upstream import aioimap
+
+        return await aioimap.open_mailbox(settings, username, password)
+    from bridge.upstream import trio_engine
+
+    return await trio_engine.open_mailbox(settings, username, password)
+
+
+def _digest(salt: bytes, password: str) -> bytes:
+    return hmac.new(salt, password.encode("utf-8", "surrogateescape"), hashlib.sha256).digest()
+
+
+@dataclass(eq=False)
+class _Parked:
+    account: str
+    salt: bytes
+    digest: bytes
+    mailbox: PoolableMailbox
+    stop: trio.Event = field(default_factory=trio.Event)
+    done: trio.Event = field(default_factory=trio.Event)
+    claimed: bool = False
+    evicted: str | None = None
+
+    def matches(self, password: str) -> bool:
+        return hmac.compare_digest(self.digest, _digest(self.salt, password))
+
+
+class UpstreamPool:
+    """Checks out upstream connections (parked or fresh) and takes them back."""
+
+    def __init__(self, settings: Callable[[], BridgeSettings], opener: Opener = open_engine_mailbox) -> None:
+        self._settings = settings
+        self._opener = opener
+        # Least recently parked first.
+        self._parked: OrderedDict[int, _Parked] = OrderedDict()
+        self._nursery: trio.Nursery | None = None
+
+    # -- running ------------------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def running(self) -> AsyncIterator[UpstreamPool]:
+        """Host the keeper tasks of parked connections for the block's duration; on the way
+        out every parked connection is logged out (bounded by a short grace). Connections
+        returned while the pool is not running are logged out instead of parked."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            try:
+                yield self
+            finally:
+                self._nursery = None
+                for entry in list(self._parked.values()):
+                    self._evict(entry, "shutdown")
+                nursery.cancel_scope.deadline = trio.current_time() + _SHUTDOWN_GRACE_SECONDS
+
+    @property
+    def parked(self) -> int:
+        return len(self._parked)
+
+    def parked_for(self, account: str) -> int:
+        return sum(1 for entry in self._parked.values() if entry.account == account)
+
+    # -- checking out -------------------------------------------------------------------------
+
+    async def checkout(self, account: str, password: str) -> PooledMailbox:
+        """A logged-in connection for `account`: a parked one whose password matches, else a
+        fresh one. Raises AuthenticationFailed, UpstreamUnavailable or UpstreamError."""
+        settings = self._settings()
+        salt = secrets.token_bytes(16)
+        digest = _digest(salt, password)
+        mismatch = False
+        for entry in reversed(list(self._parked.values())):
+            if entry.account != account:
+                continue
+            if not entry.matches(password):
+                # Maybe the password changed upstream, maybe it is wrong: a fresh login
+                # decides, and the connection opened with the other password stays parked.
+                mismatch = True
+                continue
+            mailbox = await self._claim(entry, settings.upstream.timeout_seconds)
+            if mailbox is not None:
+                metrics.UPSTREAM_REUSES.inc()
+                _log.info("upstream_reused")
+                return PooledMailbox(self, mailbox, account, salt, digest)
+        _log.info("upstream_fresh", reason="password_mismatch" if mismatch else "none_parked")
+        mailbox = await self._open(settings.upstream, account, password)
+        return PooledMailbox(self, mailbox, account, salt, digest)
+
+    async def _claim(self, entry: _Parked, wait_seconds: float) -> PoolableMailbox | None:
+        entry.claimed = True
+        self._forget(entry)
+        entry.stop.set()
+        # The keeper ends its IDLE (DONE, tagged OK) and hands the connection over.
+        with trio.move_on_after(wait_seconds):
+            await entry.done.wait()
+        if entry.done.is_set() and entry.mailbox.usable:
+            return entry.mailbox
+        _log.info("pool_connection_dropped", reason="broken")
+        await entry.mailbox.aclose()
+        return None
+
+    async def _open(self, upstream: UpstreamSettings, account: str, password: str) -> PoolableMailbox:
+        deadline = trio.current_time() + upstream.timeout_seconds
+        delay = upstream.reconnect_initial_seconds
+        attempt = 1
+        while True:
+            try:
+                with trio.fail_at(deadline):
+                    return await self._opener(upstream, account, password)
+            except trio.TooSlowError:
+                raise UpstreamUnavailable(f"connect: no answer within {upstream.timeout_seconds:g} s") from None
+            except UpstreamNotListening:
+                # Nothing listening (a restart?): worth another try. A server that answers
+                # and then refuses is reported at once.
+                # Full jitter on the upper half: sessions that failed together retry apart.
+                wait = min(delay, upstream.reconnect_max_seconds) * random.uniform(0.5, 1.0)
+                if trio.current_time() + wait >= deadline:
+                    _log.warning("upstream_retries_exhausted", attempts=attempt)
+                    raise
+                _log.info("upstream_retry", attempt=attempt, wait_seconds=round(wait, 3))
+                await trio.sleep(wait)
+                delay = min(delay * 2, upstream.reconnect_max_seconds)
+                attempt += 1
+
+    # -- taking back --------------------------------------------------------------------------
+
+    async def checkin(self, lease: PooledMailbox) -> None:
+        mailbox = lease.mailbox
+        settings = self._settings().pool
+        if self._nursery is None or not mailbox.usable or settings.park_seconds <= 0 or settings.max_connections <= 0:
+            await mailbox.aclose()
+            return
+        entry = _Parked(lease.account, lease.salt, lease.digest, mailbox)
+        self._parked[id(entry)] = entry
+        metrics.UPSTREAM_POOLED.inc()
+        self._nursery.start_soon(self._keep, entry, settings.park_seconds, settings.keepalive_seconds)
+        same_account = [e for e in self._parked.values() if e.account == lease.account]
+        for old in same_account[: max(0, len(same_account) - settings.max_per_account)]:
+            self._evict(old, "account_cap")
+        while len(self._parked) > settings.max_connections:
+            self._evict(next(iter(self._parked.values())), "total_cap")
+        _log.debug("pool_parked", parked=len(self._parked))
+
+    def _forget(self, entry: _Parked) -> None:
+        if self._parked.pop(id(entry), None) is not None:
+            metrics.UPSTREAM_POOLED.dec()
+
+    def _evict(self, entry: _Parked, reason: str) -> None:
+        self._forget(entry)
+        entry.evicted = reason
+        entry.stop.set()
+
+    async def _keep(self, entry: _Parked, park_seconds: float, keepalive_seconds: float) -> None:
+        error: str | None = None
+        try:
+            async with trio.open_nursery() as nursery:
+
+                async def expire() -> None:
+                    await trio.sleep(park_seconds)
+                    if not entry.claimed and entry.evicted is None:
+                        self._evict(entry, "expired")
+
+                nursery.start_soon(expire)
+                try:
+                    await entry.mailbox.keep_alive(entry.stop, keepalive_seconds)
+                finally:
+                    nursery.cancel_scope.cancel()
+        except UpstreamError as exc:
+            error = str(exc)
+        except Exception:  # a keeper must never take the service down
+            _log.exception("pool_keeper_crashed")
+            error = "keeper crashed"
+        finally:
+            if entry.claimed:
+                entry.done.set()
+            else:
+                self._forget(entry)
+                if error is not None:
+                    _log.info("pool_connection_dropped", reason="broken", error=error)
+                else:
+                    _log.debug("pool_connection_closed", reason=entry.evicted)
+                await entry.mailbox.aclose()
+                entry.done.set()
+
+
+class PooledMailbox:
+    """A checked-out connection: the session's `UpstreamMailbox`; `aclose()` hands it back to
+    the pool (parked if still usable) instead of logging out."""
+
+    def __init__(self, pool: UpstreamPool, mailbox: PoolableMailbox, account: str, salt: bytes, digest: bytes) -> None:
+        self.mailbox = mailbox
+        self.account = account
+        self.salt = salt
+        self.digest = digest
+        self._pool: UpstreamPool | None = pool
+
+    @property
+    def capabilities(self) -> frozenset[str]:
+        return self.mailbox.capabilities
+
+    async def snapshot(self) -> MailboxSnapshot:
+        return await self.mailbox.snapshot()
+
+    async def fetch_range(self, uid: int, offset: int, length: int) -> bytes:
+        return await self.mailbox.fetch_range(uid, offset, length)
+
+    async def delete(self, uids: Sequence[int]) -> None:
+        await self.mailbox.delete(uids)
+
+    async def move(self, uids: Sequence[int], folder: str) -> None:
+        await self.mailbox.move(uids, folder)
+
+    async def add_flags(self, uids: Sequence[int], flags: str) -> None:
+        await self.mailbox.add_flags(uids, flags)
+
+    async def ensure_folder(self, folder: str) -> None:
+        await self.mailbox.ensure_folder(folder)
+
+    async def append(self, folder: str, message: bytes) -> None:
+        await self.mailbox.append(folder, message)
+
+    async def search(self, folder: str, *criteria: str) -> list[int]:
+        return await self.mailbox.search(folder, *criteria)
+
+    async def fetch_texts(self, folder: str, uids: Sequence[int]) -> dict[int, bytes]:
+        return await self.mailbox.fetch_texts(folder, uids)
+
+    async def delete_in(self, folder: str, uids: Sequence[int]) -> None:
+        await self.mailbox.delete_in(folder, uids)
+
+    async def aclose(self) -> None:
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            await pool.checkin(self)

@@ -1,0 +1,231 @@
+"""Parked upstream connections (bridge.upstream.pool) against the real Dovecot, with both
+IMAP engines: reuse, password checks, a listing kept fresh while parked, a connection killed
+server-side, caps and eviction, and retries against an upstream that refuses connections.
+
+What a user would see is the POP3 conversation; whether a session reused a parked
+connection is what the bridge logs (`upstream_reused` / `upstream_fresh`).
+"""
+
+from __future__ import annotations
+
+import poplib
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from bridge.sandbox import DovecotSandbox, Mailbox, numbered_messages
+from tests.harness import ThreadedBridge, free_port, wait_until
+
+BridgeFactory = Callable[..., ThreadedBridge]
+
+
+@pytest.fixture(params=["trio", "aioimaplib"])
+def engine(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+def start(bridge_factory: BridgeFactory, engine: str, **pool: Any) -> ThreadedBridge:
+    return bridge_factory(upstream={"engine": engine}, pool=pool)
+
+
+def sessions_ended(bridge: ThreadedBridge, count: int) -> None:
+    # A session hands its connection back before it logs session_end.
+    wait_until(
+        lambda: sum(1 for e in bridge.events() if e.get("event") == "session_end") >= count,
+        f"{count} sessions ended",
+    )
+
+
+def pool_events(bridge: ThreadedBridge, user: str) -> list[str]:
+    """How each login of `user` got its upstream connection, in order: "reused" or the
+    reason it needed a fresh one."""
+    found = []
+    for item in bridge.events():
+        if item.get("account") != user:
+            continue
+        if item.get("event") == "upstream_reused":
+            found.append("reused")
+        elif item.get("event") == "upstream_fresh":
+            found.append(item["reason"])
+    return found
+
+
+def stat(bridge: ThreadedBridge, user: str, password: str) -> tuple[int, int]:
+    pop = poplib.POP3("127.0.0.1", bridge.port, timeout=30)
+    try:
+        pop.user(user)
+        pop.pass_(password)
+        count, size = pop.stat()
+        pop.quit()
+    finally:
+        pop.close()
+    return count, size
+
+
+def test_next_session_reuses_the_parked_connection(
+    bridge_factory: BridgeFactory, mailbox: Mailbox, engine: str
+) -> None:
+    mailbox.append(numbered_messages(3))
+    bridge = start(bridge_factory, engine)
+    first = stat(bridge, mailbox.user, mailbox.password)
+    sessions_ended(bridge, 1)
+    second = stat(bridge, mailbox.user, mailbox.password)
+    assert first == second and first[0] == 3
+    assert pool_events(bridge, mailbox.user) == ["none_parked", "reused"]
+
+
+def test_wrong_password_gets_no_parked_connection_and_does_not_evict_it(
+    bridge_factory: BridgeFactory, mailbox: Mailbox, engine: str
+) -> None:
+    mailbox.append(numbered_messages(2))
+    bridge = start(bridge_factory, engine)
+    stat(bridge, mailbox.user, mailbox.password)
+    sessions_ended(bridge, 1)
+    with pytest.raises(poplib.error_proto, match=r"-ERR \[AUTH\]"):
+        stat(bridge, mailbox.user, mailbox.password + "x")
+    sessions_ended(bridge, 2)
+    assert stat(bridge, mailbox.user, mailbox.password)[0] == 2
+    # The wrong password went to the server (which refused it); the good connection stayed.
+    assert pool_events(bridge, mailbox.user) == ["none_parked", "password_mismatch", "reused"]
+
+
+def test_mail_arriving_while_parked_is_in_the_next_stat(
+    bridge_factory: BridgeFactory, mailbox: Mailbox, engine: str
+) -> None:
+    first_batch = list(numbered_messages(2))
+    mailbox.append(first_batch)
+    bridge = start(bridge_factory, engine)
+    assert stat(bridge, mailbox.user, mailbox.password)[0] == 2
+    sessions_ended(bridge, 1)
+    arrived = list(numbered_messages(3, start=10))
+    mailbox.append(arrived)
+    count, size = stat(bridge, mailbox.user, mailbox.password)
+    assert (count, size) == (5, sum(len(m) for m in first_batch + arrived))
+    assert pool_events(bridge, mailbox.user) == ["none_parked", "reused"]
+
+
+def test_mail_expunged_while_parked_is_gone_from_the_next_session(
+    bridge_factory: BridgeFactory, mailbox: Mailbox, engine: str
+) -> None:
+    uids = mailbox.append(numbered_messages(4)).uids
+    bridge = start(bridge_factory, engine)
+    assert stat(bridge, mailbox.user, mailbox.password)[0] == 4
+    sessions_ended(bridge, 1)
+    with mailbox.observer() as observer:
+        observer.expunge([uids[1]])
+        observer.store_flags([uids[3]], ["\\Deleted"])  # flagged by an IMAP client, not expunged
+    pop = poplib.POP3("127.0.0.1", bridge.port, timeout=30)
+    try:
+        pop.user(mailbox.user)
+        pop.pass_(mailbox.password)
+        listed = [line.split()[1] for line in pop.uidl()[1]]
+        pop.quit()
+    finally:
+        pop.close()
+    with mailbox.observer() as observer:
+        uidvalidity = observer.uidvalidity()
+    assert listed == [f"{uid:08x}{uidvalidity:08x}".encode() for uid in (uids[0], uids[2])]
+    assert pool_events(bridge, mailbox.user) == ["none_parked", "reused"]
+
+
+def test_parked_connection_killed_by_the_server_is_replaced(
+    bridge_factory: BridgeFactory, dovecot: DovecotSandbox, mailbox: Mailbox, engine: str
+) -> None:
+    mailbox.append(numbered_messages(2))
+    bridge = start(bridge_factory, engine)
+    stat(bridge, mailbox.user, mailbox.password)
+    sessions_ended(bridge, 1)
+    dovecot.kick(mailbox.user)
+    mailbox.append(numbered_messages(1, start=5))
+    assert stat(bridge, mailbox.user, mailbox.password)[0] == 3
+    assert pool_events(bridge, mailbox.user)[-1] == "none_parked"
+
+
+def test_per_account_cap_keeps_the_newest_connections(
+    bridge_factory: BridgeFactory, mailbox: Mailbox, engine: str
+) -> None:
+    mailbox.append(numbered_messages(1))
+    bridge = start(bridge_factory, engine, max_per_account=1)
+    # Two devices of one account poll at the same time: two connections come back.
+    phone = poplib.POP3("127.0.0.1", bridge.port, timeout=30)
+    laptop = poplib.POP3("127.0.0.1", bridge.port, timeout=30)
+    try:
+        for pop, login in ((phone, f"{mailbox.user}#phone"), (laptop, f"{mailbox.user}#laptop")):
+            pop.user(login)
+            pop.pass_(mailbox.password)
+        phone.quit()
+        laptop.quit()
+    finally:
+        phone.close()
+        laptop.close()
+    sessions_ended(bridge, 2)
+    wait_until(
+        lambda: any(e.get("reason") == "account_cap" for e in bridge.events() if e.get("event") == "pool_connection_closed"),
+        "a connection logged out for the per-account cap",
+    )
+    assert stat(bridge, f"{mailbox.user}#phone", mailbox.password)[0] == 1
+    assert pool_events(bridge, mailbox.user) == ["none_parked", "none_parked", "reused"]
+
+
+def test_total_cap_logs_out_the_least_recently_used(
+    bridge_factory: BridgeFactory, mailbox_factory: Callable[[], Mailbox], engine: str
+) -> None:
+    boxes = [mailbox_factory() for _ in range(3)]
+    for box in boxes:
+        box.append(numbered_messages(1))
+    bridge = start(bridge_factory, engine, max_connections=2)
+    for number, box in enumerate(boxes, 1):
+        stat(bridge, box.user, box.password)
+        sessions_ended(bridge, number)
+    # boxes[0] parked first, so the third one pushed it out.
+    stat(bridge, boxes[2].user, boxes[2].password)
+    stat(bridge, boxes[0].user, boxes[0].password)
+    assert pool_events(bridge, boxes[2].user) == ["none_parked", "reused"]
+    assert pool_events(bridge, boxes[0].user) == ["none_parked", "none_parked"]
+    assert any(e.get("reason") == "total_cap" for e in bridge.events() if e.get("event") == "pool_connection_closed")
+
+
+def test_parking_off_logs_every_session_in_afresh(
+    bridge_factory: BridgeFactory, mailbox: Mailbox, engine: str
+) -> None:
+    mailbox.append(numbered_messages(1))
+    bridge = start(bridge_factory, engine, park_seconds=0)
+    for number in (1, 2):
+        stat(bridge, mailbox.user, mailbox.password)
+        sessions_ended(bridge, number)
+    assert pool_events(bridge, mailbox.user) == ["none_parked", "none_parked"]
+
+
+def test_upstream_refusing_connections_is_retried_with_growing_waits_then_sys_temp(
+    bridge_factory: BridgeFactory, mailbox: Mailbox, engine: str
+) -> None:
+    # Nothing listens on this port: every connect is refused at once.
+    bridge = bridge_factory(
+        upstream={
+            "engine": engine,
+            "port": free_port(),
+            "timeout_seconds": 2,
+            "reconnect_initial_seconds": 0.05,
+            "reconnect_max_seconds": 0.5,
+        }
+    )
+    pop = poplib.POP3("127.0.0.1", bridge.port, timeout=30)
+    try:
+        pop.user(mailbox.user)
+        with pytest.raises(poplib.error_proto, match=r"-ERR \[SYS/TEMP\]"):
+            pop.pass_(mailbox.password)
+        # The session goes on after the refusal.
+        assert "USER" in pop.capa()
+    finally:
+        pop.close()
+    retries = [e for e in bridge.events() if e.get("event") == "upstream_retry"]
+    waits = [e["wait_seconds"] for e in retries]
+    assert [e["attempt"] for e in retries] == list(range(1, len(retries) + 1))
+    assert len(waits) >= 3
+    # Doubling with jitter in [0.5, 1] of the step: never shorter than the previous wait
+    # until the cap, never above the cap.
+    capped = [w for w in waits if w < 0.25]
+    assert capped == sorted(capped)
+    assert max(waits) <= 0.5
+    assert any(e.get("event") == "upstream_retries_exhausted" for e in bridge.events())
