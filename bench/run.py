@@ -277,6 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--engine", help='set the bridge\'s [upstream] engine (e.g. "trio", "aioimaplib")')
     parser.add_argument("--bridge-toml", default="", help="extra TOML lines for the bridge's [upstream] section")
     parser.add_argument("--skip-memory", action="store_true", help="leave out the bridge memory measurements")
+    parser.add_argument("--keep-workdir", action="store_true", help="keep the servers' files and logs")
     parser.add_argument("--output", type=Path, help="where to write the raw JSON (default: bench/results/)")
     parser.set_defaults(size="full")
     args = parser.parse_args(argv)
@@ -289,14 +290,19 @@ def main(argv: list[str] | None = None) -> int:
     started = dt.datetime.now(dt.UTC)
     machine = machine_description()
     rec = Recorder()
-    with BenchServers(bridge_toml=upstream_toml) as servers:
+    with BenchServers(bridge_toml=upstream_toml, keep_workdir=args.keep_workdir) as servers:
         targets = servers.targets
         accounts = _seed(servers, plan)
         _progress("warm-up")
         _warm_up(targets, accounts, plan)
         run_rounds(targets, accounts, plan, rec)
         if not args.skip_memory:
-            run_memory(servers, accounts, plan, rec)
+            try:
+                run_memory(servers, accounts, plan, rec)
+            except Exception as exc:  # keep the timings measured so far
+                _progress(f"memory measurement failed: {exc}; bridge log tail:")
+                print(servers.bridge.log_path.read_text()[-3000:], file=sys.stderr)
+                rec.add("memory_error", "bridge", str(exc))
     table, verdicts = summarise(rec, plan)
     header = (
         f"{started:%Y-%m-%d}, `bench.run --size {args.size}` ({plan.rounds} rounds), "

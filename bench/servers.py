@@ -29,6 +29,10 @@ _STORE_LIMITS = """
 default_process_limit = 3000
 default_client_limit = 12000
 mail_max_userip_connections = 5000
+# Dovecot's own default for imap is 1024 processes; parked bridge connections count too.
+service imap {
+  process_limit = 3000
+}
 """
 
 
@@ -72,7 +76,9 @@ class BridgeProcess:
         self.config_path = workdir / "bridge.toml"
         self.log_path = workdir / "bridge.log"
         self.config_path.write_text(
+            # Every benchmark client comes from 127.0.0.1: lift the per-address cap too.
             f'[pop3]\nlisten = ["127.0.0.1:{self.port}"]\nmax_connections = 5000\n'
+            f"max_connections_per_address = 5000\n"
             # The store Dovecot runs without TLS: loopback only.
             f'[upstream]\nhost = "127.0.0.1"\nport = {imap_port}\ntls = "none"\n{extra_toml}\n'
             f'[logging]\nlevel = "info"\nformat = "json"\n'

@@ -309,6 +309,8 @@ sasl_mech_list: PLAIN LOGIN
 allowplaintext: yes
 # INBOX is created at a user's first login.
 autocreate_quota: 0
+# Cyrus pauses 3 s after a failed login by default; the wrong-password tests need no pause.
+failedloginpause: 0
 # Personal folders sit next to INBOX ("POP Downloaded", not "INBOX.POP Downloaded") and
 # the separator is "/", as with most deployments.
 altnamespace: yes

@@ -231,6 +231,11 @@ class UpstreamPool:
                 nursery.start_soon(expire)
                 try:
                     await entry.mailbox.keep_alive(entry.stop, keepalive_seconds)
+                except UpstreamError as exc:
+                    # Caught inside the nursery: escaping it, the error would arrive wrapped in
+                    # an ExceptionGroup, which the handlers below do not match (and during a
+                    # shutdown, grouped with Cancelled, it took the whole service down).
+                    error = str(exc)
                 finally:
                     nursery.cancel_scope.cancel()
         except UpstreamError as exc:

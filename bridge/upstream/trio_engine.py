@@ -583,6 +583,15 @@ class TrioImapMailbox:
         except (_Broken, trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             self._break()
             raise UpstreamUnavailable(f"idle: {type(exc).__name__}") from None
+        except BaseExceptionGroup as group:
+            # _idle_once reads inside a nursery, so a broken connection arrives wrapped in a
+            # group; unwrapped here so the pool sees UpstreamError, and a shutdown's
+            # cancellation racing it still unwinds as plain cancellation.
+            self._break()
+            _broken, rest = group.split((_Broken, trio.BrokenResourceError, trio.ClosedResourceError, OSError))
+            if rest is not None:
+                raise rest from None
+            raise UpstreamUnavailable("idle: connection broken") from None
         except BaseException:
             self._break()
             raise

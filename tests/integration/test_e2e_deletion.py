@@ -4,6 +4,7 @@ and nothing other IMAP clients do to the folder is undone or finished by the bri
 from __future__ import annotations
 
 import poplib
+from collections.abc import Callable
 
 import pytest
 
@@ -129,6 +130,42 @@ def test_message_flagged_deleted_by_another_client_is_hidden_and_left_alone(
     # The other client's message is still there, still only flagged: its owner may undo it.
     assert upstream_uids(mailbox) == [uids[1]]
     assert "\\Deleted" in mailbox.observer().flags(uids[1])
+
+
+@pytest.mark.parametrize("engine", ["trio", "aioimaplib"])
+def test_changes_between_sessions_show_in_the_next_session(
+    bridge_factory: Callable[..., ThreadedBridge], mailbox: Mailbox, engine: str
+) -> None:
+    """Between two polls of a device, other IMAP clients deliver, flag \\Deleted and expunge
+    mail. The next session lists exactly what the folder then holds (whether or not the
+    bridge kept its IMAP connection between the sessions)."""
+    bridge = bridge_factory(upstream={"engine": engine})
+    messages = list(numbered_messages(5))
+    uids = mailbox.append(messages).uids
+    with Pop3Client(bridge.port, mailbox.user, mailbox.password) as pop:
+        assert pop.stat()[0] == 5
+        assert pop.quit().startswith(b"+OK")
+    wait_for_event(bridge, "session_end", user=mailbox.user)
+
+    observer = mailbox.observer()
+    observer.store_flags([uids[1]], ["\\Deleted"])
+    observer.expunge([uids[3]])
+    observer.store_flags([uids[4]], ["\\Seen", "\\Flagged"])
+    new = list(numbered_messages(2, start=50))
+    new_uids = mailbox.append(new).uids
+
+    expected = [(uids[0], messages[0]), (uids[2], messages[2]), (uids[4], messages[4])]
+    expected += list(zip(new_uids, new, strict=True))
+    uidvalidity = observer.uidvalidity()
+    with Pop3Client(bridge.port, mailbox.user, mailbox.password) as pop:
+        assert pop.stat() == (len(expected), sum(len(m) for _, m in expected))
+        _, lines, _ = pop.uidl()
+        assert lines == [
+            b"%d %08x%08x" % (n, uid, uidvalidity) for n, (uid, _) in enumerate(expected, 1)
+        ]
+        for n, (_, original) in enumerate(expected, 1):
+            assert poplib_payload(pop.retr(n)[1]) == original
+        assert pop.quit().startswith(b"+OK")
 
 
 def test_message_expunged_mid_session_gives_err_and_session_goes_on(

@@ -15,7 +15,7 @@ import pytest
 
 from bridge.sandbox import DovecotSandbox, ImapObserver, Mailbox, big_message, numbered_messages
 from tests.faultproxy import Fault, FaultProxy
-from tests.harness import RawPop3, ThreadedBridge, bridge_settings, pop3_unstuff, retr_payload
+from tests.harness import RawPop3, ThreadedBridge, bridge_settings, pop3_unstuff, retr_payload, wait_until
 
 # The socket timeout only keeps a broken test from hanging; the behaviour under test is
 # the bridge answering (or closing) first.
@@ -405,3 +405,33 @@ def test_refused_connections_get_sys_temp_and_the_next_login_works(
     rig.proxy.disarm()
     with rig.client(mailbox) as raw:
         assert raw.command(b"STAT").startswith(b"+OK 1 ")
+
+
+# -- parked connections (bridge.upstream.pool) ----------------------------------------------
+
+
+@pytest.mark.parametrize("action", ["cut", "reset"])
+def test_parked_connection_broken_by_the_network(
+    rig_factory: Callable[..., Rig], mailbox: Mailbox, action: str
+) -> None:
+    messages = list(numbered_messages(2))
+    mailbox.append(messages)
+    rig = rig_factory()
+    for _round in range(2):
+        with rig.client(mailbox) as raw:
+            assert raw.command(b"STAT").startswith(b"+OK 2 ")
+            assert raw.command(b"QUIT").startswith(b"+OK")
+        # Whatever the bridge kept open for the account's next session dies now.
+        rig.proxy.arm(Fault(action, existing=True))  # type: ignore[arg-type]
+        wait_until(lambda: not rig.proxy.live_connections(), "the parked connection to be cut")
+        with rig.client(mailbox) as raw:
+            status, body = raw.command_multiline(b"RETR 2")
+            assert status.startswith(b"+OK")
+            assert pop3_unstuff(body) == retr_payload(messages[1])
+            assert raw.command(b"QUIT").startswith(b"+OK")
+    # The service survives the broken connection, and stops cleanly (the fixture's stop()
+    # raises if the bridge crashed), even when the break and the shutdown coincide.
+    rig.proxy.cut_all()
+    rig.bridge.stop()
+    # A parked connection that breaks is routine, not an error.
+    assert [e["event"] for e in rig.bridge.events() if e.get("level") in ("error", "critical")] == []
