@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import secrets
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 
@@ -54,7 +54,9 @@ _log = get_logger()
 _RECEIVE_SIZE = 65536
 # Replies go out in pieces of this size, each within pop3.send_timeout_seconds: the timeout
 # measures a client that stops reading, not a slow link taking long over a big message.
-_SEND_PIECE = 16384
+_SEND_PIECE = 65536
+# At most this many messages are fetched in one read-ahead round trip.
+_READAHEAD_MESSAGES = 64
 
 
 def unique_id(uidvalidity: int, uid: int) -> str:
@@ -139,6 +141,11 @@ class Pop3Session:
         self._deadline = math.inf  # pop3.session_timeout_seconds, set when the session starts
         self._mailbox: UpstreamMailbox | None = None
         self._view: MaildropView | None = None
+        self._maildrop: Maildrop | None = None
+        # Read-ahead for clients downloading small messages in order (bridge.session
+        # _first_chunk): UID -> whole message, at most upstream.fetch_chunk bytes in all.
+        self._readahead: dict[int, bytes] = {}
+        self._last_retrieved = 0
         self._exits = ExitStack()
         self.session_id = secrets.token_hex(6)
 
@@ -330,9 +337,8 @@ class Pop3Session:
             mechanism=request.mechanism,
             tls=core.tls_active,
         )
-        return core.accept_login(
-            maildrop_from_snapshot(snapshot), extra_capabilities=[expire_capability(self._settings, identity)]
-        )
+        self._maildrop = maildrop_from_snapshot(snapshot)
+        return core.accept_login(self._maildrop, extra_capabilities=[expire_capability(self._settings, identity)])
 
     async def _retrieve(self, request: RetrieveRequest) -> None:
         core = self._core
@@ -343,7 +349,7 @@ class Pop3Session:
         command = "RETR" if request.body_lines is None else "TOP"
         with self._timed(command) as timing:
             try:
-                data = await mailbox.fetch_range(entry.ref, 0, min(chunk, entry.size)) if entry.size else b""
+                data = await self._first_chunk(request)
             except MessageGone:
                 _log.info("message_gone", uid=entry.ref, number=request.number)
                 timing.value = "err"
@@ -355,25 +361,120 @@ class Pop3Session:
                 await self._send(core.refuse_message("mail server unavailable, try again later", ResponseCode.SYS_TEMP))
                 return
             await self._send(core.start_message())
-            encoder = core.message_body_encoder()
-            offset = 0
-            while True:
-                out = encoder.feed(data)
-                if out:
-                    await self._send(out)
-                offset += len(data)
-                if encoder.done or offset >= entry.size or not data:
+            if request.body_lines is not None:
+                # TOP usually ends within the first chunk; fetching further ahead would waste
+                # a round trip, and cancelling a fetch half-way would break the connection.
+                async def next_chunk(offset: int) -> bytes:
+                    return await mailbox.fetch_range(entry.ref, offset, min(chunk, entry.size - offset))
+
+                await self._stream_body(request, data, next_chunk)
+                core.end_message()
+                return
+            # RETR: the next chunk is fetched while this one goes to the client (at most one
+            # chunk ahead, so memory stays flat): the two round trips overlap.
+            failure: BaseException | None = None
+            async with trio.open_nursery() as nursery:
+                ahead_send, ahead_receive = trio.open_memory_channel[bytes | Exception](0)
+                nursery.start_soon(self._fetch_ahead, mailbox, entry, len(data), ahead_send)
+
+                async def next_ahead(offset: int) -> bytes:
+                    try:
+                        item = await ahead_receive.receive()
+                    except trio.EndOfChannel:
+                        return b""
+                    if isinstance(item, Exception):
+                        raise item
+                    return item
+
+                try:
+                    await self._stream_body(request, data, next_ahead)
+                except BaseException as exc:  # re-raised below, outside the nursery
+                    failure = exc
+                nursery.cancel_scope.cancel()
+            if failure is not None:
+                raise failure
+            core.end_message()
+
+    def _readahead_batch(self, number: int) -> list[MaildropEntry]:
+        """This message and the next small, not deleted ones, up to fetch_chunk bytes."""
+        assert self._maildrop is not None
+        budget = self._settings.upstream.fetch_chunk
+        batch: list[MaildropEntry] = []
+        while len(batch) < _READAHEAD_MESSAGES:
+            found = self._maildrop.lookup(number)
+            number += 1
+            if not isinstance(found, MaildropEntry):
+                if number > len(self._maildrop):
                     break
+                continue
+            if found.size > budget // 4 or found.size > budget - sum(e.size for e in batch):
+                break
+            batch.append(found)
+        return batch
+
+    async def _first_chunk(self, request: RetrieveRequest) -> bytes:
+        """The first piece of a message: from the read-ahead, or one batched FETCH of this
+        and the following small messages when the client reads them in order (POP3 clients
+        download 1, 2, 3, ...: one upstream round trip then serves many RETRs), else a
+        partial FETCH of the first chunk. Raises MessageGone."""
+        assert self._mailbox is not None
+        entry = request.entry
+        sequential = request.number == self._last_retrieved + 1
+        self._last_retrieved = request.number
+        if not entry.size:
+            return b""
+        cached = self._readahead.pop(entry.ref, None)
+        if cached is not None:
+            return cached
+        if request.body_lines is None and sequential:
+            batch = self._readahead_batch(request.number)
+            if len(batch) > 1 and batch[0] is entry:
+                found = await self._mailbox.fetch_messages([e.ref for e in batch])
+                self._readahead = {e.ref: found[e.ref] for e in batch[1:] if len(found.get(e.ref, b"")) == e.size}
+                if entry.ref not in found:
+                    raise MessageGone(f"UID {entry.ref} no longer exists")
+                return found[entry.ref]
+        return await self._mailbox.fetch_range(entry.ref, 0, min(self._settings.upstream.fetch_chunk, entry.size))
+
+    async def _fetch_ahead(
+        self, mailbox: UpstreamMailbox, entry: MaildropEntry, offset: int,
+        channel: trio.MemorySendChannel[bytes | Exception],
+    ) -> None:
+        chunk = self._settings.upstream.fetch_chunk
+        async with channel:
+            while offset < entry.size:
                 try:
                     data = await mailbox.fetch_range(entry.ref, offset, min(chunk, entry.size - offset))
                 except (MessageGone, UpstreamError) as exc:
-                    # Part of the body is out; a terminator now would pass off a truncated
-                    # message as whole. Dropping the connection is the only honest answer.
-                    core.abort_message()
-                    _log.warning("retrieve_aborted", uid=entry.ref, offset=offset, error=type(exc).__name__)
-                    raise _EndSession("upstream_failed_mid_message") from None
-            await self._send(encoder.finish())
-            core.end_message()
+                    await channel.send(exc)
+                    return
+                await channel.send(data)
+                if not data:
+                    return
+                offset += len(data)
+
+    async def _stream_body(
+        self, request: RetrieveRequest, data: bytes, next_chunk: Callable[[int], Awaitable[bytes]]
+    ) -> None:
+        core, entry = self._core, request.entry
+        encoder = core.message_body_encoder()
+        offset = 0
+        while True:
+            out = encoder.feed(data)
+            if out:
+                await self._send(out)
+            offset += len(data)
+            if encoder.done or offset >= entry.size or not data:
+                break
+            try:
+                data = await next_chunk(offset)
+            except (MessageGone, UpstreamError) as exc:
+                # Part of the body is out; a terminator now would pass off a truncated
+                # message as whole. Dropping the connection is the only honest answer.
+                core.abort_message()
+                _log.warning("retrieve_aborted", uid=entry.ref, offset=offset, error=type(exc).__name__)
+                raise _EndSession("upstream_failed_mid_message") from None
+        await self._send(encoder.finish())
 
     async def _commit(self, request: CommitRequest) -> tuple[bytes, str]:
         core = self._core

@@ -441,12 +441,20 @@ class AioImapMailbox:
         return imap_syntax.parse_search(list(response.lines))
 
     async def fetch_texts(self, folder: str, uids: Sequence[int]) -> dict[int, bytes]:
+        return await self._fetch_sections(folder, uids, "TEXT")
+
+    async def fetch_messages(self, uids: Sequence[int]) -> dict[int, bytes]:
+        return await self._fetch_sections(self._settings.mailbox, uids, "")
+
+    async def _fetch_sections(self, folder: str, uids: Sequence[int], section: str) -> dict[int, bytes]:
         if not uids:
             return {}
         await self._ensure_selected(folder)
         found: dict[int, bytes] = {}
         for piece in chunked_uid_sets(uids):
-            response = await self._checked("fetch", self._protocol.fetch, piece, "(UID BODY.PEEK[TEXT])", by_uid=True)
+            response = await self._checked(
+                "fetch", self._protocol.fetch, piece, f"(UID BODY.PEEK[{section}])", by_uid=True
+            )
             for uid, _line, data in imap_syntax.iter_fetch_literals(list(response.lines)):
                 if uid is not None:
                     found[uid] = data

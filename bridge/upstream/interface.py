@@ -87,6 +87,11 @@ class UpstreamMailbox(Protocol):
         """BODY[TEXT] of small messages (state records), by UID."""
         ...
 
+    async def fetch_messages(self, uids: Sequence[int]) -> dict[int, bytes]:
+        """Whole small maildrop messages (BODY.PEEK[]) by UID, in one round trip; UIDs that
+        no longer exist are absent from the result."""
+        ...
+
     async def delete_in(self, folder: str, uids: Sequence[int]) -> None:
         """`delete` for another folder than the maildrop."""
         ...

@@ -298,6 +298,9 @@ class PooledMailbox:
     async def fetch_texts(self, folder: str, uids: Sequence[int]) -> dict[int, bytes]:
         return await self.mailbox.fetch_texts(folder, uids)
 
+    async def fetch_messages(self, uids: Sequence[int]) -> dict[int, bytes]:
+        return await self.mailbox.fetch_messages(uids)
+
     async def delete_in(self, folder: str, uids: Sequence[int]) -> None:
         await self.mailbox.delete_in(folder, uids)
 

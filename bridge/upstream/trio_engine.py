@@ -184,6 +184,13 @@ class _Listing:
     def complete(self) -> bool:
         return all(uid is not None and uid in self.info for uid in self.by_sequence)
 
+    def first_missing(self) -> int | None:
+        """The sequence number of the first message not listed yet (None: all are)."""
+        for number, uid in enumerate(self.by_sequence, 1):
+            if uid is None or uid not in self.info:
+                return number
+        return None
+
     def snapshot(self, uidvalidity: int) -> MailboxSnapshot:
         messages = [MessageInfo(uid, size) for uid, (size, deleted) in self.info.items() if not deleted]
         messages.sort(key=lambda info: info.uid)
@@ -505,6 +512,14 @@ class TrioImapMailbox:
         self._listing_modseq = self._highest_modseq if self._condstore else None
         if self._exists:
             await self._checked("listing", b"UID FETCH 1:* (UID RFC822.SIZE FLAGS)")
+        # Mail delivered while the listing ran is announced by an EXISTS after the FETCH:
+        # list those messages too instead of failing the login (a few rounds only, since
+        # delivery may go on).
+        for _round in range(3):
+            missing = listing.first_missing()
+            if missing is None or not listing.consistent:
+                break
+            await self._checked("listing", b"FETCH %d:* (UID RFC822.SIZE FLAGS)" % missing)
         if not listing.complete():
             self._listing = None
             raise UpstreamError("listing: server did not list every message")
@@ -722,6 +737,12 @@ class TrioImapMailbox:
         return found
 
     async def fetch_texts(self, folder: str, uids: Sequence[int]) -> dict[int, bytes]:
+        return await self._fetch_sections(folder, uids, b"TEXT")
+
+    async def fetch_messages(self, uids: Sequence[int]) -> dict[int, bytes]:
+        return await self._fetch_sections(self._settings.mailbox, uids, b"")
+
+    async def _fetch_sections(self, folder: str, uids: Sequence[int], section: bytes) -> dict[int, bytes]:
         if not uids:
             return {}
         found: dict[int, bytes] = {}
@@ -729,7 +750,7 @@ class TrioImapMailbox:
             await self._ensure_selected(folder)
             for piece in chunked_uid_sets(uids):
                 collected = await self._checked(
-                    "fetch", b"UID FETCH %s (UID BODY.PEEK[TEXT])" % piece.encode(), collect=True
+                    "fetch", b"UID FETCH %s (UID BODY.PEEK[%s])" % (piece.encode(), section), collect=True
                 )
                 for response in collected:
                     uid = _UID.search(response.text)

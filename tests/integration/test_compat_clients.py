@@ -124,9 +124,13 @@ def run_getmail(home: Path, port: int, box: Mailbox, *, tls: bool, ca_file: str,
         f"[retriever]\ntype = {retriever}\nserver = 127.0.0.1\nport = {port}\n"
         f"username = {box.user}\npassword = {box.password}\n{tls_lines}"
         # An external MDA writes each message to its own file; getmail refuses to deliver to a
-        # Maildir as root, and allow_root_commands lets the MDA run in CI (root).
+        # Maildir as root, and allow_root_commands lets the MDA run in CI (root). getmail 6.18
+        # installs its SIGCHLD handler only after fork(), so a delivery child that exits before
+        # the parent gets there is never noticed (getmail then fails after its 180 s timeout):
+        # the MDA lingers a moment after writing to close that window on a loaded machine.
         f"[destination]\ntype = MDA_external\npath = /bin/sh\n"
-        f'arguments = ("-c", "cat > $(mktemp {delivered}/msg.XXXXXXXX)")\nallow_root_commands = true\n'
+        f'arguments = ("-c", "cat > $(mktemp {delivered}/msg.XXXXXXXX); sleep 0.2")\n'
+        f"allow_root_commands = true\n"
         f"[options]\ndelete = {str(delete).lower()}\nread_all = true\ndelivered_to = false\n"
         f"received = false\nverbose = 0\n"
     )

@@ -435,3 +435,26 @@ def test_parked_connection_broken_by_the_network(
     rig.bridge.stop()
     # A parked connection that breaks is routine, not an error.
     assert [e["event"] for e in rig.bridge.events() if e.get("level") in ("error", "critical")] == []
+
+
+def test_mail_arriving_while_the_maildrop_is_listed(rig_factory: Callable[..., Rig], mailbox: Mailbox) -> None:
+    """Delivery between SELECT and the listing: the server announces the new message (EXISTS)
+    after the listing's answer. Found by the soak test: logins failed with [SYS/TEMP]."""
+    messages = list(numbered_messages(3))
+    mailbox.append(messages[:2])
+    rig = rig_factory()
+    # Hold the listing command until the new message is in.
+    fault = rig.proxy.arm(Fault("stall", on_command=b"FETCH 1:*"))
+    with rig.client(mailbox, login=False) as raw:
+        assert raw.command(b"USER " + mailbox.user.encode()).startswith(b"+OK")
+        raw.send(b"PASS " + mailbox.password.encode() + b"\r\n")
+        assert fault.fired.wait(30)
+        mailbox.append(messages[2:])
+        rig.proxy.release()
+        assert raw.status().startswith(b"+OK")
+        count = int(raw.command(b"STAT").split()[1])
+        assert count in (2, 3)
+        for n in range(1, count + 1):
+            status, body = raw.command_multiline(b"RETR %d" % n)
+            assert pop3_unstuff(body) == retr_payload(messages[n - 1])
+        assert raw.command(b"QUIT").startswith(b"+OK")
