@@ -258,6 +258,9 @@ class AioImapMailbox:
         self._broken = False
         self._capabilities: frozenset[str] = frozenset(c.upper() for c in protocol.capabilities)
         self._selected: str | None = None
+        # The maildrop's UIDVALIDITY at the last snapshot: the session's UIDs mean something
+        # only within it.
+        self._snapshot_uidvalidity: int | None = None
 
     @property
     def capabilities(self) -> frozenset[str]:
@@ -360,7 +363,20 @@ class AioImapMailbox:
                 seen.add(uid)
                 messages.append(MessageInfo(uid, size))
             messages.sort(key=lambda info: info.uid)
+        self._snapshot_uidvalidity = uidvalidity
         return MailboxSnapshot(uidvalidity=uidvalidity, messages=tuple(messages))
+
+    async def _confirm_maildrop(self) -> None:
+        """Select the maildrop afresh before changing it by UID, and make sure it is still the
+        folder the snapshot was taken in: a server may keep a session's view of a folder that
+        another client deleted and recreated (Dovecot 2.3 does) and apply the old UIDs to the
+        new folder's messages. Only a new SELECT reads the folder as it is now."""
+        selected = await self._select(self._settings.mailbox)
+        if (
+            self._snapshot_uidvalidity is not None
+            and imap_syntax.find_uidvalidity(selected.lines) != self._snapshot_uidvalidity
+        ):
+            raise UpstreamError("maildrop UIDVALIDITY changed since the session's snapshot")
 
     async def fetch_range(self, uid: int, offset: int, length: int) -> bytes:
         await self._ensure_selected(self._settings.mailbox)
@@ -390,12 +406,12 @@ class AioImapMailbox:
 
     async def delete(self, uids: Sequence[int]) -> None:
         if uids:
-            await self._ensure_selected(self._settings.mailbox)
+            await self._confirm_maildrop()
             await self._remove_selected(uids)
 
     async def add_flags(self, uids: Sequence[int], flags: str) -> None:
         if uids:
-            await self._ensure_selected(self._settings.mailbox)
+            await self._confirm_maildrop()
             for piece in chunked_uid_sets(uids):
                 await self._checked("store", self._protocol.store, piece, "+FLAGS.SILENT", f"({flags})", by_uid=True)
 
@@ -403,7 +419,7 @@ class AioImapMailbox:
         if not uids:
             return
         await self.ensure_folder(folder)
-        await self._ensure_selected(self._settings.mailbox)
+        await self._confirm_maildrop()
         target = _wire_name(folder)
         if "MOVE" in self.capabilities:
             for piece in chunked_uid_sets(uids):

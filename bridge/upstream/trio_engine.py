@@ -211,6 +211,9 @@ class TrioImapMailbox:
         self._exists = 0
         self._uidvalidity: int | None = None
         self._highest_modseq: int | None = None
+        # The maildrop's UIDVALIDITY when the last snapshot was taken: the session's UIDs mean
+        # something only within it.
+        self._snapshot_uidvalidity: int | None = None
         # The warm listing, valid only while the maildrop stays selected.
         self._listing: _Listing | None = None
         self._listing_modseq: int | None = None
@@ -500,6 +503,14 @@ class TrioImapMailbox:
     async def _ensure_selected(self, folder: str) -> None:
         if self._selected != folder:
             await self._select(folder)
+            if (
+                folder == self._settings.mailbox
+                and self._snapshot_uidvalidity is not None
+                and self._uidvalidity != self._snapshot_uidvalidity
+            ):
+                # The folder was recreated since the snapshot: its UIDs now name other
+                # messages, which must be neither served nor deleted in the old ones' place.
+                raise UpstreamError("maildrop UIDVALIDITY changed since the session's snapshot")
 
     async def _full_listing(self) -> None:
         await self._select(self._settings.mailbox)
@@ -569,6 +580,7 @@ class TrioImapMailbox:
             if not (warm and await self._refresh_listing()):
                 await self._full_listing()
             assert self._listing is not None and self._uidvalidity is not None
+            self._snapshot_uidvalidity = self._uidvalidity
             return self._listing.snapshot(self._uidvalidity)
 
     # -- parking (bridge.upstream.pool) ---------------------------------------------------------
@@ -675,16 +687,28 @@ class TrioImapMailbox:
         # Without UIDPLUS a plain EXPUNGE would also remove messages other clients flagged;
         # the messages stay flagged \Deleted (README, "Deletion, exactly").
 
+    async def _confirm_maildrop(self) -> None:
+        """Select the maildrop afresh and make sure it is still the folder the session's
+        snapshot was taken in, before changing anything in it by UID. A server may keep a
+        session's view of a folder that another client deleted and recreated (Dovecot 2.3
+        does: NOOP, STATUS and UIDVALIDITY stay the old ones) and then apply the old UIDs
+        to the new folder's messages; only a new SELECT reads the folder as it is now. The
+        price is one SELECT per QUIT that changes something (the warm listing is rebuilt at
+        the next snapshot)."""
+        await self._select(self._settings.mailbox)
+        if self._snapshot_uidvalidity is not None and self._uidvalidity != self._snapshot_uidvalidity:
+            raise UpstreamError("maildrop UIDVALIDITY changed since the session's snapshot")
+
     async def delete(self, uids: Sequence[int]) -> None:
         if uids:
             async with self._lock:
-                await self._ensure_selected(self._settings.mailbox)
+                await self._confirm_maildrop()
                 await self._remove_selected(uids)
 
     async def add_flags(self, uids: Sequence[int], flags: str) -> None:
         if uids:
             async with self._lock:
-                await self._ensure_selected(self._settings.mailbox)
+                await self._confirm_maildrop()
                 for piece in chunked_uid_sets(uids):
                     await self._checked("store", f"UID STORE {piece} +FLAGS.SILENT ({flags})".encode())
 
@@ -694,7 +718,7 @@ class TrioImapMailbox:
         await self.ensure_folder(folder)
         target = _wire_name(folder).encode("ascii")
         async with self._lock:
-            await self._ensure_selected(self._settings.mailbox)
+            await self._confirm_maildrop()
             if "MOVE" in self.capabilities:
                 for piece in chunked_uid_sets(uids):
                     await self._checked("move", b"UID MOVE " + piece.encode() + b" " + target)

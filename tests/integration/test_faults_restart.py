@@ -15,7 +15,14 @@ from collections.abc import Iterator
 import pytest
 
 from bridge.sandbox import DovecotSandbox, Mailbox, numbered_messages
-from tests.harness import RawPop3, ThreadedBridge, bridge_settings, pop3_unstuff, retr_payload
+from tests.harness import (
+    RawPop3,
+    ThreadedBridge,
+    bridge_settings,
+    pop3_unstuff,
+    retr_payload,
+    wait_for_event,
+)
 
 TEMP = b"-ERR [SYS/TEMP]"
 CLIENT_TIMEOUT = 60.0
@@ -69,8 +76,9 @@ def test_server_restarted_between_sessions(restartable_dovecot: DovecotSandbox, 
     box.append(messages)
     bodies, uidls = poll_all(restart_bridge, box)
     assert bodies == [retr_payload(m) for m in messages]
-
-    # The first session's connection may be parked in the pool: the restart kills it.
+    # The first session's connection is parked for the account's next session (the pool):
+    # the restart kills it under the bridge's feet.
+    wait_for_event(restart_bridge, "pool_parked")
     restartable_dovecot.restart()
     assert poll_all(restart_bridge, box) == (bodies, uidls)
     # Twice, so a connection parked after the restart is reused, too.

@@ -15,7 +15,14 @@ import pytest
 
 from bridge.sandbox import DovecotSandbox, ImapObserver, Mailbox, big_message, numbered_messages
 from tests.faultproxy import Fault, FaultProxy
-from tests.harness import RawPop3, ThreadedBridge, bridge_settings, pop3_unstuff, retr_payload, wait_until
+from tests.harness import (
+    RawPop3,
+    ThreadedBridge,
+    bridge_settings,
+    pop3_unstuff,
+    retr_payload,
+    wait_until,
+)
 
 # The socket timeout only keeps a broken test from hanging; the behaviour under test is
 # the bridge answering (or closing) first.
