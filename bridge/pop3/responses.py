@@ -51,10 +51,19 @@ def continuation(challenge: bytes = b"") -> bytes:
 
 def multiline(text: str, lines: Iterable[str]) -> bytes:
     """``+OK text``, one line per item, then the terminating ``.`` line."""
-    parts = [ok(text)]
-    for line in lines:
-        data = _encode(line)
-        # Listing lines follow the same byte-stuffing rule as message bodies.
-        parts.append(b"." + data + CRLF if data[:1] == b"." else data + CRLF)
-    parts.append(b"." + CRLF)
-    return b"".join(parts)
+    items = list(lines)
+    if not items:
+        return ok(text) + b"." + CRLF
+    # Checked and encoded as one string, not line by line: a 5,000-message LIST or UIDL
+    # is built on every poll.
+    body = "\n".join(items)
+    if body.count("\n") != len(items) - 1:
+        raise ValueError("a listing line must not contain a line break")
+    if not body.isascii() or not body.replace("\n", " ").isprintable():
+        raise ValueError("response text must be printable ASCII on one line")
+    data = body.encode("ascii")
+    # Listing lines follow the same byte-stuffing rule as message bodies.
+    data = data.replace(b"\n.", b"\n..")
+    if data[:1] == b".":
+        data = b"." + data
+    return ok(text) + data.replace(b"\n", CRLF) + CRLF + b"." + CRLF
