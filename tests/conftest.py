@@ -26,37 +26,49 @@ poplib._MAXLINE = 1024 * 1024
 _kept_workdirs = pytest.StashKey[list[Path]]()
 
 
-@pytest.fixture(scope="session")
-def dovecot(request: pytest.FixtureRequest) -> Iterator[DovecotSandbox]:
-    """One Dovecot (IMAP + POP3 on free loopback ports) for the whole test run."""
-    # Not tmp_path_factory: as root its base (/tmp/pytest-of-root) is mode 0700,
-    # which Dovecot's unprivileged mail processes cannot get through.
-    workdir = Path(tempfile.mkdtemp(prefix="bridge-dovecot-"))
-    sandbox = DovecotSandbox(workdir)
+@contextlib.contextmanager
+def running_sandbox(
+    make: Callable[[Path], DovecotSandbox | CyrusSandbox], prefix: str, request: pytest.FixtureRequest | None = None
+) -> Iterator[DovecotSandbox | CyrusSandbox]:
+    """A private server in a fresh temp dir, started, and stopped and removed afterwards.
+
+    Not tmp_path_factory: as root its base (/tmp/pytest-of-root) is mode 0700, which the
+    servers' unprivileged processes cannot get through. With `request`, a failed run keeps
+    the directory (its log) for whoever investigates.
+    """
+    workdir = Path(tempfile.mkdtemp(prefix=prefix))
+    sandbox = make(workdir)
     try:
         sandbox.start()
         yield sandbox
     finally:
         sandbox.stop()
-        if request.session.testsfailed:
-            # Keep Dovecot's log for whoever investigates the failure.
+        if request is not None and request.session.testsfailed:
             request.config.stash.setdefault(_kept_workdirs, []).append(workdir)
         else:
             shutil.rmtree(workdir, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
+def dovecot(request: pytest.FixtureRequest) -> Iterator[DovecotSandbox]:
+    """One Dovecot (IMAP + POP3 on free loopback ports) for the whole test run."""
+    with running_sandbox(DovecotSandbox, "bridge-dovecot-", request) as sandbox:
+        yield sandbox
+
+
+@pytest.fixture
+def own_dovecot() -> Iterator[DovecotSandbox]:
+    """A private Dovecot for tests that stop, restart or break it (the session's must live on)."""
+    with running_sandbox(DovecotSandbox, "bridge-dovecot-own-") as sandbox:
+        yield sandbox
+
+
+@pytest.fixture(scope="session")
 def cyrus() -> Iterator[CyrusSandbox]:
     """One Cyrus IMAP (Debian cyrus-imapd) on a free loopback port, for the compatibility
     tests that re-run against every supported upstream (tests/integration/test_compat_*)."""
-    workdir = Path(tempfile.mkdtemp(prefix="bridge-cyrus-"))
-    sandbox = CyrusSandbox(workdir)
-    try:
-        sandbox.start()
+    with running_sandbox(CyrusSandbox, "bridge-cyrus-") as sandbox:
         yield sandbox
-    finally:
-        sandbox.stop()
-        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
@@ -157,11 +169,9 @@ def tls_files() -> Iterator[TlsFiles]:
 def tls_dovecot(tls_files: TlsFiles) -> Iterator[DovecotSandbox]:
     """A Dovecot with STARTTLS on its IMAP port and IMAPS on ``imaps_port``, its certificate
     naming 127.0.0.1 only (so "localhost" is a host-name mismatch)."""
-    workdir = Path(tempfile.mkdtemp(prefix="bridge-dovecot-tls-"))
-    sandbox = DovecotSandbox(workdir, tls_cert=tls_files.upstream_cert, tls_key=tls_files.upstream_key)
-    try:
-        sandbox.start()
+
+    def make(workdir: Path) -> DovecotSandbox:
+        return DovecotSandbox(workdir, tls_cert=tls_files.upstream_cert, tls_key=tls_files.upstream_key)
+
+    with running_sandbox(make, "bridge-dovecot-tls-") as sandbox:
         yield sandbox
-    finally:
-        sandbox.stop()
-        shutil.rmtree(workdir, ignore_errors=True)

@@ -8,8 +8,6 @@ These tests own their Dovecot: stopping the session-wide one would break every o
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from collections.abc import Iterator
 
 import pytest
@@ -29,21 +27,9 @@ CLIENT_TIMEOUT = 60.0
 
 
 @pytest.fixture
-def restartable_dovecot() -> Iterator[DovecotSandbox]:
-    workdir = tempfile.mkdtemp(prefix="bridge-dovecot-restart-")
-    sandbox = DovecotSandbox(workdir)
-    try:
-        sandbox.start()
-        yield sandbox
-    finally:
-        sandbox.stop()
-        shutil.rmtree(workdir, ignore_errors=True)
-
-
-@pytest.fixture
-def restart_bridge(restartable_dovecot: DovecotSandbox) -> Iterator[ThreadedBridge]:
+def restart_bridge(own_dovecot: DovecotSandbox) -> Iterator[ThreadedBridge]:
     # A short timeout: a connection that died with the server must not hold anyone long.
-    bridge = ThreadedBridge(bridge_settings(restartable_dovecot.imap_port, upstream={"timeout_seconds": 5})).start()
+    bridge = ThreadedBridge(bridge_settings(own_dovecot.imap_port, upstream={"timeout_seconds": 5})).start()
     try:
         yield bridge
     finally:
@@ -70,8 +56,8 @@ def poll_all(bridge: ThreadedBridge, box: Mailbox) -> tuple[list[bytes], list[by
     return bodies, uidls
 
 
-def test_server_restarted_between_sessions(restartable_dovecot: DovecotSandbox, restart_bridge: ThreadedBridge) -> None:
-    box = restartable_dovecot.new_mailbox()
+def test_server_restarted_between_sessions(own_dovecot: DovecotSandbox, restart_bridge: ThreadedBridge) -> None:
+    box = own_dovecot.new_mailbox()
     messages = list(numbered_messages(3))
     box.append(messages)
     bodies, uidls = poll_all(restart_bridge, box)
@@ -79,18 +65,18 @@ def test_server_restarted_between_sessions(restartable_dovecot: DovecotSandbox, 
     # The first session's connection is parked for the account's next session (the pool):
     # the restart kills it under the bridge's feet.
     wait_for_event(restart_bridge, "pool_parked")
-    restartable_dovecot.restart()
+    own_dovecot.restart()
     assert poll_all(restart_bridge, box) == (bodies, uidls)
     # Twice, so a connection parked after the restart is reused, too.
     assert poll_all(restart_bridge, box) == (bodies, uidls)
 
 
-def test_server_down_then_back(restartable_dovecot: DovecotSandbox, restart_bridge: ThreadedBridge) -> None:
-    box = restartable_dovecot.new_mailbox()
+def test_server_down_then_back(own_dovecot: DovecotSandbox, restart_bridge: ThreadedBridge) -> None:
+    box = own_dovecot.new_mailbox()
     messages = list(numbered_messages(2))
     box.append(messages)
     bodies, uidls = poll_all(restart_bridge, box)
-    restartable_dovecot.stop()
+    own_dovecot.stop()
     try:
         with RawPop3("127.0.0.1", restart_bridge.port, timeout=CLIENT_TIMEOUT) as raw:
             assert raw.command(b"USER " + box.user.encode()).startswith(b"+OK")
@@ -106,19 +92,19 @@ def test_server_down_then_back(restartable_dovecot: DovecotSandbox, restart_brid
             else:
                 assert reply.startswith(TEMP)
     finally:
-        restartable_dovecot.start()
+        own_dovecot.start()
     assert poll_all(restart_bridge, box) == (bodies, uidls)
 
 
-def test_server_restarted_during_a_session(restartable_dovecot: DovecotSandbox, restart_bridge: ThreadedBridge) -> None:
-    box = restartable_dovecot.new_mailbox()
+def test_server_restarted_during_a_session(own_dovecot: DovecotSandbox, restart_bridge: ThreadedBridge) -> None:
+    box = own_dovecot.new_mailbox()
     messages = list(numbered_messages(3))
     uids = box.append(messages).uids
     with client(restart_bridge, box) as raw:
         status, body = raw.command_multiline(b"RETR 1")
         assert pop3_unstuff(body) == retr_payload(messages[0])
         assert raw.command(b"DELE 1").startswith(b"+OK")
-        restartable_dovecot.restart()
+        own_dovecot.restart()
         # The session's connection died with the server. Whether the bridge reconnects or
         # reports the failure, the answer comes, and it is never a wrong message.
         status, body = raw.command_multiline(b"RETR 2")

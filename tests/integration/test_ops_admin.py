@@ -3,31 +3,13 @@ precise HTTP answers, and the listener is off unless configured."""
 
 from __future__ import annotations
 
-import shutil
 import socket
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
-
-import pytest
 
 from bridge.admin import MAX_REQUEST_HEAD
 from bridge.sandbox import DovecotSandbox, Mailbox
 from tests.harness import SubprocessBridge, free_port
 from tests.integration.ops_support import http_get
-
-
-@pytest.fixture
-def own_dovecot() -> Iterator[DovecotSandbox]:
-    """A private Dovecot this test may stop and start (the session's one must live on)."""
-    workdir = tempfile.mkdtemp(prefix="bridge-dovecot-ops-")
-    sandbox = DovecotSandbox(workdir)
-    try:
-        sandbox.start()
-        yield sandbox
-    finally:
-        sandbox.stop()
-        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def _admin_bridge(tmp_path: Path, imap_port: int) -> tuple[SubprocessBridge, int]:

@@ -11,7 +11,7 @@ import poplib
 import shutil
 import socket
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import psutil
@@ -38,19 +38,6 @@ def pop3_retr_bytes(pop: poplib.POP3, which: int) -> bytes:
     """RETR as bytes on the wire minus the terminator (poplib already un-stuffs dots)."""
     _resp, lines, _octets = pop.retr(which)
     return b"".join(line + CRLF for line in lines)
-
-
-@pytest.fixture
-def own_dovecot() -> Iterator[DovecotSandbox]:
-    """A private Dovecot for tests that stop or break it (the session one must live on)."""
-    workdir = tempfile.mkdtemp(prefix="bridge-dovecot-own-")
-    sandbox = DovecotSandbox(workdir)
-    try:
-        sandbox.start()
-        yield sandbox
-    finally:
-        sandbox.stop()
-        shutil.rmtree(workdir, ignore_errors=True)
 
 
 # -- logging in -----------------------------------------------------------------
