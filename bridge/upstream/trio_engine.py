@@ -23,8 +23,9 @@ from __future__ import annotations
 import base64
 import re
 import ssl
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import trio
 
@@ -44,6 +45,7 @@ from bridge.upstream.interface import (
     chunked_uid_sets,
 )
 
+_T = TypeVar("_T")
 _log = get_logger(component="upstream")
 
 _RECEIVE_SIZE = 1 << 20
@@ -326,16 +328,14 @@ class TrioImapMailbox:
             uids.update(range(min(first, last), max(first, last) + 1))
         return uids
 
-    async def _run(
-        self, what: str, command: bytes, *, literal: bytes | None = None, collect: bool = False
-    ) -> tuple[bytes, list[_Response]]:
-        """Send one command, read up to its tagged answer. Returns (status, untagged responses).
-        Never raises with the connection half-way through a command: it is marked broken."""
+    async def _guarded(self, what: str, exchange: Callable[..., Awaitable[_T]], *args: Any) -> _T:
+        """One exchange within the upstream timeout. Never lets an error out with the
+        connection half-way through a command: the connection is marked broken first."""
         if self._broken:
             raise UpstreamUnavailable(f"{what}: upstream connection is closed")
         try:
             with trio.fail_after(self._settings.timeout_seconds):
-                return await self._exchange(command, literal, collect)
+                return await exchange(*args)
         except trio.TooSlowError:
             self._break()
             raise UpstreamUnavailable(f"{what}: no answer within {self._settings.timeout_seconds:g} s") from None
@@ -345,6 +345,12 @@ class TrioImapMailbox:
         except BaseException:
             self._break()
             raise
+
+    async def _run(
+        self, what: str, command: bytes, *, literal: bytes | None = None, collect: bool = False
+    ) -> tuple[bytes, list[_Response]]:
+        """Send one command, read up to its tagged answer. Returns (status, untagged responses)."""
+        return await self._guarded(what, self._exchange, command, literal, collect)
 
     async def _exchange(self, command: bytes, literal: bytes | None, collect: bool) -> tuple[bytes, list[_Response]]:
         tag = self._next_tag()
@@ -381,36 +387,26 @@ class TrioImapMailbox:
     async def _pipelined(self, what: str, commands: list[bytes]) -> list[tuple[bytes, list[_Response]]]:
         """Send several commands in one write and read all their answers (one round trip).
         Returns (status, untagged responses of all of them) per command."""
-        if self._broken:
-            raise UpstreamUnavailable(f"{what}: upstream connection is closed")
-        try:
-            with trio.fail_after(self._settings.timeout_seconds):
-                tags = [self._next_tag() for _ in commands]
-                await self._wire.send(b"".join(tag + b" " + command + b"\r\n" for tag, command in zip(tags, commands, strict=True)))
-                # Servers may finish pipelined commands in any order (Dovecot answers a STATUS
-                # before a long FETCH), so untagged responses are shared by all of them.
-                collected: list[_Response] = []
-                statuses: dict[bytes, bytes] = {}
-                while len(statuses) < len(tags):
-                    response = await self._wire.response()
-                    if response.text.startswith(b"* "):
-                        self._untagged(response.text)
-                        collected.append(response)
-                        continue
-                    tag, _, status = response.text.partition(b" ")
-                    if tag in tags:
-                        self._response_codes(status)
-                        statuses[tag] = status
-                return [(statuses[tag], collected) for tag in tags]
-        except trio.TooSlowError:
-            self._break()
-            raise UpstreamUnavailable(f"{what}: no answer within {self._settings.timeout_seconds:g} s") from None
-        except (_Broken, trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-            self._break()
-            raise UpstreamUnavailable(f"{what}: {type(exc).__name__}") from None
-        except BaseException:
-            self._break()
-            raise
+        return await self._guarded(what, self._exchange_pipelined, commands)
+
+    async def _exchange_pipelined(self, commands: list[bytes]) -> list[tuple[bytes, list[_Response]]]:
+        tags = [self._next_tag() for _ in commands]
+        await self._wire.send(b"".join(tag + b" " + command + b"\r\n" for tag, command in zip(tags, commands, strict=True)))
+        # Servers may finish pipelined commands in any order (Dovecot answers a STATUS
+        # before a long FETCH), so untagged responses are shared by all of them.
+        collected: list[_Response] = []
+        statuses: dict[bytes, bytes] = {}
+        while len(statuses) < len(tags):
+            response = await self._wire.response()
+            if response.text.startswith(b"* "):
+                self._untagged(response.text)
+                collected.append(response)
+                continue
+            tag, _, status = response.text.partition(b" ")
+            if tag in tags:
+                self._response_codes(status)
+                statuses[tag] = status
+        return [(statuses[tag], collected) for tag in tags]
 
     async def _checked(
         self, what: str, command: bytes, *, literal: bytes | None = None, collect: bool = False
