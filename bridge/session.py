@@ -244,6 +244,10 @@ class Pop3Session:
                 if not data:
                     _log.debug("client_closed")
             elif isinstance(event, Send):
+                if event.command is not None:
+                    # Commands the core answers itself (STAT, LIST, UIDL, DELE, ...); RETR,
+                    # TOP and QUIT are counted where the session does their work.
+                    metrics.COMMANDS.labels(event.command, "ok" if event.data[:1] == b"+" else "err").inc()
                 await self._send(event.data)
             elif isinstance(event, StartTls):
                 await self._send(event.data)

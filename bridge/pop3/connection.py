@@ -270,8 +270,13 @@ class Pop3Server:
             return self._sasl_response(line)
         if line is LINE_TOO_LONG:
             self._user = None
-            return Send(err(_LINE_TOO_LONG))
-        return self._execute(parse_command(line))
+            return Send(err(_LINE_TOO_LONG), command="UNKNOWN")
+        command = parse_command(line)
+        event = self._execute(command)
+        if isinstance(event, Send) and event.command is None:
+            named = command.command if isinstance(command, BadCommand) else type(command)
+            return Send(event.data, command=named.__name__.upper() if named else "UNKNOWN")
+        return event
 
     # -- commands ----------------------------------------------------------
 

@@ -42,9 +42,11 @@ NEED_DATA = NeedData.NEED_DATA
 
 @dataclass(frozen=True, slots=True)
 class Send:
-    """Bytes to write to the client; the core has already moved on."""
+    """Bytes to write to the client; the core has already moved on. ``command`` names the
+    POP3 command answered (e.g. "STAT"; "UNKNOWN" for an unrecognised one), for metrics."""
 
     data: bytes
+    command: str | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True, slots=True)

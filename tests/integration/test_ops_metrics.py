@@ -68,8 +68,13 @@ def test_counters_after_a_scripted_session(mailbox: Mailbox, tmp_path: Path) -> 
     assert delta("bridge_login_failures_total", reason="credentials") == 1
     assert delta("bridge_login_failures_total", reason="upstream") == 0
     assert delta("bridge_commands_total", command="RETR", result="ok") == 1
+    assert delta("bridge_commands_total", command="RETR", result="err") == 1  # RETR 7
     assert delta("bridge_commands_total", command="TOP", result="ok") == 1
-    assert delta("bridge_commands_total", command="QUIT", result="ok") == 1
+    # One QUIT before login (answered by the core), one applying the DELE.
+    assert delta("bridge_commands_total", command="QUIT", result="ok") == 2
+    assert delta("bridge_commands_total", command="USER", result="ok") == 2
+    assert delta("bridge_commands_total", command="LIST", result="ok") == 1
+    assert delta("bridge_commands_total", command="DELE", result="ok") == 1
     assert delta("bridge_retrieve_seconds_count", command="RETR") == 1
     assert delta("bridge_retrieve_seconds_count", command="TOP") == 1
     assert delta("bridge_retrieve_seconds_bucket", command="RETR", le="+Inf") == 1

@@ -1032,3 +1032,13 @@ def test_capabilities_given_at_login_replace_the_extra_ones_after_login() -> Non
     server.receive_data(b"CAPA\r\n")
     after = server.next_event().data
     assert b"EXPIRE NEVER\r\n" in after and b"EXPIRE 0" not in after
+
+
+def test_replies_name_the_command_they_answer() -> None:
+    from bridge.pop3 import Pop3Server
+
+    server = Pop3Server()
+    server.receive_data(b"CAPA\r\nstat\r\nFROB\r\n" + b"X" * 300 + b"\r\n")
+    named = [server.next_event().command for _ in range(4)]
+    # STAT before login is refused, and still counted as a STAT.
+    assert named == ["CAPA", "STAT", "UNKNOWN", "UNKNOWN"]
