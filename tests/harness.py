@@ -223,6 +223,13 @@ class RawPop3:
             raise ConnectionError(f"server closed the connection; unread: {bytes(self._buf[-200:])!r}")
         self._buf += chunk
 
+    def take_buffered(self) -> bytes:
+        """Bytes already read off the socket but not yet returned, for a test that goes on
+        reading the socket itself (the bridge may send a status line and data in one write)."""
+        data = bytes(self._buf)
+        self._buf.clear()
+        return data
+
     def status(self) -> bytes:
         """One status line, CRLF included."""
         while (end := self._buf.find(b"\r\n")) < 0:
