@@ -67,8 +67,7 @@ def rig_factory(dovecot: DovecotSandbox) -> Iterator[Callable[..., Rig]]:
 
 def drain(raw: RawPop3) -> tuple[bytes, bool]:
     """Everything the server still sends, and whether it then closed the connection."""
-    data = bytes(raw._buf)
-    raw._buf.clear()
+    data = raw.take_buffered()
     while True:
         try:
             chunk = raw.sock.recv(1 << 20)
