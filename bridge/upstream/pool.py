@@ -176,6 +176,10 @@ class UpstreamPool:
                 with trio.fail_at(deadline):
                     return await self._opener(upstream, account, password)
             except trio.TooSlowError:
+                if attempt > 1:
+                    # The deadline fell during a retry rather than between two: the same
+                    # giving up as below, and logged the same way.
+                    _log.warning("upstream_retries_exhausted", attempts=attempt)
                 raise UpstreamUnavailable(f"connect: no answer within {upstream.timeout_seconds:g} s") from None
             except UpstreamNotListening:
                 # Nothing listening (a restart?): worth another try. A server that answers
