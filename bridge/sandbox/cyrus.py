@@ -26,7 +26,6 @@ import re
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -34,11 +33,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
+from bridge.sandbox.netcheck import LOOPBACK, greets, pick_free_ports, port_closed
 from bridge.sandbox.seeding import AppendResult, ImapObserver, append_messages
 
 __all__ = ["CyrusError", "CyrusMailbox", "CyrusNotInstalledError", "CyrusSandbox"]
 
-LOOPBACK = "127.0.0.1"
 _DEBIAN_PACKAGES = "cyrus-imapd sasl2-bin"
 _CYRUS_BIN_DIRS = ("/usr/lib/cyrus/bin", "/usr/libexec/cyrus-imapd", "/usr/lib/cyrus-imapd")
 _SBIN_DIRS = ("/usr/sbin", "/sbin", "/usr/local/sbin")
@@ -66,34 +65,6 @@ def _find(name: str, dirs: Sequence[str]) -> str:
             f"packages {_DEBIAN_PACKAGES} (scripts/install-deps does it)."
         )
     return found
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((LOOPBACK, 0))
-        return int(sock.getsockname()[1])
-
-
-def _greets(port: int) -> bool:
-    try:
-        with socket.create_connection((LOOPBACK, port), timeout=1) as sock:
-            data = b""
-            while b"\n" not in data:
-                chunk = sock.recv(1024)
-                if not chunk:
-                    return False
-                data += chunk
-            return data.startswith(b"* OK")
-    except OSError:
-        return False
-
-
-def _port_closed(port: int) -> bool:
-    try:
-        with socket.create_connection((LOOPBACK, port), timeout=0.5):
-            return False
-    except OSError:
-        return True
 
 
 class CyrusSandbox:
@@ -125,7 +96,7 @@ class CyrusSandbox:
                 ) from None
         else:
             self._run_as = pwd.getpwuid(os.getuid())
-        self._imap_port = imap_port or _free_port()
+        self._imap_port = imap_port or pick_free_ports(1)[0]
         self._startup_timeout = startup_timeout
         self._proc: subprocess.Popen[bytes] | None = None
         self._users: dict[str, str] = {}
@@ -215,7 +186,7 @@ class CyrusSandbox:
                 proc.kill()
                 proc.wait(timeout=timeout)
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and not _port_closed(self._imap_port):
+        while time.monotonic() < deadline and not port_closed(LOOPBACK, self._imap_port):
             time.sleep(0.05)
 
     def restart(self) -> None:
@@ -339,7 +310,7 @@ EVENTS {{
             code = self._proc.poll()
             if code is not None:
                 raise CyrusError(f"cyrus master exited with status {code} during start-up:\n{self.log_tail()}")
-            if _greets(self._imap_port):
+            if greets(LOOPBACK, self._imap_port, b"* OK"):
                 return
             if time.monotonic() > deadline:
                 raise CyrusError(

@@ -22,7 +22,6 @@ import re
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -30,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
+from bridge.sandbox.netcheck import LOOPBACK, greets, pick_free_ports, port_closed
 from bridge.sandbox.seeding import AppendResult, ImapObserver, append_messages
 
 __all__ = [
@@ -41,7 +41,6 @@ __all__ = [
     "check_installation",
 ]
 
-LOOPBACK = "127.0.0.1"
 
 # Debian puts dovecot in /usr/sbin, which is not on an ordinary user's PATH.
 _EXTRA_BIN_DIRS = ("/usr/sbin", "/sbin", "/usr/local/sbin")
@@ -132,19 +131,6 @@ def check_installation() -> None:
     _locate_protocol_binaries(_find_binary("doveconf"))
 
 
-def _pick_free_ports(count: int) -> list[int]:
-    # All sockets stay open until every port is chosen, so the kernel cannot hand
-    # out the same port twice; the (small) race with other programs remains and
-    # is handled by retrying start-up with fresh ports.
-    with contextlib.ExitStack() as stack:
-        ports = []
-        for _ in range(count):
-            sock = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
-            sock.bind((LOOPBACK, 0))
-            ports.append(sock.getsockname()[1])
-        return ports
-
-
 def _resolve_run_as(unprivileged_user: str) -> _RunAs:
     if os.geteuid() == 0:
         # Dovecot refuses to run mail processes as uid 0, so as root every
@@ -189,28 +175,6 @@ def _check_traversable(path: Path, run_as: _RunAs) -> None:
                 f"processes run as; use a workdir whose parents are world-executable "
                 f"(e.g. tempfile.mkdtemp() itself: the sandbox opens up its own workdir)"
             )
-
-
-def _greets(host: str, port: int, prefix: bytes, timeout: float) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=timeout) as sock:
-            data = b""
-            while b"\n" not in data:
-                chunk = sock.recv(512)
-                if not chunk:
-                    return False
-                data += chunk
-            return data.startswith(prefix)
-    except OSError:
-        return False
-
-
-def _port_closed(host: str, port: int) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=0.5):
-            return False
-    except OSError:
-        return True
 
 
 class DovecotSandbox:
@@ -393,7 +357,7 @@ class DovecotSandbox:
         # work. (Not after a failed start: the port may be someone else's.)
         deadline = time.monotonic() + timeout
         while was_serving and time.monotonic() < deadline:
-            if all(_port_closed(self.host, p) for p in self._listening_ports()):
+            if all(port_closed(self.host, p) for p in self._listening_ports()):
                 break
             time.sleep(0.05)
 
@@ -514,7 +478,7 @@ class DovecotSandbox:
 
     def _assign_ports(self) -> None:
         wanted = 4 if self.tls_enabled else 2
-        free = iter(_pick_free_ports(wanted))
+        free = iter(pick_free_ports(wanted))
         if not self._imap_port:
             self._imap_port = next(free)
         if not self._pop3_port:
@@ -685,7 +649,7 @@ service ipc {{
             if not pending:
                 return
             for port, prefix in list(pending.items()):
-                if _greets(self.host, port, prefix, timeout=1.0):
+                if greets(self.host, port, prefix, timeout=1.0):
                     del pending[port]
             if pending and time.monotonic() > deadline:
                 raise DovecotStartError(
