@@ -45,7 +45,10 @@ def configure_logging(level: str = "info", fmt: str = "auto", stream: TextIO | N
         wrapper_class=structlog.make_filtering_bound_logger(
             logging.getLevelNamesMapping()[level.upper()]
         ),
-        logger_factory=structlog.PrintLoggerFactory(stream),
+        # One write() per event, newline included: workers share stdout, and with
+        # PYTHONUNBUFFERED (as in the Docker image) print() would issue the line and its
+        # newline separately, letting two workers' lines interleave.
+        logger_factory=structlog.WriteLoggerFactory(stream),
         cache_logger_on_first_use=False,
     )
     # aioimaplib logs every received chunk (message bodies) and sent line at debug level;
