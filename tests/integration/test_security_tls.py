@@ -252,15 +252,20 @@ def _dovecot_login_lines(sandbox: DovecotSandbox, user: str) -> list[str]:
     ]
 
 
+# Both IMAP engines implement upstream TLS; "trio" is the default engine.
+ENGINES = ["trio", "aioimaplib"]
+
+
+@pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("mode", ["implicit", "starttls"])
-def test_upstream_tls(tls_dovecot: DovecotSandbox, tls_files: TlsFiles, mode: str) -> None:
+def test_upstream_tls(tls_dovecot: DovecotSandbox, tls_files: TlsFiles, mode: str, engine: str) -> None:
     box = tls_dovecot.new_mailbox()
     try:
         box.append([MESSAGE])
         port = tls_dovecot.imaps_port if mode == "implicit" else tls_dovecot.imap_port
         assert port is not None
         settings = bridge_settings(
-            port, upstream={"tls": mode, "ca_file": tls_files.ca_file, "engine": "aioimaplib"}
+            port, upstream={"tls": mode, "ca_file": tls_files.ca_file, "engine": engine}
         )
         with ThreadedBridge(settings) as bridge, RawClient(bridge.port) as client:
             client.login(box.user, box.password)
@@ -274,9 +279,12 @@ def test_upstream_tls(tls_dovecot: DovecotSandbox, tls_files: TlsFiles, mode: st
         box.close()
 
 
-def test_upstream_without_starttls_is_an_error_not_a_downgrade(dovecot: DovecotSandbox, mailbox: Mailbox) -> None:
+@pytest.mark.parametrize("engine", ENGINES)
+def test_upstream_without_starttls_is_an_error_not_a_downgrade(
+    dovecot: DovecotSandbox, mailbox: Mailbox, engine: str
+) -> None:
     # The session's Dovecot has TLS off, so it does not offer STARTTLS.
-    settings = bridge_settings(dovecot.imap_port, upstream={"tls": "starttls", "engine": "aioimaplib"})
+    settings = bridge_settings(dovecot.imap_port, upstream={"tls": "starttls", "engine": engine})
     with ThreadedBridge(settings) as bridge, RawClient(bridge.port) as client:
         assert client.command(b"USER " + mailbox.user.encode()).startswith(b"+OK")
         assert client.command(b"PASS " + mailbox.password.encode()) == (
@@ -297,16 +305,17 @@ def test_upstream_without_starttls_is_an_error_not_a_downgrade(dovecot: DovecotS
     ],
     ids=["wrong-ca", "system-cas", "wrong-hostname"],
 )
+@pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("mode", ["implicit", "starttls"])
 def test_upstream_certificate_verification_fails(
-    tls_dovecot: DovecotSandbox, tls_files: TlsFiles, upstream: dict[str, str], why: str, mode: str
+    tls_dovecot: DovecotSandbox, tls_files: TlsFiles, upstream: dict[str, str], why: str, mode: str, engine: str
 ) -> None:
     box = tls_dovecot.new_mailbox()
     try:
         ca_file = {"other": tls_files.other_ca_file, "ours": tls_files.ca_file, "": ""}[upstream["ca_file"]]
         port = tls_dovecot.imaps_port if mode == "implicit" else tls_dovecot.imap_port
         assert port is not None
-        overrides = {"tls": mode, "ca_file": ca_file, "engine": "aioimaplib"}
+        overrides = {"tls": mode, "ca_file": ca_file, "engine": engine}
         if "host" in upstream:
             overrides["host"] = upstream["host"]
         with ThreadedBridge(bridge_settings(port, upstream=overrides)) as bridge, RawClient(bridge.port) as client:
@@ -319,15 +328,16 @@ def test_upstream_certificate_verification_fails(
         box.close()
 
 
+@pytest.mark.parametrize("engine", ENGINES)
 def test_upstream_verify_false_accepts_an_unknown_certificate_with_a_warning(
-    tls_dovecot: DovecotSandbox, tls_files: TlsFiles
+    tls_dovecot: DovecotSandbox, tls_files: TlsFiles, engine: str
 ) -> None:
     box = tls_dovecot.new_mailbox()
     try:
         assert tls_dovecot.imaps_port is not None
         settings = bridge_settings(
             tls_dovecot.imaps_port,
-            upstream={"tls": "implicit", "verify": False, "ca_file": tls_files.other_ca_file, "engine": "aioimaplib"},
+            upstream={"tls": "implicit", "verify": False, "ca_file": tls_files.other_ca_file, "engine": engine},
         )
         with ThreadedBridge(settings) as bridge, RawClient(bridge.port) as client:
             client.login(box.user, box.password)
