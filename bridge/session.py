@@ -173,9 +173,11 @@ class Pop3Session:
             _log.exception("session_crashed")
         finally:
             await self._cleanup()
-            metrics.SESSIONS_ACTIVE.dec()
+            # Counted and logged before it stops being active: whoever sees no active session
+            # sees every ended one in the totals and the log.
             metrics.SESSIONS.labels(outcome).inc()
             _log.info("session_end", outcome=outcome, seconds=round(time.monotonic() - started, 3))
+            metrics.SESSIONS_ACTIVE.dec()
 
     async def _cleanup(self) -> None:
         with trio.CancelScope(shield=True):
