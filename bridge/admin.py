@@ -95,7 +95,7 @@ class AdminServer:
     async def serve(self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
         listeners = await trio.open_tcp_listeners(self._address.port, host=self._address.host)
         host, port, *_ = listeners[0].socket.getsockname()
-        self.bound_address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        self.bound_address = str(ListenAddress(host, port))
         _log.info("admin_listening", address=self.bound_address)
         task_status.started(self.bound_address)
         await trio.serve_listeners(self._handle, listeners)

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import trio
 
-from bridge.config import Pop3Settings
+from bridge.config import ListenAddress, Pop3Settings
 from bridge.login_limiter import address_key
 from bridge.observability import get_logger
 from bridge.pop3 import ResponseCode
@@ -72,7 +72,8 @@ class ClientConnection:
 
 
 def format_peer(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    """"host:port", IPv6 in brackets: the same spelling as the listen addresses in the config."""
+    return str(ListenAddress(host, port))
 
 
 def host_of_peer(peer: str) -> str:

@@ -20,7 +20,7 @@ from bridge import metrics
 from bridge.admin import AdminServer, UpstreamProbe
 from bridge.config import BridgeSettings, parse_listen_address
 from bridge.lifecycle import ReloadHook, reload_settings
-from bridge.listeners import ConnectionAdmission, ListenerKind
+from bridge.listeners import ConnectionAdmission, ListenerKind, format_peer
 from bridge.observability import get_logger
 from bridge.pop3 import ResponseCode
 from bridge.pop3.responses import err
@@ -36,12 +36,12 @@ def _peer_name(stream: trio.SocketStream) -> str:
         host, port, *_ = stream.socket.getpeername()
     except OSError:
         return "unknown"
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return format_peer(host, port)
 
 
 def _bound_address(listener: trio.SocketListener) -> str:
     host, port, *_ = listener.socket.getsockname()
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return format_peer(host, port)
 
 
 async def _open_listeners(
