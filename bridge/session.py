@@ -53,8 +53,9 @@ from bridge.upstream.pool import UpstreamPool
 _log = get_logger()
 _RECEIVE_SIZE = 65536
 # Replies go out in pieces of this size, each within pop3.send_timeout_seconds: the timeout
-# measures a client that stops reading, not a slow link taking long over a big message.
-_SEND_PIECE = 65536
+# measures a client that stops reading, not a slow link taking long over a big message
+# (256 KiB take 2 s at 1 Mbit/s).
+_SEND_PIECE = 256 * 1024
 # At most this many messages are fetched in one read-ahead round trip.
 _READAHEAD_MESSAGES = 64
 
@@ -347,60 +348,42 @@ class Pop3Session:
         return core.accept_login(self._maildrop, extra_capabilities=[expire_capability(self._settings, identity)])
 
     async def _retrieve(self, request: RetrieveRequest) -> None:
-        core = self._core
         assert self._mailbox is not None
         mailbox = self._mailbox
         entry = request.entry
-        chunk = self._settings.upstream.fetch_chunk
         command = "RETR" if request.body_lines is None else "TOP"
         with self._timed(command) as timing:
             try:
                 data = await self._first_chunk(request)
+                if data is not None:
+                    await self._send_message(request, data, self._chunk_fetcher(entry))
+                    return
+                # RETR of a message not read ahead: one partial FETCH of all of it, streamed
+                # to the client as the upstream delivers it (memory stays flat).
+                async with mailbox.open_range(entry.ref, 0, entry.size) as reader:
+                    data = await reader.next_piece()
+                    await self._send_message(request, data, lambda _offset: reader.next_piece())
             except MessageGone:
                 _log.info("message_gone", uid=entry.ref, number=request.number)
                 timing.value = "err"
-                await self._send(core.refuse_message(f"message {request.number} was removed from the mailbox"))
-                return
+                await self._send(self._core.refuse_message(f"message {request.number} was removed from the mailbox"))
             except UpstreamError as exc:
                 _log.warning("upstream_error", command=command, error=str(exc))
                 timing.value = "err"
-                await self._send(core.refuse_message("mail server unavailable, try again later", ResponseCode.SYS_TEMP))
-                return
-            status_line = core.start_message()
-            if request.body_lines is not None or len(data) >= entry.size:
-                # The whole message is in hand, or it is a TOP, which usually ends within the
-                # first chunk: fetching further ahead would waste a round trip, and
-                # cancelling a fetch half-way would break the connection.
-                async def next_chunk(offset: int) -> bytes:
-                    return await mailbox.fetch_range(entry.ref, offset, min(chunk, entry.size - offset))
+                await self._send(
+                    self._core.refuse_message("mail server unavailable, try again later", ResponseCode.SYS_TEMP)
+                )
 
-                await self._stream_body(request, status_line, data, next_chunk)
-                core.end_message()
-                return
-            # RETR: the next chunk is fetched while this one goes to the client (at most one
-            # chunk ahead, so memory stays flat): the two round trips overlap.
-            failure: BaseException | None = None
-            async with trio.open_nursery() as nursery:
-                ahead_send, ahead_receive = trio.open_memory_channel[bytes | Exception](0)
-                nursery.start_soon(self._fetch_ahead, mailbox, entry, len(data), ahead_send)
+    def _chunk_fetcher(self, entry: MaildropEntry) -> Callable[[int], Awaitable[bytes]]:
+        """The rest of a message after its first piece, one partial FETCH per fetch_chunk: TOP
+        usually ends within the first chunk, so streaming all of it would waste the rest."""
+        assert self._mailbox is not None
+        mailbox, chunk = self._mailbox, self._settings.upstream.fetch_chunk
 
-                async def next_ahead(offset: int) -> bytes:
-                    try:
-                        item = await ahead_receive.receive()
-                    except trio.EndOfChannel:
-                        return b""
-                    if isinstance(item, Exception):
-                        raise item
-                    return item
+        async def next_chunk(offset: int) -> bytes:
+            return await mailbox.fetch_range(entry.ref, offset, min(chunk, entry.size - offset))
 
-                try:
-                    await self._stream_body(request, status_line, data, next_ahead)
-                except BaseException as exc:  # re-raised below, outside the nursery
-                    failure = exc
-                nursery.cancel_scope.cancel()
-            if failure is not None:
-                raise failure
-            core.end_message()
+        return next_chunk
 
     def _readahead_batch(self, number: int) -> list[MaildropEntry]:
         """This message and the next small, not deleted ones, up to fetch_chunk bytes."""
@@ -419,11 +402,11 @@ class Pop3Session:
             batch.append(found)
         return batch
 
-    async def _first_chunk(self, request: RetrieveRequest) -> bytes:
+    async def _first_chunk(self, request: RetrieveRequest) -> bytes | None:
         """The first piece of a message: from the read-ahead, or one batched FETCH of this
         and the following small messages when the client reads them in order (POP3 clients
-        download 1, 2, 3, ...: one upstream round trip then serves many RETRs), else a
-        partial FETCH of the first chunk. Raises MessageGone."""
+        download 1, 2, 3, ...: one upstream round trip then serves many RETRs), or for TOP a
+        partial FETCH of the first chunk. None: a RETR to stream. Raises MessageGone."""
         assert self._mailbox is not None
         entry = request.entry
         sequential = request.number == self._last_retrieved + 1
@@ -433,7 +416,9 @@ class Pop3Session:
         cached = self._readahead.pop(entry.ref, None)
         if cached is not None:
             return cached
-        if request.body_lines is None and sequential:
+        if request.body_lines is not None:
+            return await self._mailbox.fetch_range(entry.ref, 0, min(self._settings.upstream.fetch_chunk, entry.size))
+        if sequential:
             batch = self._readahead_batch(request.number)
             if len(batch) > 1 and batch[0] is entry:
                 found = await self._mailbox.fetch_messages([e.ref for e in batch])
@@ -441,24 +426,15 @@ class Pop3Session:
                 if entry.ref not in found:
                     raise MessageGone(f"UID {entry.ref} no longer exists")
                 return found[entry.ref]
-        return await self._mailbox.fetch_range(entry.ref, 0, min(self._settings.upstream.fetch_chunk, entry.size))
+        return None
 
-    async def _fetch_ahead(
-        self, mailbox: UpstreamMailbox, entry: MaildropEntry, offset: int,
-        channel: trio.MemorySendChannel[bytes | Exception],
+    async def _send_message(
+        self, request: RetrieveRequest, data: bytes, next_chunk: Callable[[int], Awaitable[bytes]]
     ) -> None:
-        chunk = self._settings.upstream.fetch_chunk
-        async with channel:
-            while offset < entry.size:
-                try:
-                    data = await mailbox.fetch_range(entry.ref, offset, min(chunk, entry.size - offset))
-                except (MessageGone, UpstreamError) as exc:
-                    await channel.send(exc)
-                    return
-                await channel.send(data)
-                if not data:
-                    return
-                offset += len(data)
+        """The +OK line, the body (starting with `data`, which is in hand) and the terminator."""
+        core = self._core
+        await self._stream_body(request, core.start_message(), data, next_chunk)
+        core.end_message()
 
     async def _stream_body(
         self, request: RetrieveRequest, status_line: bytes, data: bytes,
@@ -478,7 +454,7 @@ class Pop3Session:
                 break
             # More to fetch: what we have goes out first, so the client is never kept
             # waiting on the upstream for bytes we already hold.
-            await self._send(b"".join(pending))
+            await self._send_pieces(pending)
             pending.clear()
             try:
                 data = await next_chunk(offset)
@@ -489,7 +465,17 @@ class Pop3Session:
                 _log.warning("retrieve_aborted", uid=entry.ref, offset=offset, error=type(exc).__name__)
                 raise _EndSession("upstream_failed_mid_message") from None
         pending.append(encoder.finish())
-        await self._send(b"".join(pending))
+        await self._send_pieces(pending)
+
+    async def _send_pieces(self, pieces: list[bytes]) -> None:
+        # Small pieces are joined into one write; a big chunk of a message goes out as it
+        # is rather than being copied once more only to sit next to a status line.
+        if sum(len(piece) for piece in pieces) <= _SEND_PIECE:
+            await self._send(b"".join(pieces))
+            return
+        for piece in pieces:
+            if piece:
+                await self._send(piece)
 
     async def _commit(self, request: CommitRequest) -> tuple[bytes, str]:
         core = self._core

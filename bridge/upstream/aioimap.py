@@ -43,9 +43,11 @@ from bridge.tls import load_client_context
 from bridge.upstream import imap_syntax
 from bridge.upstream.interface import (
     AuthenticationFailed,
+    ChunkedRangeReader,
     MailboxSnapshot,
     MessageGone,
     MessageInfo,
+    RangeReader,
     UpstreamError,
     UpstreamNotListening,
     UpstreamUnavailable,
@@ -391,6 +393,12 @@ class AioImapMailbox:
         if response.result != "OK":
             raise UpstreamError(f"fetch: server answered {response.result}")
         return data
+
+    @asynccontextmanager
+    async def open_range(self, uid: int, offset: int, length: int) -> AsyncIterator[RangeReader]:
+        # aioimaplib hands over a response only once it is complete: one partial FETCH per
+        # upstream.fetch_chunk is as close to streaming as it gets.
+        yield ChunkedRangeReader(self, uid, offset, length, self._settings.fetch_chunk)
 
     async def _remove_selected(self, uids: Sequence[int]) -> None:
         """Flag exactly `uids` of the selected folder \\Deleted and expunge exactly them."""

@@ -8,6 +8,7 @@ engine's business (see `bridge.upstream.aioimap`).
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -47,6 +48,13 @@ class MailboxSnapshot:
     messages: tuple[MessageInfo, ...]
 
 
+class RangeReader(Protocol):
+    async def next_piece(self) -> bytes:
+        """The next piece of the range, b"" once it is all read. The first call raises
+        MessageGone if the UID no longer exists, before any byte is returned."""
+        ...
+
+
 class UpstreamMailbox(Protocol):
     """One authenticated IMAP connection with the POP3 maildrop folder selected."""
 
@@ -60,6 +68,13 @@ class UpstreamMailbox(Protocol):
     async def fetch_range(self, uid: int, offset: int, length: int) -> bytes:
         """Bytes [offset, offset+length) of the message as the server stores it, without
         setting \\Seen. Raises MessageGone if the UID no longer exists."""
+        ...
+
+    def open_range(self, uid: int, offset: int, length: int) -> AbstractAsyncContextManager[RangeReader]:
+        """Bytes [offset, offset+length) of the message, read piece by piece as they arrive
+        (one partial FETCH whose literal is never held whole: memory stays flat however big
+        the message). The connection is this reader's until the context ends; leaving it
+        before the last piece leaves the connection unusable (it is dropped, not parked)."""
         ...
 
     async def delete(self, uids: Sequence[int]) -> None:
@@ -99,6 +114,27 @@ class UpstreamMailbox(Protocol):
     async def aclose(self) -> None:
         """Log out (best effort, bounded in time) and close the connection."""
         ...
+
+
+class ChunkedRangeReader:
+    """A `RangeReader` made of `fetch_range` calls, one partial FETCH of at most `chunk`
+    bytes per piece: for an engine that cannot hand out a literal as it arrives."""
+
+    def __init__(self, mailbox: UpstreamMailbox, uid: int, offset: int, length: int, chunk: int) -> None:
+        self._mailbox = mailbox
+        self._uid = uid
+        self._offset = offset
+        self._remaining = length
+        self._chunk = chunk
+
+    async def next_piece(self) -> bytes:
+        if self._remaining <= 0:
+            return b""
+        data = await self._mailbox.fetch_range(self._uid, self._offset, min(self._chunk, self._remaining))
+        # Fewer bytes than asked for: the message ends here.
+        self._remaining = self._remaining - len(data) if len(data) == min(self._chunk, self._remaining) else 0
+        self._offset += len(data)
+        return data
 
 
 def format_uid_set(uids: Iterable[int]) -> str:

@@ -28,7 +28,7 @@ import random
 import secrets
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -39,6 +39,7 @@ from bridge.config import BridgeSettings, UpstreamSettings
 from bridge.observability import get_logger
 from bridge.upstream.interface import (
     MailboxSnapshot,
+    RangeReader,
     UpstreamError,
     UpstreamMailbox,
     UpstreamNotListening,
@@ -280,6 +281,9 @@ class PooledMailbox:
 
     async def fetch_range(self, uid: int, offset: int, length: int) -> bytes:
         return await self.mailbox.fetch_range(uid, offset, length)
+
+    def open_range(self, uid: int, offset: int, length: int) -> AbstractAsyncContextManager[RangeReader]:
+        return self.mailbox.open_range(uid, offset, length)
 
     async def delete(self, uids: Sequence[int]) -> None:
         await self.mailbox.delete(uids)

@@ -23,7 +23,8 @@ from __future__ import annotations
 import base64
 import re
 import ssl
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -39,6 +40,7 @@ from bridge.upstream.interface import (
     MailboxSnapshot,
     MessageGone,
     MessageInfo,
+    RangeReader,
     UpstreamError,
     UpstreamNotListening,
     UpstreamUnavailable,
@@ -103,6 +105,18 @@ class _Wire:
             raise _Broken("server closed the connection")
         self._buffer += chunk
 
+    async def piece(self, most: int) -> bytes:
+        """At most `most` bytes: what is buffered, else what one receive brings."""
+        if self._buffer:
+            with memoryview(self._buffer) as view:
+                data = bytes(view[:most])
+            del self._buffer[:most]
+            return data
+        data = await self.stream.receive_some(min(most, _RECEIVE_SIZE))
+        if not data:
+            raise _Broken("server closed the connection")
+        return data
+
     async def _line(self) -> bytes:
         searched = 0
         while (end := self._buffer.find(b"\r\n", searched)) < 0:
@@ -115,21 +129,136 @@ class _Wire:
         return line
 
     async def _exact(self, size: int) -> bytes:
-        while len(self._buffer) < size:
-            await self._fill()
-        with memoryview(self._buffer) as view:
-            data = bytes(view[:size])
-        del self._buffer[:size]
-        return data
+        buffered = len(self._buffer)
+        if buffered >= size:
+            with memoryview(self._buffer) as view:
+                data = bytes(view[:size])
+            del self._buffer[:size]
+            return data
+        # A literal bigger than what is buffered (a message chunk, typically 1 MiB): its
+        # pieces are joined once, instead of being appended to the buffer and copied out
+        # again, one copy fewer per byte of every RETR.
+        pieces: list[bytes | memoryview] = [bytes(self._buffer)]
+        self._buffer.clear()
+        while buffered < size:
+            piece = await self.stream.receive_some(_RECEIVE_SIZE)
+            if not piece:
+                raise _Broken("server closed the connection")
+            pieces.append(piece)
+            buffered += len(piece)
+        if buffered > size:
+            last = memoryview(pieces[-1])
+            keep = len(last) - (buffered - size)
+            self._buffer += last[keep:]
+            pieces[-1] = last[:keep]
+        return b"".join(pieces)
 
     async def response(self) -> _Response:
-        line = await self._line()
+        return await self.response_from(await self._line())
+
+    async def response_from(self, line: bytes) -> _Response:
+        """The rest of a response whose first line has been read already."""
         response = _Response(line)
         while line.endswith(b"}") and (literal := _LITERAL_END.search(line)) is not None:
             response.literals.append(await self._exact(int(literal.group(1))))
             line = await self._line()
             response.text += line
         return response
+
+
+class _RangeReader:
+    """One `UID FETCH uid (UID BODY.PEEK[]<offset.length>)` whose literal is handed out piece
+    by piece as the socket delivers it. Each read waits at most upstream.timeout_seconds:
+    the whole transfer may take as long as the POP3 client takes to read it."""
+
+    def __init__(self, mailbox: TrioImapMailbox, uid: int, offset: int, length: int) -> None:
+        self._mailbox = mailbox
+        self._wire = mailbox._wire
+        self._command = b"UID FETCH %d (UID BODY.PEEK[]<%d.%d>)" % (uid, offset, length)
+        self._uid = uid
+        self._tag = b""  # set when the command is sent
+        self._head = b""  # the FETCH response up to the body literal
+        self._whole = b""  # the body, when the server sent it in a way we do not stream
+        self._remaining = 0  # bytes of the body literal still to read
+        self._status = b""
+        # True while nothing of this command is left on the wire (before it is sent, and
+        # after its tagged answer).
+        self.settled = True
+
+    async def next_piece(self) -> bytes:
+        mailbox = self._mailbox
+        if not self._tag:
+            found = await mailbox._guarded("fetch", self._start)
+            if not found:
+                if self._status[:2].upper() in (b"OK", b"NO"):
+                    raise MessageGone(f"UID {self._uid} no longer exists")
+                raise UpstreamError("fetch: server answered BAD")
+            data = self._whole if self.settled else await mailbox._guarded("fetch", self._piece)
+        elif self.settled:
+            return b""
+        else:
+            data = await mailbox._guarded("fetch", self._piece)
+        if self.settled and self._status[:2].upper() != b"OK":
+            raise UpstreamError("fetch: server answered NO with the message")
+        return data
+
+    async def _start(self) -> bool:
+        """Sends the command and reads up to the body literal; False if there is none."""
+        self._tag = self._mailbox._next_tag()
+        self.settled = False
+        await self._wire.send(self._tag + b" " + self._command + b"\r\n")
+        while True:
+            line = await self._wire._line()
+            if line.startswith(b"* ") and (size := self._body_literal(line)) is not None:
+                self._head, self._remaining = line, size
+                return True
+            if line.startswith(b"* ") or not line.startswith(self._tag + b" "):
+                response = await self._wire.response_from(line)
+                if line.startswith(b"* "):
+                    self._mailbox._untagged(response.text)
+                    # Our body after all, in an order we do not stream (or empty): whole.
+                    if (body := _body_section([response], self._uid)) is not None:
+                        self._whole = body
+                        await self._to_tagged()
+                        return True
+                continue
+            self._settle(line)
+            return False
+
+    def _body_literal(self, line: bytes) -> int | None:
+        """The size of our UID's body literal if `line` ends with it (UID asked for first,
+        so it comes before the literal)."""
+        literal = _BODY_LITERAL.search(line)
+        if literal is None or literal.end() != len(line):
+            return None
+        uid = _UID.search(line, 0, literal.start())
+        if uid is None or int(uid.group(1)) != self._uid:
+            return None
+        return int(literal.group(1))
+
+    async def _piece(self) -> bytes:
+        data = await self._wire.piece(self._remaining) if self._remaining > 0 else b""
+        self._remaining -= len(data)
+        if self._remaining <= 0:
+            # The rest of the FETCH response (its closing parenthesis), then the tagged answer.
+            rest = await self._wire.response_from(await self._wire._line())
+            self._mailbox._untagged(self._head + rest.text)
+            await self._to_tagged()
+        return data
+
+    async def _to_tagged(self) -> None:
+        while True:
+            response = await self._wire.response()
+            if response.text.startswith(b"* "):
+                self._mailbox._untagged(response.text)
+            elif response.text.startswith(self._tag + b" "):
+                self._settle(response.text)
+                return
+
+    def _settle(self, tagged: bytes) -> None:
+        self._status = tagged[len(self._tag) + 1 :]
+        self._mailbox._response_codes(self._status)
+        self.settled = True
 
 
 def _wire_name(folder: str) -> str:
@@ -670,6 +799,19 @@ class TrioImapMailbox:
         if not ok:
             raise UpstreamError("fetch: server answered NO")
         return data
+
+    @asynccontextmanager
+    async def open_range(self, uid: int, offset: int, length: int) -> AsyncIterator[RangeReader]:
+        async with self._lock:
+            await self._ensure_selected(self._settings.mailbox)
+            reader = _RangeReader(self, uid, offset, length)
+            try:
+                yield reader
+            finally:
+                if not reader.settled:
+                    # Part of the literal or the tagged answer is still on its way: nothing
+                    # else can be read on this connection.
+                    self._break()
 
     # -- changing the maildrop ---------------------------------------------------------------
 

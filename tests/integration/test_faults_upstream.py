@@ -89,16 +89,18 @@ def flags_by_uid(box: Mailbox) -> dict[int, frozenset[str]]:
 
 # -- RETR ---------------------------------------------------------------------------------
 
-# fetch_chunk 4096: the bridge fetches the message in pieces <0.4096>, <4096.4096>, ...
+# RETR streams the message out of one partial FETCH, BODY.PEEK[]<0.size>, as its literal
+# arrives (bridge/session.py): every fault strikes inside that one answer. Its first line,
+# "* 1 FETCH (UID n BODY[]<0> {60000}", is about 35 bytes.
+RETR_FETCH = b"BODY.PEEK[]<0."
 MID_RETR_FAULTS = {
-    # before the third piece is even asked for: the client already has 8 KiB of the message
-    "cut_before_third_chunk": Fault("cut", on_command=b"<8192.4096>"),
-    # inside the literal of the second piece
-    "reset_inside_second_chunk": Fault("reset", on_command=b"<4096.4096>", when="after", after_bytes=1500),
-    # inside the very first piece, before the bridge has said +OK
-    "cut_inside_first_chunk": Fault("cut", on_command=b"<0.4096>", when="after", after_bytes=2000),
-    # the server's FIN arrives between two pieces
-    "cut_after_second_chunk": Fault("cut", on_command=b"<4096.4096>", when="after", after_bytes=4300),
+    # inside the answer's first line, before the bridge has said +OK
+    "cut_before_the_literal": Fault("cut", on_command=RETR_FETCH, when="after", after_bytes=20),
+    # the client already has the first part of the message
+    "reset_early_in_the_literal": Fault("reset", on_command=RETR_FETCH, when="after", after_bytes=1500),
+    "cut_in_the_middle_of_the_literal": Fault("cut", on_command=RETR_FETCH, when="after", after_bytes=30_000),
+    # the whole body arrived, but not the server's tagged OK that vouches for it
+    "cut_before_the_tagged_ok": Fault("cut", on_command=RETR_FETCH, when="after", after_bytes=60_000 + 40),
 }
 
 
@@ -109,6 +111,7 @@ def test_upstream_lost_mid_retr_never_passes_off_a_truncated_message(
     big = big_message(60_000, dot_every=7)
     small = list(numbered_messages(2))
     uids = mailbox.append([big, *small]).uids
+    # fetch_chunk 4096 keeps the 60 kB message out of the read-ahead of small messages.
     rig = rig_factory(upstream={"fetch_chunk": 4096})
     fault = rig.proxy.arm(MID_RETR_FAULTS[fault_name])
 
@@ -121,7 +124,8 @@ def test_upstream_lost_mid_retr_never_passes_off_a_truncated_message(
             # The bridge hung up instead of finishing: no terminator line anywhere.
             assert closed
             assert b"\r\n.\r\n" not in rest
-            assert 0 < len(rest) < len(big)
+            # What did arrive is the message's beginning, stuffed as it should be.
+            assert big.startswith(rest.replace(b"\n..", b"\n."))
         else:
             # The first piece never arrived: a plain temporary error, the session goes on
             # (but its upstream connection is gone, so QUIT cannot apply the DELE).
@@ -357,8 +361,8 @@ def test_stalled_server_mid_retr_closes_without_terminator(
 ) -> None:
     big = big_message(30_000)
     mailbox.append([big])
-    rig = rig_factory(upstream={**STALL_TIMEOUT, "fetch_chunk": 4096})
-    fault = rig.proxy.arm(Fault("stall", on_command=b"<4096.4096>"))
+    rig = rig_factory(upstream=STALL_TIMEOUT)
+    fault = rig.proxy.arm(Fault("stall", on_command=RETR_FETCH, when="after", after_bytes=8000))
     with rig.client(mailbox) as raw:
         raw.send(b"RETR 1\r\n")
         assert raw.status().startswith(b"+OK")
