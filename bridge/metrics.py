@@ -11,6 +11,9 @@ from user names or peers: a label per user would grow without bound.
 
 from __future__ import annotations
 
+from functools import cache
+from typing import Any
+
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -72,6 +75,20 @@ for _reason in ("credentials", "upstream", "in_use"):
     LOGIN_FAILURES.labels(_reason)
 for _result in ("ok", "failed"):
     LOGINS.labels(_result)
+
+
+# `labels()` validates and looks up its arguments under a lock on every call (about 4 µs);
+# sessions count every command, so they keep the children.
+@cache
+def command_count(command: str, result: str) -> Any:
+    """The COMMANDS child for this command and result."""
+    return COMMANDS.labels(command, result)
+
+
+@cache
+def retrieve_time(command: str) -> Any:
+    """The RETRIEVE_SECONDS child for RETR or TOP."""
+    return RETRIEVE_SECONDS.labels(command)
 
 
 def supervisor_metrics(registry: CollectorRegistry) -> Counter:

@@ -18,6 +18,7 @@ import trio
 
 from bridge import metrics
 from bridge.admin import AdminServer, UpstreamProbe
+from bridge.client_timeouts import watchdog_tick
 from bridge.config import BridgeSettings, parse_listen_address
 from bridge.lifecycle import ReloadHook, reload_settings
 from bridge.listeners import ConnectionAdmission, ListenerKind, format_peer
@@ -151,26 +152,31 @@ class Pop3Service:
             self.bound_addresses = [_bound_address(listener) for listener in listeners]
             _log.info("listening", addresses=self.bound_addresses)
             try:
-                async with trio.open_nursery() as sessions:
-                    self._sessions = sessions.cancel_scope
-                    async with trio.open_nursery() as acceptors:
-                        self._acceptors = acceptors.cancel_scope
-                        for listener, kind in opened:
-                            acceptors.start_soon(
-                                partial(
-                                    trio.serve_listeners, partial(self._handle, kind=kind), [listener], handler_nursery=sessions
+                async with trio.open_nursery() as watchdog:
+                    # Sessions' client timeouts (bridge.client_timeouts), until the last
+                    # session is over.
+                    watchdog.start_soon(self.state.watchdog.run, lambda: watchdog_tick(self.state.settings))
+                    async with trio.open_nursery() as sessions:
+                        self._sessions = sessions.cancel_scope
+                        async with trio.open_nursery() as acceptors:
+                            self._acceptors = acceptors.cancel_scope
+                            for listener, kind in opened:
+                                serve = partial(
+                                    trio.serve_listeners, partial(self._handle, kind=kind), [listener],
+                                    handler_nursery=sessions,
                                 )
-                            )
-                        self.listening = True
-                        task_status.started(self.bound_addresses)
-                    # Only begin_shutdown()/stop_now() end the accept loops. Closing the sockets
-                    # now makes the kernel refuse new connections instead of queueing them.
-                    self.listening = False
-                    for listener in listeners:
-                        await trio.aclose_forcefully(listener)
-                    _log.info("shutdown_draining", sessions=self.state.active_sessions)
-                if sessions.cancel_scope.cancelled_caught:
-                    _log.warning("shutdown_sessions_closed", grace_seconds=self.settings.pop3.shutdown_grace_seconds)
+                                acceptors.start_soon(serve)
+                            self.listening = True
+                            task_status.started(self.bound_addresses)
+                        # Only begin_shutdown()/stop_now() end the accept loops. Closing the sockets
+                        # now makes the kernel refuse new connections instead of queueing them.
+                        self.listening = False
+                        for listener in listeners:
+                            await trio.aclose_forcefully(listener)
+                        _log.info("shutdown_draining", sessions=self.state.active_sessions)
+                    watchdog.cancel_scope.cancel()
+                    if sessions.cancel_scope.cancelled_caught:
+                        _log.warning("shutdown_sessions_closed", grace_seconds=self.settings.pop3.shutdown_grace_seconds)
             finally:
                 self.listening = False
                 for listener in listeners:

@@ -11,14 +11,17 @@ from __future__ import annotations
 import math
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Iterator
-from contextlib import ExitStack, contextmanager
+from collections.abc import Awaitable, Callable
+from contextlib import ExitStack
 from dataclasses import dataclass, field
+from typing import Any
 
 import structlog
 import trio
 
 from bridge import metrics
+from bridge.client_stream import ClientStream
+from bridge.client_timeouts import ClientWait, ClientWatchdog
 from bridge.config import BridgeSettings
 from bridge.delete_policy import MaildropView, apply_deletions, expire_capability, open_maildrop
 from bridge.devices import InvalidLogin, resolve_login
@@ -51,13 +54,16 @@ from bridge.upstream import (
 from bridge.upstream.pool import UpstreamPool
 
 _log = get_logger()
+_BYTES_SENT = metrics.BYTES_SENT
 _RECEIVE_SIZE = 65536
 # Replies go out in pieces of this size, each within pop3.send_timeout_seconds: the timeout
 # measures a client that stops reading, not a slow link taking long over a big message
 # (256 KiB take 2 s at 1 Mbit/s).
 _SEND_PIECE = 256 * 1024
-# At most this many messages are fetched in one read-ahead round trip.
-_READAHEAD_MESSAGES = 64
+# At most this many messages are fetched in one read-ahead round trip (and at most
+# upstream.fetch_chunk bytes of them): a download of 1,000 small messages waits for the
+# upstream 4 times instead of 1,000.
+_READAHEAD_MESSAGES = 256
 
 
 def unique_id(uidvalidity: int, uid: int) -> str:
@@ -76,9 +82,31 @@ def maildrop_from_snapshot(snapshot: MailboxSnapshot) -> Maildrop:
     )
 
 
-@dataclass
-class _CommandResult:
-    value: str = "ok"  # "err" once the command is answered -ERR
+class _CommandTimer:
+    """Counts and times one RETR, TOP or QUIT (metrics, and a debug log event). A class, not
+    a generator context manager: a download runs it once per message."""
+
+    __slots__ = ("command", "log", "started", "value")
+
+    def __init__(self, command: str, log: Any) -> None:
+        self.command = command
+        self.log = log
+        self.value = "ok"  # "err" once the command is answered -ERR
+
+    def __enter__(self) -> _CommandTimer:
+        self.started = time.monotonic()
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
+        command = self.command
+        if exc_type is not None:
+            metrics.command_count(command, "error").inc()
+            return
+        seconds = time.monotonic() - self.started
+        metrics.command_count(command, self.value).inc()
+        if command != "QUIT" and self.value == "ok":
+            metrics.retrieve_time(command).observe(seconds)
+        self.log.debug("command", command=command, ms=round(seconds * 1000, 2))
 
 
 def _count_login_failure(reason: str) -> None:
@@ -100,6 +128,9 @@ class ServiceState:
     settings: BridgeSettings
     locks: MaildropLocks = field(default_factory=MaildropLocks)
     active_sessions: int = 0
+    # Ends the sessions' waits for their clients that run out of time (autologout, a
+    # client not reading, the session limit); the service runs its task.
+    watchdog: ClientWatchdog = field(default_factory=ClientWatchdog)
 
     # Parked connections for the next session of the same account (bridge.upstream.pool); a
     # session's `mailbox.aclose()` hands its connection back here.
@@ -123,6 +154,7 @@ class Pop3Session:
         self, stream: trio.abc.Stream, peer: str, service: ServiceState, client: ClientConnection | None = None
     ) -> None:
         self._stream = stream
+        self._io = ClientStream(stream)
         self._peer = peer
         self._service = service
         self._settings = service.settings
@@ -140,6 +172,10 @@ class Pop3Session:
             plaintext_auth_allowed=plaintext_auth_allowed(pop3.allow_plaintext_auth, self._client.address),
         )
         self._deadline = math.inf  # pop3.session_timeout_seconds, set when the session starts
+        self._wait = ClientWait()
+        # A logger bound once: the module's lazy logger builds a new one on every call, and
+        # the per-command debug event is on the path of every RETR.
+        self._command_log = _log.bind()
         self._mailbox: UpstreamMailbox | None = None
         self._view: MaildropView | None = None
         self._maildrop: Maildrop | None = None
@@ -158,8 +194,9 @@ class Pop3Session:
         _log.info("session_start", tls=self._client.tls_active, proxied_by=self._client.proxied_by)
         metrics.SESSIONS_ACTIVE.inc()
         outcome = "error"
+        self._service.watchdog.add(self._wait)
         try:
-            outcome = await self._converse()
+            outcome = await self._converse_in_time()
         except _EndSession as end:
             outcome = end.outcome
         except trio.Cancelled:
@@ -173,6 +210,7 @@ class Pop3Session:
         except Exception:
             _log.exception("session_crashed")
         finally:
+            self._service.watchdog.discard(self._wait)
             await self._cleanup()
             # Counted and logged before it stops being active: whoever sees no active session
             # sees every ended one in the totals and the log.
@@ -190,31 +228,53 @@ class Pop3Session:
 
     async def _send(self, data: bytes) -> None:
         # A client that stops reading is dropped after pop3.send_timeout_seconds: at most one
-        # upstream chunk waits here for it, never the rest of the message.
-        timeout = self._settings.pop3.send_timeout_seconds
-        view = memoryview(data)
-        for start in range(0, len(view), _SEND_PIECE):
-            with trio.move_on_at(min(trio.current_time() + timeout, self._deadline)) as scope:
-                await self._stream.send_all(view[start : start + _SEND_PIECE])
-            if scope.cancelled_caught:
-                self._check_session_deadline()
-                _log.info("client_not_reading", seconds=timeout)
-                raise _EndSession("send_timeout")
-        metrics.BYTES_SENT.inc(len(data))
-
-    def _check_session_deadline(self) -> None:
-        if trio.current_time() >= self._deadline:
-            _log.info("session_timeout", seconds=self._settings.pop3.session_timeout_seconds)
-            raise _EndSession("session_timeout")
+        # piece waits here for it, never the rest of the message.
+        if len(data) <= _SEND_PIECE:
+            self._client_wait(self._settings.pop3.send_timeout_seconds, "send_timeout")
+            try:
+                await self._io.send(data)
+            finally:
+                self._wait.due = math.inf
+        else:
+            view = memoryview(data)
+            for start in range(0, len(view), _SEND_PIECE):
+                self._client_wait(self._settings.pop3.send_timeout_seconds, "send_timeout")
+                try:
+                    await self._io.send(view[start : start + _SEND_PIECE])
+                finally:
+                    self._wait.due = math.inf
+        _BYTES_SENT.inc(len(data))
 
     async def _receive(self) -> bytes:
-        autologout = self._settings.pop3.autologout_seconds
-        with trio.move_on_at(min(trio.current_time() + autologout, self._deadline)):
-            return await self._stream.receive_some(_RECEIVE_SIZE)
-        self._check_session_deadline()
-        # RFC 1939 autologout: close without a reply and without entering UPDATE.
-        _log.info("autologout", seconds=autologout)
-        raise _EndSession("autologout")
+        self._client_wait(self._settings.pop3.autologout_seconds, "autologout")
+        try:
+            return await self._io.receive(_RECEIVE_SIZE)
+        finally:
+            self._wait.due = math.inf
+
+    def _client_wait(self, seconds: float, reason: str) -> None:
+        """The wait that starts now ends after `seconds` (bridge.client_timeouts)."""
+        wait = self._wait
+        due = trio.current_time() + seconds
+        if due < self._deadline:
+            wait.due, wait.reason = due, reason
+        else:
+            wait.due, wait.reason = self._deadline, "session_timeout"
+
+    async def _converse_in_time(self) -> str:
+        with self._wait.scope:
+            return await self._converse()
+        # The watchdog ended a wait for the client that ran out of time.
+        reason = self._wait.reason
+        pop3 = self._settings.pop3
+        if reason == "autologout":
+            # RFC 1939 autologout: close without a reply and without entering UPDATE.
+            _log.info("autologout", seconds=pop3.autologout_seconds)
+        elif reason == "send_timeout":
+            _log.info("client_not_reading", seconds=pop3.send_timeout_seconds)
+        else:
+            _log.info("session_timeout", seconds=pop3.session_timeout_seconds)
+        raise _EndSession(reason)
 
     async def _start_tls(self) -> None:
         """STLS: TLS on this connection; the core has already dropped what came before."""
@@ -229,6 +289,7 @@ class Pop3Session:
                 _log.info("tls_handshake_failed", reason=type(exc.__cause__ or exc).__name__)
                 raise _EndSession("tls_failed") from None
             self._stream = tls_stream
+            self._io = ClientStream(tls_stream)
             self._core.tls_established()
             _log.info("stls_started", version=tls_stream.version())
             return
@@ -250,7 +311,7 @@ class Pop3Session:
                 if event.command is not None:
                     # Commands the core answers itself (STAT, LIST, UIDL, DELE, ...); RETR,
                     # TOP and QUIT are counted where the session does their work.
-                    metrics.COMMANDS.labels(event.command, "ok" if event.data[:1] == b"+" else "err").inc()
+                    metrics.command_count(event.command, "ok" if event.data[:1] == b"+" else "err").inc()
                 await self._send(event.data)
             elif isinstance(event, StartTls):
                 await self._send(event.data)
@@ -268,20 +329,8 @@ class Pop3Session:
             else:  # pragma: no cover - the core's event set is closed
                 raise AssertionError(f"unexpected event {event!r}")
 
-    @contextmanager
-    def _timed(self, command: str) -> Iterator[_CommandResult]:
-        started = time.monotonic()
-        result = _CommandResult()
-        try:
-            yield result
-        except BaseException:
-            metrics.COMMANDS.labels(command, "error").inc()
-            raise
-        seconds = time.monotonic() - started
-        metrics.COMMANDS.labels(command, result.value).inc()
-        if command != "QUIT" and result.value == "ok":
-            metrics.RETRIEVE_SECONDS.labels(command).observe(seconds)
-        _log.debug("command", command=command, ms=round(seconds * 1000, 2))
+    def _timed(self, command: str) -> _CommandTimer:
+        return _CommandTimer(command, self._command_log)
 
     async def _login(self, request: LoginRequest) -> bytes:
         core = self._core
@@ -389,6 +438,7 @@ class Pop3Session:
         """This message and the next small, not deleted ones, up to fetch_chunk bytes."""
         assert self._maildrop is not None
         budget = self._settings.upstream.fetch_chunk
+        small = budget // 4
         batch: list[MaildropEntry] = []
         while len(batch) < _READAHEAD_MESSAGES:
             found = self._maildrop.lookup(number)
@@ -397,8 +447,9 @@ class Pop3Session:
                 if number > len(self._maildrop):
                     break
                 continue
-            if found.size > budget // 4 or found.size > budget - sum(e.size for e in batch):
+            if found.size > small or found.size > budget:
                 break
+            budget -= found.size
             batch.append(found)
         return batch
 

@@ -66,6 +66,9 @@ _CODE_NUMBER = re.compile(rb"\[(UIDVALIDITY|HIGHESTMODSEQ|UIDNEXT) (\d+)\]", re.
 _BODY_LITERAL = re.compile(rb"BODY\[[^\]]*\](?:<\d+>)? \{(\d+)\}", re.IGNORECASE)
 _BODY_EMPTY = re.compile(rb'BODY\[[^\]]*\](?:<\d+>)? (""|NIL)', re.IGNORECASE)
 _DELETED = re.compile(rb"\\Deleted\b", re.IGNORECASE)
+# A FETCH answer to our own UID FETCH (UID BODY.PEEK[...]) as Dovecot and most servers send
+# it, literal taken out: one match instead of nine regex searches per message of a batch.
+_BODY_FETCH = re.compile(rb"\* (\d+) FETCH \(UID (\d+) BODY\[[^\]]*\] \{\d+\}\)$")
 # The listing line as Dovecot and most servers order it (the order we ask for): one regex
 # instead of four on the hot path of a 5,000-message listing.
 _LISTING_LINE = re.compile(
@@ -306,6 +309,8 @@ class _Listing:
                 self.consistent = False
                 self.info.pop(known, None)
             self.by_sequence[number - 1] = uid
+        if size is None and deleted is None:
+            return  # the UID was all there was to learn (a message body we fetched)
         old_size, old_deleted = self.info.get(uid, (None, False))
         new_size = size if size is not None else old_size
         if new_size is None:
@@ -382,6 +387,10 @@ class TrioImapMailbox:
 
     def _untagged(self, text: bytes) -> None:
         """Keep the connection's view of the selected mailbox up to date."""
+        if (body_fetch := _BODY_FETCH.match(text)) is not None:
+            if self._listing is not None:
+                self._listing.fetched(int(body_fetch.group(1)), int(body_fetch.group(2)), None, None)
+            return
         if self._listing is not None and (line := _LISTING_LINE.match(text)) is not None:
             number, uid, size, flags, modseq = line.groups()
             if modseq is not None:
@@ -915,6 +924,9 @@ class TrioImapMailbox:
                     "fetch", b"UID FETCH %s (UID BODY.PEEK[%s])" % (piece.encode(), section), collect=True
                 )
                 for response in collected:
+                    if (fast := _BODY_FETCH.match(response.text)) is not None and len(response.literals) == 1:
+                        found[int(fast.group(2))] = response.literals[0]
+                        continue
                     uid = _UID.search(response.text)
                     if uid is not None and response.literals and _BODY_LITERAL.search(response.text):
                         found[int(uid.group(1))] = response.literals[_literal_index(response.text)]
