@@ -58,15 +58,13 @@ class MaildropView:
 
 async def open_maildrop(mailbox: UpstreamMailbox, identity: LoginIdentity, settings: BridgeSettings) -> MaildropView:
     snapshot = await mailbox.snapshot()
-    all_uids = tuple(info.uid for info in snapshot.messages)
+    all_uids = snapshot.uids
     if identity.policy != "per-client":
         return MaildropView(identity, snapshot, all_uids)
     store = DeviceStateStore(mailbox, settings.delete.state_folder, settings.upstream.mailbox)
     state = await store.load(identity.device, snapshot.uidvalidity)
-    visible = tuple(info for info in snapshot.messages if info.uid not in state.hidden)
-    return MaildropView(
-        identity, MailboxSnapshot(snapshot.uidvalidity, visible), all_uids, state, store
-    )
+    visible = (info for info in snapshot.messages if info.uid not in state.hidden)
+    return MaildropView(identity, MailboxSnapshot.of(snapshot.uidvalidity, visible), all_uids, state, store)
 
 
 async def apply_deletions(

@@ -37,6 +37,7 @@ from bridge.pop3 import (
     LoginRequest,
     Maildrop,
     MaildropEntry,
+    MessageList,
     Pop3Server,
     ResponseCode,
     RetrieveRequest,
@@ -74,12 +75,14 @@ def unique_id(uidvalidity: int, uid: int) -> str:
 
 
 def maildrop_from_snapshot(snapshot: MailboxSnapshot) -> Maildrop:
-    return Maildrop(
-        [
-            MaildropEntry(size=info.size, unique_id=unique_id(snapshot.uidvalidity, info.uid), ref=info.uid)
-            for info in snapshot.messages
-        ]
-    )
+    """The session's maildrop. Its messages are worked out once per snapshot: the engine
+    hands every session the same snapshot while the mailbox stays unchanged."""
+
+    def messages() -> MessageList:
+        uidvalidity = snapshot.uidvalidity
+        return MessageList(snapshot.sizes, [unique_id(uidvalidity, uid) for uid in snapshot.uids], snapshot.uids)
+
+    return Maildrop(snapshot.memo("pop3_messages", messages))
 
 
 class _CommandTimer:
@@ -387,7 +390,7 @@ class Pop3Session:
         # The audit record: user, account and device (context), peer (the real client), TLS.
         _log.info(
             "login_ok",
-            messages=len(snapshot.messages),
+            messages=len(snapshot.uids),
             uidvalidity=snapshot.uidvalidity,
             policy=identity.policy,
             mechanism=request.mechanism,

@@ -22,7 +22,7 @@ from .events import (
     StartTls,
 )
 from .linebuffer import LINE_TOO_LONG, LineBuffer, LineTooLong
-from .maildrop import Maildrop, MaildropEntry, Unavailable
+from .maildrop import Maildrop, MaildropEntry, MessageList, Unavailable
 from .responses import ResponseCode, continuation, err, multiline, ok
 from .sasl import MAX_RESPONSE_LINE, SUPPORTED_MECHANISMS
 
@@ -44,6 +44,7 @@ __all__ = [
     "LoginRequest",
     "Maildrop",
     "MaildropEntry",
+    "MessageList",
     "MessageEncoder",
     "NeedData",
     "Pop3Server",

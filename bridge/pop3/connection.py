@@ -63,7 +63,7 @@ from .events import (
 )
 from .linebuffer import LINE_TOO_LONG, LineBuffer
 from .maildrop import Maildrop, Unavailable
-from .responses import ResponseCode, continuation, err, multiline, ok
+from .responses import ResponseCode, continuation, err, multiline, multiline_lines, ok
 from .sasl import (
     MAX_RESPONSE_LINE,
     SUPPORTED_MECHANISMS,
@@ -316,18 +316,15 @@ class Pop3Server:
                 count, octets = self._drop.stat()
                 return Send(ok(f"{count} {octets}"))
             case List(number=None):
-                listing = self._drop.scan_listing()
-                lines = (f"{number} {size}" for number, size in listing)
-                return Send(multiline(f"{len(listing)} messages:", lines))
+                count, _octets = self._drop.stat()
+                return Send(multiline_lines(f"{count} messages:", self._drop.listing_lines(unique_ids=False)))
             case List(number=int(number)):
                 found = self._drop.lookup(number)
                 if isinstance(found, Unavailable):
                     return Send(err(self._unavailable(number, found)))
                 return Send(ok(f"{number} {found.size}"))
             case Uidl(number=None):
-                listing = self._drop.unique_id_listing()
-                lines = (f"{number} {uid}" for number, uid in listing)
-                return Send(multiline("", lines))
+                return Send(multiline_lines("", self._drop.listing_lines(unique_ids=True)))
             case Uidl(number=int(number)):
                 found = self._drop.lookup(number)
                 if isinstance(found, Unavailable):

@@ -12,14 +12,15 @@ from __future__ import annotations
 
 import enum
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-__all__ = ["Maildrop", "MaildropEntry", "Unavailable"]
+__all__ = ["Maildrop", "MaildropEntry", "MessageList", "Unavailable"]
 
 # RFC 1939 section 7 (UIDL): 1 to 70 characters in the range 0x21 to 0x7E. A regex, because
 # every message of every login is checked (a 5,000-message maildrop on each poll).
 _UNIQUE_ID = re.compile(r"[\x21-\x7e]{1,70}")
+_UNIQUE_IDS = re.compile(r"[\x21-\x7e]{1,70}(?:\n[\x21-\x7e]{1,70})*")
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,15 +49,66 @@ class Unavailable(enum.Enum):
     DELETED = "already deleted"
 
 
-class Maildrop:
-    def __init__(self, entries: Iterable[MaildropEntry]) -> None:
-        self._entries: tuple[MaildropEntry, ...] = tuple(entries)
-        if len({entry.unique_id for entry in self._entries}) != len(self._entries):
+class MessageList:
+    """A maildrop's messages, fixed: sizes, UIDL strings and I/O refs as three columns,
+    checked once. Immutable, so sessions that see the same mailbox state can share one, with
+    the STAT figures and the LIST and UIDL lines built from it (a device polling an
+    unchanged 5,000-message maildrop every few minutes gets them without a rebuild)."""
+
+    __slots__ = ("_lines", "octets", "refs", "sizes", "unique_ids")
+
+    def __init__(self, sizes: Sequence[int], unique_ids: Sequence[str], refs: Sequence[int]) -> None:
+        if not len(sizes) == len(unique_ids) == len(refs):
+            raise ValueError("every message needs a size, a unique id and a ref")
+        if sizes and min(sizes) < 0:
+            raise ValueError("message size must not be negative")
+        # One pass over all of them, not a regex match per message (the count: no id may
+        # hide a line break of its own).
+        joined = "\n".join(unique_ids)
+        if unique_ids and (joined.count("\n") != len(unique_ids) - 1 or _UNIQUE_IDS.fullmatch(joined) is None):
+            raise ValueError("unique id must be 1 to 70 characters from 0x21 to 0x7E")
+        if len(set(unique_ids)) != len(unique_ids):
             raise ValueError("unique ids must differ between the messages of a maildrop")
+        self.sizes: tuple[int, ...] = tuple(sizes)
+        self.unique_ids: tuple[str, ...] = tuple(unique_ids)
+        self.refs: tuple[int, ...] = tuple(refs)
+        self.octets = sum(self.sizes)
+        self._lines: dict[bool, bytes] = {}
+
+    @classmethod
+    def of(cls, entries: Iterable[MaildropEntry]) -> MessageList:
+        listed = list(entries)
+        return cls([e.size for e in listed], [e.unique_id for e in listed], [e.ref for e in listed])
+
+    def __len__(self) -> int:
+        return len(self.sizes)
+
+    def all_lines(self, unique_ids: bool) -> bytes:
+        """``n size`` (LIST) or ``n unique-id`` (UIDL) for every message, CRLF-terminated."""
+        if unique_ids not in self._lines:
+            self._lines[unique_ids] = _listing_lines(
+                range(1, len(self.sizes) + 1), self.unique_ids if unique_ids else self.sizes
+            )
+        return self._lines[unique_ids]
+
+
+def _listing_lines(numbers: Iterable[int], values: Iterable[object]) -> bytes:
+    # Numbers and checked unique ids: printable ASCII, and no line starts with a dot, so
+    # nothing needs stuffing.
+    return "".join([f"{number} {value}\r\n" for number, value in zip(numbers, values, strict=True)]).encode("ascii")
+
+
+class Maildrop:
+    def __init__(self, messages: MessageList | Iterable[MaildropEntry]) -> None:
+        # Entries are made when a command names their message (RETR, DELE, ...), not for all.
+        self._entries: list[MaildropEntry | None]
+        if isinstance(messages, MessageList):
+            self._messages = messages
+            self._entries = [None] * len(messages)
+        else:
+            self._entries = list(messages)
+            self._messages = MessageList.of(self._entries)  # type: ignore[arg-type]
         self._marked: set[int] = set()  # list positions, not message numbers
-        # STAT, LIST and UIDL of one poll all walk the not-marked messages; DELE and RSET
-        # are the only things that change which they are.
-        self._live_cache: list[tuple[int, MaildropEntry]] | None = None
 
     def __len__(self) -> int:
         """All messages, marked ones included (the highest valid number)."""
@@ -71,6 +123,14 @@ class Maildrop:
     def _number(index: int) -> int:
         return index + 1
 
+    def _entry(self, index: int) -> MaildropEntry:
+        entry = self._entries[index]
+        if entry is None:
+            messages = self._messages
+            entry = MaildropEntry(messages.sizes[index], messages.unique_ids[index], messages.refs[index])
+            self._entries[index] = entry
+        return entry
+
     def _locate(self, number: int) -> int | Unavailable:
         index = self._index(number)
         if index is None:
@@ -82,30 +142,39 @@ class Maildrop:
     def lookup(self, number: int) -> MaildropEntry | Unavailable:
         """The entry for a client-supplied message number, if it may be used."""
         index = self._locate(number)
-        return index if isinstance(index, Unavailable) else self._entries[index]
+        return index if isinstance(index, Unavailable) else self._entry(index)
 
-    def _live(self) -> list[tuple[int, MaildropEntry]]:
-        if self._live_cache is None:
-            marked = self._marked
-            self._live_cache = [
-                (self._number(index), entry)
-                for index, entry in enumerate(self._entries)
-                if index not in marked
-            ]
-        return self._live_cache
+    def _live(self) -> list[int]:
+        marked = self._marked
+        return [index for index in range(len(self._entries)) if index not in marked]
 
     def stat(self) -> tuple[int, int]:
         """(count, octets) of the messages not marked as deleted."""
+        sizes = self._messages.sizes
+        if not self._marked:
+            return len(sizes), self._messages.octets
         live = self._live()
-        return len(live), sum(entry.size for _, entry in live)
+        return len(live), sum(sizes[index] for index in live)
 
     def scan_listing(self) -> list[tuple[int, int]]:
         """(number, size) for each message not marked as deleted."""
-        return [(number, entry.size) for number, entry in self._live()]
+        sizes = self._messages.sizes
+        return [(self._number(index), sizes[index]) for index in self._live()]
 
     def unique_id_listing(self) -> list[tuple[int, str]]:
         """(number, unique id) for each message not marked as deleted."""
-        return [(number, entry.unique_id) for number, entry in self._live()]
+        unique_ids = self._messages.unique_ids
+        return [(self._number(index), unique_ids[index]) for index in self._live()]
+
+    def listing_lines(self, unique_ids: bool) -> bytes:
+        """The body of LIST (``n size``) or UIDL (``n unique-id``) without arguments: one
+        CRLF-terminated line per message not marked as deleted."""
+        messages = self._messages
+        if not self._marked:
+            return messages.all_lines(unique_ids)
+        live = self._live()
+        column = messages.unique_ids if unique_ids else messages.sizes
+        return _listing_lines((self._number(index) for index in live), (column[index] for index in live))
 
     def mark_deleted(self, number: int) -> MaildropEntry | Unavailable:
         """Mark a message; returns its entry, or why it could not be marked."""
@@ -113,14 +182,12 @@ class Maildrop:
         if isinstance(index, Unavailable):
             return index
         self._marked.add(index)
-        self._live_cache = None
-        return self._entries[index]
+        return self._entry(index)
 
     def reset(self) -> None:
         """Unmark every message (RSET)."""
         self._marked.clear()
-        self._live_cache = None
 
     def marked(self) -> tuple[MaildropEntry, ...]:
         """The marked entries, in maildrop order."""
-        return tuple(entry for index, entry in enumerate(self._entries) if index in self._marked)
+        return tuple(self._entry(index) for index in sorted(self._marked))

@@ -366,7 +366,7 @@ class AioImapMailbox:
                 messages.append(MessageInfo(uid, size))
             messages.sort(key=lambda info: info.uid)
         self._snapshot_uidvalidity = uidvalidity
-        return MailboxSnapshot(uidvalidity=uidvalidity, messages=tuple(messages))
+        return MailboxSnapshot.of(uidvalidity, messages)
 
     async def _confirm_maildrop(self) -> None:
         """Select the maildrop afresh before changing it by UID, and make sure it is still the

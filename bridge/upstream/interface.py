@@ -7,10 +7,12 @@ engine's business (see `bridge.upstream.aioimap`).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol, TypeVar
+
+_T = TypeVar("_T")
 
 
 class UpstreamError(Exception):
@@ -40,12 +42,46 @@ class MessageInfo:
     size: int
 
 
-@dataclass(frozen=True, slots=True)
 class MailboxSnapshot:
-    """The maildrop as it was when the session logged in, in UID order."""
+    """The maildrop as it was when the session logged in, in UID order: UIDs and sizes as
+    two columns, so a 5,000-message poll builds no object per message. Immutable; an engine
+    may hand the same snapshot to every session while the mailbox stays unchanged, and what
+    sessions derive from it can be kept with it (`memo`)."""
 
-    uidvalidity: int
-    messages: tuple[MessageInfo, ...]
+    __slots__ = ("_memo", "sizes", "uids", "uidvalidity")
+
+    def __init__(self, uidvalidity: int, uids: Sequence[int], sizes: Sequence[int]) -> None:
+        if len(uids) != len(sizes):
+            raise ValueError("a snapshot needs one size per UID")
+        self.uidvalidity = uidvalidity
+        self.uids: tuple[int, ...] = tuple(uids)
+        self.sizes: tuple[int, ...] = tuple(sizes)
+        self._memo: dict[str, Any] = {}
+
+    @classmethod
+    def of(cls, uidvalidity: int, messages: Iterable[MessageInfo]) -> MailboxSnapshot:
+        listed = list(messages)
+        return cls(uidvalidity, [info.uid for info in listed], [info.size for info in listed])
+
+    @property
+    def messages(self) -> tuple[MessageInfo, ...]:
+        return tuple(MessageInfo(uid, size) for uid, size in zip(self.uids, self.sizes, strict=True))
+
+    def memo(self, key: str, compute: Callable[[], _T]) -> _T:
+        """`compute()`, worked out once per snapshot whichever session asks."""
+        if key not in self._memo:
+            self._memo[key] = compute()
+        return self._memo[key]  # type: ignore[no-any-return]
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, MailboxSnapshot):
+            return NotImplemented
+        return (self.uidvalidity, self.uids, self.sizes) == (other.uidvalidity, other.uids, other.sizes)
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"MailboxSnapshot(uidvalidity={self.uidvalidity}, messages={len(self.uids)})"
 
 
 class RangeReader(Protocol):

@@ -39,7 +39,6 @@ from bridge.upstream.interface import (
     AuthenticationFailed,
     MailboxSnapshot,
     MessageGone,
-    MessageInfo,
     RangeReader,
     UpstreamError,
     UpstreamNotListening,
@@ -270,19 +269,31 @@ def _wire_name(folder: str) -> str:
 
 class _Listing:
     """The maildrop as the server numbers it: UIDs by sequence number, size and \\Deleted by
-    UID. `None` stands for a message announced by EXISTS whose UID we have not seen yet."""
+    UID. `None` stands for a message announced by EXISTS whose UID we have not seen yet.
+
+    While nothing changes, `snapshot()` hands out the same snapshot (and `complete()` its
+    earlier answer): a warm poll of an unchanged 5,000-message maildrop then reuses what the
+    previous session built from it (`MailboxSnapshot.memo`)."""
 
     def __init__(self) -> None:
         self.by_sequence: list[int | None] = []
         self.info: dict[int, tuple[int, bool]] = {}
         # False once the server's numbering and ours disagreed: only a full listing helps.
         self.consistent = True
+        self._snapshot: MailboxSnapshot | None = None
+        self._complete: bool | None = None
+
+    def _changed(self) -> None:
+        self._snapshot = None
+        self._complete = None
 
     def exists(self, count: int) -> None:
         if count > len(self.by_sequence):
             self.by_sequence.extend([None] * (count - len(self.by_sequence)))
+            self._changed()
 
     def expunge(self, number: int) -> None:
+        self._changed()
         if not 1 <= number <= len(self.by_sequence):
             self.consistent = False
             return
@@ -292,6 +303,7 @@ class _Listing:
 
     def vanish(self, uids: set[int]) -> None:
         if uids & self.info.keys():
+            self._changed()
             self.by_sequence = [uid for uid in self.by_sequence if uid not in uids]
             for uid in uids:
                 self.info.pop(uid, None)
@@ -305,20 +317,27 @@ class _Listing:
             if uid is None:
                 return  # a flag update for a message whose UID we do not know yet
         elif known != uid:
+            self._changed()
             if known is not None:
                 self.consistent = False
                 self.info.pop(known, None)
             self.by_sequence[number - 1] = uid
         if size is None and deleted is None:
             return  # the UID was all there was to learn (a message body we fetched)
-        old_size, old_deleted = self.info.get(uid, (None, False))
+        old = self.info.get(uid)
+        old_size, old_deleted = old if old is not None else (None, False)
         new_size = size if size is not None else old_size
         if new_size is None:
             return
-        self.info[uid] = (new_size, old_deleted if deleted is None else deleted)
+        new = (new_size, old_deleted if deleted is None else deleted)
+        if new != old:
+            self.info[uid] = new
+            self._changed()
 
     def complete(self) -> bool:
-        return all(uid is not None and uid in self.info for uid in self.by_sequence)
+        if self._complete is None:
+            self._complete = all(uid is not None and uid in self.info for uid in self.by_sequence)
+        return self._complete
 
     def first_missing(self) -> int | None:
         """The sequence number of the first message not listed yet (None: all are)."""
@@ -328,9 +347,13 @@ class _Listing:
         return None
 
     def snapshot(self, uidvalidity: int) -> MailboxSnapshot:
-        messages = [MessageInfo(uid, size) for uid, (size, deleted) in self.info.items() if not deleted]
-        messages.sort(key=lambda info: info.uid)
-        return MailboxSnapshot(uidvalidity=uidvalidity, messages=tuple(messages))
+        cached = self._snapshot
+        if cached is not None and cached.uidvalidity == uidvalidity:
+            return cached
+        info = self.info
+        uids = sorted(uid for uid, (_size, deleted) in info.items() if not deleted)
+        self._snapshot = MailboxSnapshot(uidvalidity, uids, [info[uid][0] for uid in uids])
+        return self._snapshot
 
 
 class TrioImapMailbox:

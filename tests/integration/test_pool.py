@@ -129,6 +129,51 @@ def test_mail_expunged_while_parked_is_gone_from_the_next_session(
     assert pool_events(bridge, mailbox.user) == ["none_parked", "reused"]
 
 
+def listings(bridge: ThreadedBridge, user: str, password: str) -> tuple[list[bytes], list[bytes]]:
+    """UIDL and LIST of one session, as poplib returns their lines."""
+    pop = poplib.POP3("127.0.0.1", bridge.port, timeout=30)
+    try:
+        pop.user(user)
+        pop.pass_(password)
+        uidl, listed = pop.uidl()[1], pop.list()[1]
+        pop.quit()
+    finally:
+        pop.close()
+    return uidl, listed
+
+
+def test_listings_follow_flag_changes_made_while_parked(
+    bridge_factory: BridgeFactory, mailbox: Mailbox, engine: str
+) -> None:
+    # Sessions of an unchanged maildrop share what the first one built (bridge.session
+    # maildrop_from_snapshot); any change in between must show in the next listing.
+    messages = list(numbered_messages(3))
+    uids = mailbox.append(messages).uids
+    bridge = start(bridge_factory, engine)
+    with mailbox.observer() as observer:
+        uidvalidity = observer.uidvalidity()
+
+    def expected(kept: list[int]) -> tuple[list[bytes], list[bytes]]:
+        numbered = list(enumerate(kept, 1))
+        return (
+            [b"%d %08x%08x" % (n, uids[i], uidvalidity) for n, i in numbered],
+            [b"%d %d" % (n, len(messages[i])) for n, i in numbered],
+        )
+
+    assert listings(bridge, mailbox.user, mailbox.password) == expected([0, 1, 2])
+    sessions_ended(bridge, 1)
+    assert listings(bridge, mailbox.user, mailbox.password) == expected([0, 1, 2])
+    sessions_ended(bridge, 2)
+    with mailbox.observer() as observer:
+        observer.store_flags([uids[1]], ["\\Deleted"])
+    assert listings(bridge, mailbox.user, mailbox.password) == expected([0, 2])
+    sessions_ended(bridge, 3)
+    with mailbox.observer() as observer:
+        observer.store_flags([uids[1]], ["\\Deleted"], mode="-")
+    assert listings(bridge, mailbox.user, mailbox.password) == expected([0, 1, 2])
+    assert pool_events(bridge, mailbox.user) == ["none_parked", "reused", "reused", "reused"]
+
+
 def test_parked_connection_killed_by_the_server_is_replaced(
     bridge_factory: BridgeFactory, dovecot: DovecotSandbox, mailbox: Mailbox, engine: str
 ) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from bridge.pop3 import Maildrop, MaildropEntry, Unavailable
+from bridge.pop3 import Maildrop, MaildropEntry, MessageList, Unavailable
 from bridge.pop3.commands import HUGE_NUMBER
 
 A = MaildropEntry(size=100, unique_id="uid-a", ref=11)
@@ -117,3 +117,64 @@ def test_duplicate_unique_ids_are_refused() -> None:
 def test_entries_are_frozen() -> None:
     with pytest.raises(AttributeError):
         A.size = 5  # type: ignore[misc]
+
+
+# -- MessageList: the columns sessions of an unchanged maildrop share ------------------------
+
+
+def shared() -> MessageList:
+    return MessageList([100, 200, 300], ["uid-a", "uid-b", "uid-c"], [11, 12, 13])
+
+
+def test_listing_lines_are_the_list_and_uidl_bodies() -> None:
+    maildrop = Maildrop(shared())
+    assert maildrop.listing_lines(unique_ids=False) == b"1 100\r\n2 200\r\n3 300\r\n"
+    assert maildrop.listing_lines(unique_ids=True) == b"1 uid-a\r\n2 uid-b\r\n3 uid-c\r\n"
+    assert maildrop.stat() == (3, 600)
+
+
+def test_marks_of_one_session_do_not_reach_another_sharing_the_messages() -> None:
+    messages = shared()
+    first, second = Maildrop(messages), Maildrop(messages)
+    first.mark_deleted(2)
+    assert first.listing_lines(unique_ids=False) == b"1 100\r\n3 300\r\n"
+    assert first.listing_lines(unique_ids=True) == b"1 uid-a\r\n3 uid-c\r\n"
+    assert first.stat() == (2, 400)
+    assert second.listing_lines(unique_ids=False) == b"1 100\r\n2 200\r\n3 300\r\n"
+    assert second.stat() == (3, 600)
+    first.reset()
+    assert first.listing_lines(unique_ids=True) == b"1 uid-a\r\n2 uid-b\r\n3 uid-c\r\n"
+
+
+def test_entries_made_from_columns_are_the_same_on_every_lookup() -> None:
+    maildrop = Maildrop(shared())
+    entry = maildrop.lookup(2)
+    assert entry == MaildropEntry(size=200, unique_id="uid-b", ref=12)
+    assert maildrop.lookup(2) is entry
+    assert maildrop.mark_deleted(2) is entry
+    assert maildrop.marked() == (entry,)
+
+
+def test_empty_message_list() -> None:
+    maildrop = Maildrop(MessageList([], [], []))
+    assert maildrop.stat() == (0, 0)
+    assert maildrop.listing_lines(unique_ids=True) == b""
+
+
+@pytest.mark.parametrize(
+    ("sizes", "unique_ids", "refs", "reason"),
+    [
+        ([1, 2], ["a", "b"], [1], "every message needs"),
+        ([1, -2], ["a", "b"], [1, 2], "must not be negative"),
+        ([1, 2], ["a", "a"], [1, 2], "must differ"),
+        ([1, 2], ["a", "b c"], [1, 2], "0x21 to 0x7E"),
+        ([1, 2], ["a", ""], [1, 2], "0x21 to 0x7E"),
+        ([1], ["x" * 71], [1], "0x21 to 0x7E"),
+        ([1, 2], ["a", "b\nc"], [1, 2], "0x21 to 0x7E"),
+    ],
+)
+def test_message_list_refuses_what_would_break_a_listing(
+    sizes: list[int], unique_ids: list[str], refs: list[int], reason: str
+) -> None:
+    with pytest.raises(ValueError, match=reason):
+        MessageList(sizes, unique_ids, refs)
