@@ -8,7 +8,6 @@ way (client gone, timeout, error, shutdown) deletes nothing.
 
 from __future__ import annotations
 
-import math
 import secrets
 import time
 from collections.abc import Awaitable, Callable
@@ -20,7 +19,7 @@ import structlog
 import trio
 
 from bridge import metrics
-from bridge.client_stream import ClientStream
+from bridge.client_stream import SEND_PIECE, ClientStream
 from bridge.client_timeouts import ClientWait, ClientWatchdog
 from bridge.config import BridgeSettings
 from bridge.delete_policy import MaildropView, apply_deletions, expire_capability, open_maildrop
@@ -57,10 +56,6 @@ from bridge.upstream.pool import UpstreamPool
 _log = get_logger()
 _BYTES_SENT = metrics.BYTES_SENT
 _RECEIVE_SIZE = 65536
-# Replies go out in pieces of this size, each within pop3.send_timeout_seconds: the timeout
-# measures a client that stops reading, not a slow link taking long over a big message
-# (256 KiB take 2 s at 1 Mbit/s).
-_SEND_PIECE = 256 * 1024
 # At most this many messages are fetched in one read-ahead round trip (and at most
 # upstream.fetch_chunk bytes of them): a download of 1,000 small messages waits for the
 # upstream 4 times instead of 1,000.
@@ -157,7 +152,9 @@ class Pop3Session:
         self, stream: trio.abc.Stream, peer: str, service: ServiceState, client: ClientConnection | None = None
     ) -> None:
         self._stream = stream
-        self._io = ClientStream(stream)
+        # The session's waits for its client and their timeouts (bridge.client_timeouts).
+        self._wait = ClientWait()
+        self._io = ClientStream(stream, self._wait)
         self._peer = peer
         self._service = service
         self._settings = service.settings
@@ -174,8 +171,6 @@ class Pop3Session:
             tls_active=self._client.tls_active,
             plaintext_auth_allowed=plaintext_auth_allowed(pop3.allow_plaintext_auth, self._client.address),
         )
-        self._deadline = math.inf  # pop3.session_timeout_seconds, set when the session starts
-        self._wait = ClientWait()
         # A logger bound once: the module's lazy logger builds a new one on every call, and
         # the per-command debug event is on the path of every RETR.
         self._command_log = _log.bind()
@@ -193,7 +188,7 @@ class Pop3Session:
         structlog.contextvars.bind_contextvars(session=self.session_id, peer=self._peer)
         started = time.monotonic()
         if self._settings.pop3.session_timeout_seconds:
-            self._deadline = trio.current_time() + self._settings.pop3.session_timeout_seconds
+            self._io.deadline = trio.current_time() + self._settings.pop3.session_timeout_seconds
         _log.info("session_start", tls=self._client.tls_active, proxied_by=self._client.proxied_by)
         metrics.SESSIONS_ACTIVE.inc()
         outcome = "error"
@@ -230,39 +225,12 @@ class Pop3Session:
                 await self._stream.aclose()
 
     async def _send(self, data: bytes) -> None:
-        # A client that stops reading is dropped after pop3.send_timeout_seconds: at most one
-        # piece waits here for it, never the rest of the message.
-        if len(data) <= _SEND_PIECE:
-            self._client_wait(self._settings.pop3.send_timeout_seconds, "send_timeout")
-            try:
-                await self._io.send(data)
-            finally:
-                self._wait.due = math.inf
-        else:
-            view = memoryview(data)
-            for start in range(0, len(view), _SEND_PIECE):
-                self._client_wait(self._settings.pop3.send_timeout_seconds, "send_timeout")
-                try:
-                    await self._io.send(view[start : start + _SEND_PIECE])
-                finally:
-                    self._wait.due = math.inf
+        # A client that stops reading is dropped after pop3.send_timeout_seconds.
+        await self._io.send(data, self._settings.pop3.send_timeout_seconds)
         _BYTES_SENT.inc(len(data))
 
     async def _receive(self) -> bytes:
-        self._client_wait(self._settings.pop3.autologout_seconds, "autologout")
-        try:
-            return await self._io.receive(_RECEIVE_SIZE)
-        finally:
-            self._wait.due = math.inf
-
-    def _client_wait(self, seconds: float, reason: str) -> None:
-        """The wait that starts now ends after `seconds` (bridge.client_timeouts)."""
-        wait = self._wait
-        due = trio.current_time() + seconds
-        if due < self._deadline:
-            wait.due, wait.reason = due, reason
-        else:
-            wait.due, wait.reason = self._deadline, "session_timeout"
+        return await self._io.receive(_RECEIVE_SIZE, self._settings.pop3.autologout_seconds)
 
     async def _converse_in_time(self) -> str:
         with self._wait.scope:
@@ -292,7 +260,7 @@ class Pop3Session:
                 _log.info("tls_handshake_failed", reason=type(exc.__cause__ or exc).__name__)
                 raise _EndSession("tls_failed") from None
             self._stream = tls_stream
-            self._io = ClientStream(tls_stream)
+            self._io = ClientStream(tls_stream, self._wait, self._io.deadline)
             self._core.tls_established()
             _log.info("stls_started", version=tls_stream.version())
             return
@@ -407,6 +375,9 @@ class Pop3Session:
         with self._timed(command) as timing:
             try:
                 data = await self._first_chunk(request)
+                if data is not None and len(data) >= entry.size:
+                    await self._send_whole(data)
+                    return
                 if data is not None:
                     await self._send_message(request, data, self._chunk_fetcher(entry))
                     return
@@ -482,6 +453,15 @@ class Pop3Session:
                 return found[entry.ref]
         return None
 
+    async def _send_whole(self, data: bytes) -> None:
+        """The +OK line, the body and the terminator in one write: the message is in hand (a
+        client downloading hundreds of small messages gets each in one piece)."""
+        core = self._core
+        status_line = core.start_message()
+        encoder = core.message_body_encoder()
+        await self._send(b"".join((status_line, encoder.feed(data), encoder.finish())))
+        core.end_message()
+
     async def _send_message(
         self, request: RetrieveRequest, data: bytes, next_chunk: Callable[[int], Awaitable[bytes]]
     ) -> None:
@@ -496,8 +476,6 @@ class Pop3Session:
     ) -> None:
         core, entry = self._core, request.entry
         encoder = core.message_body_encoder()
-        # The status line, a message in hand and the terminator go out together: one send per
-        # RETR of a small message instead of three (clients often download hundreds).
         pending = [status_line]
         offset = 0
         while True:
@@ -524,7 +502,7 @@ class Pop3Session:
     async def _send_pieces(self, pieces: list[bytes]) -> None:
         # Small pieces are joined into one write; a big chunk of a message goes out as it
         # is rather than being copied once more only to sit next to a status line.
-        if sum(len(piece) for piece in pieces) <= _SEND_PIECE:
+        if sum(len(piece) for piece in pieces) <= SEND_PIECE:
             await self._send(b"".join(pieces))
             return
         for piece in pieces:
