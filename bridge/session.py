@@ -409,7 +409,8 @@ class Pop3Session:
         return next_chunk
 
     def _readahead_batch(self, number: int) -> list[MaildropEntry]:
-        """This message and the next small, not deleted ones, up to fetch_chunk bytes."""
+        """This message and the next small, not deleted ones: at most _READAHEAD_MESSAGES of
+        them and upstream.fetch_chunk bytes."""
         assert self._maildrop is not None
         budget = self._settings.upstream.fetch_chunk
         small = budget // 4

@@ -9,7 +9,8 @@ connection is what the bridge logs (`upstream_reused` / `upstream_fresh`).
 from __future__ import annotations
 
 import poplib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import pytest
@@ -51,16 +52,22 @@ def pool_events(bridge: ThreadedBridge, user: str) -> list[str]:
     return found
 
 
-def stat(bridge: ThreadedBridge, user: str, password: str) -> tuple[int, int]:
+@contextmanager
+def logged_in(bridge: ThreadedBridge, user: str, password: str) -> Iterator[poplib.POP3]:
+    """A poplib session, ended with QUIT when the block succeeds."""
     pop = poplib.POP3("127.0.0.1", bridge.port, timeout=30)
     try:
         pop.user(user)
         pop.pass_(password)
-        count, size = pop.stat()
+        yield pop
         pop.quit()
     finally:
         pop.close()
-    return count, size
+
+
+def stat(bridge: ThreadedBridge, user: str, password: str) -> tuple[int, int]:
+    with logged_in(bridge, user, password) as pop:
+        return pop.stat()
 
 
 def test_next_session_reuses_the_parked_connection(
@@ -115,14 +122,8 @@ def test_mail_expunged_while_parked_is_gone_from_the_next_session(
     with mailbox.observer() as observer:
         observer.expunge([uids[1]])
         observer.store_flags([uids[3]], ["\\Deleted"])  # flagged by an IMAP client, not expunged
-    pop = poplib.POP3("127.0.0.1", bridge.port, timeout=30)
-    try:
-        pop.user(mailbox.user)
-        pop.pass_(mailbox.password)
+    with logged_in(bridge, mailbox.user, mailbox.password) as pop:
         listed = [line.split()[1] for line in pop.uidl()[1]]
-        pop.quit()
-    finally:
-        pop.close()
     with mailbox.observer() as observer:
         uidvalidity = observer.uidvalidity()
     assert listed == [f"{uid:08x}{uidvalidity:08x}".encode() for uid in (uids[0], uids[2])]
@@ -131,15 +132,8 @@ def test_mail_expunged_while_parked_is_gone_from_the_next_session(
 
 def listings(bridge: ThreadedBridge, user: str, password: str) -> tuple[list[bytes], list[bytes]]:
     """UIDL and LIST of one session, as poplib returns their lines."""
-    pop = poplib.POP3("127.0.0.1", bridge.port, timeout=30)
-    try:
-        pop.user(user)
-        pop.pass_(password)
-        uidl, listed = pop.uidl()[1], pop.list()[1]
-        pop.quit()
-    finally:
-        pop.close()
-    return uidl, listed
+    with logged_in(bridge, user, password) as pop:
+        return pop.uidl()[1], pop.list()[1]
 
 
 def test_listings_follow_flag_changes_made_while_parked(

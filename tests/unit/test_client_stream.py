@@ -1,0 +1,116 @@
+"""The client side of a session (bridge.client_stream) on real connected sockets, with the
+watchdog (bridge.client_timeouts) on Trio's autojump clock: what the peer receives, and which
+timeout ends a wait for a client that does not read or does not write."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+import trio
+import trio.testing
+
+from bridge.client_stream import ClientStream
+from bridge.client_timeouts import ClientWait, ClientWatchdog
+
+
+async def socket_pair() -> tuple[trio.SocketStream, socket.socket]:
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    theirs.setblocking(False)
+    return trio.SocketStream(trio.socket.from_stdlib_socket(ours)), theirs
+
+
+def drain(peer: socket.socket) -> bytes:
+    data = b""
+    while True:
+        try:
+            chunk = peer.recv(1 << 20)
+        except BlockingIOError:
+            return data
+        if not chunk:
+            return data
+        data += chunk
+
+
+async def run_until_cut(wait: ClientWait, job: object) -> tuple[str, float]:
+    """Runs `job` (an async callable) inside `wait.scope` with a watchdog ticking every
+    second; returns the reason the wait was cut and when (virtual seconds)."""
+    watchdog = ClientWatchdog()
+    watchdog.add(wait)
+    started = trio.current_time()
+    # Virtual time: a wait the watchdog never cuts fails the test instead of hanging it.
+    with trio.fail_after(10_000):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(watchdog.run, lambda: 1.0)
+            with wait.scope:
+                await job()  # type: ignore[operator]
+            nursery.cancel_scope.cancel()
+    assert wait.scope.cancelled_caught
+    return wait.reason, trio.current_time() - started
+
+
+async def test_a_reply_reaches_the_peer_whole() -> None:
+    stream, peer = await socket_pair()
+    client = ClientStream(stream, ClientWait())
+    payload = b"+OK\r\n" + b"x" * 5000 + b"\r\n.\r\n"
+    await client.send(payload, 120)
+    assert drain(peer) == payload
+    assert client.wait.due == float("inf")  # nothing to wait for: no timeout was set
+    peer.close()
+
+
+async def test_receive_returns_what_the_peer_sent_then_eof() -> None:
+    stream, peer = await socket_pair()
+    client = ClientStream(stream, ClientWait())
+    peer.send(b"RETR 1\r\n")
+    assert await client.receive(1024, 600) == b"RETR 1\r\n"
+    peer.close()
+    assert await client.receive(1024, 600) == b""
+
+
+@pytest.mark.parametrize(("deadline", "reason", "after"), [(None, "autologout", 600), (300, "session_timeout", 300)])
+async def test_a_silent_client_is_cut_off_at_autologout_or_the_session_limit(
+    autojump_clock: trio.testing.MockClock, deadline: float | None, reason: str, after: float
+) -> None:
+    stream, peer = await socket_pair()
+    wait = ClientWait()
+    client = ClientStream(stream, wait)
+    if deadline is not None:
+        client.deadline = trio.current_time() + deadline
+
+    async def job() -> None:
+        await client.receive(1024, 600)
+
+    cut, elapsed = await run_until_cut(wait, job)
+    assert cut == reason
+    assert after <= elapsed <= after + 1
+    peer.close()
+
+
+async def test_a_client_that_stops_reading_is_cut_off_after_the_send_timeout(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    stream, peer = await socket_pair()
+    wait = ClientWait()
+    client = ClientStream(stream, wait)
+    message = b"y" * (32 << 20)  # far more than the socket buffers hold
+
+    async def job() -> None:
+        await client.send(message, 120)
+
+    cut, elapsed = await run_until_cut(wait, job)
+    assert cut == "send_timeout"
+    assert 120 <= elapsed <= 121
+    received = drain(peer)
+    assert 0 < len(received) < len(message)
+    peer.close()
+
+
+async def test_a_peer_that_went_away_is_a_broken_stream() -> None:
+    stream, peer = await socket_pair()
+    client = ClientStream(stream, ClientWait())
+    peer.close()
+    with pytest.raises(trio.BrokenResourceError):
+        for _ in range(100):  # the first writes may still land in the kernel's buffer
+            await client.send(b"x" * 65536, 120)
