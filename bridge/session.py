@@ -81,8 +81,8 @@ def maildrop_from_snapshot(snapshot: MailboxSnapshot) -> Maildrop:
 
 
 class _CommandTimer:
-    """Counts and times one RETR, TOP or QUIT (metrics, and a debug log event). A class, not
-    a generator context manager: a download runs it once per message."""
+    """Counts and times one RETR, TOP or QUIT (metrics, and with `log` a debug log event). A
+    class, not a generator context manager: a download runs it once per message."""
 
     __slots__ = ("command", "log", "started", "value")
 
@@ -104,7 +104,8 @@ class _CommandTimer:
         metrics.command_count(command, self.value).inc()
         if command != "QUIT" and self.value == "ok":
             metrics.retrieve_time(command).observe(seconds)
-        self.log.debug("command", command=command, ms=round(seconds * 1000, 2))
+        if self.log is not None:
+            self.log.debug("command", command=command, ms=round(seconds * 1000, 2))
 
 
 def _count_login_failure(reason: str) -> None:
@@ -171,8 +172,8 @@ class Pop3Session:
             tls_active=self._client.tls_active,
             plaintext_auth_allowed=plaintext_auth_allowed(pop3.allow_plaintext_auth, self._client.address),
         )
-        # A logger bound once: the module's lazy logger builds a new one on every call, and
-        # the per-command debug event is on the path of every RETR.
+        # A logger bound once for the per-command debug event: the module's lazy logger
+        # builds a new one on every call, and the event is on the path of every RETR.
         self._command_log = _log.bind()
         self._mailbox: UpstreamMailbox | None = None
         self._view: MaildropView | None = None
@@ -278,6 +279,8 @@ class Pop3Session:
                 core.receive_data(data)
                 if not data:
                     _log.debug("client_closed")
+            elif isinstance(event, RetrieveRequest):
+                await self._retrieve(event)
             elif isinstance(event, Send):
                 if event.command is not None:
                     # Commands the core answers itself (STAT, LIST, UIDL, DELE, ...); RETR,
@@ -289,8 +292,6 @@ class Pop3Session:
                 await self._start_tls()
             elif isinstance(event, LoginRequest):
                 await self._send(await self._login(event))
-            elif isinstance(event, RetrieveRequest):
-                await self._retrieve(event)
             elif isinstance(event, CommitRequest):
                 reply, outcome = await self._commit(event)
                 await self._send(reply)
@@ -301,7 +302,7 @@ class Pop3Session:
                 raise AssertionError(f"unexpected event {event!r}")
 
     def _timed(self, command: str) -> _CommandTimer:
-        return _CommandTimer(command, self._command_log)
+        return _CommandTimer(command, self._command_log if self._settings.logging.level == "debug" else None)
 
     async def _login(self, request: LoginRequest) -> bytes:
         core = self._core

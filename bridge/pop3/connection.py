@@ -292,6 +292,10 @@ class Pop3Server:
             return Send(err(_WRONG_STATE[self._state]))
 
         match command:
+            # RETR first: a download runs it for every message (the patterns are disjoint,
+            # so their order changes nothing else).
+            case Retr(number=number):
+                return self._retrieve(number, None)
             case User(name=name):
                 if not self._auth_allowed:
                     return self._plaintext_refused()
@@ -330,8 +334,6 @@ class Pop3Server:
                 if isinstance(found, Unavailable):
                     return Send(err(self._unavailable(number, found)))
                 return Send(ok(f"{number} {found.unique_id}"))
-            case Retr(number=number):
-                return self._retrieve(number, None)
             case Top(number=number, lines=body_lines):
                 return self._retrieve(number, body_lines)
             case Dele(number=number):
@@ -504,7 +506,7 @@ class Pop3Server:
         request = self._current()
         self._awaiting = _Awaiting.MESSAGE_BODY
         # Like Dovecot: RETR announces the size it listed, TOP says nothing.
-        return ok(f"{request.entry.size} octets" if request.body_lines is None else "")
+        return b"+OK %d octets\r\n" % request.entry.size if request.body_lines is None else ok()
 
     def refuse_message(self, text: str, code: ResponseCode | None = None) -> bytes:
         """An -ERR instead of the body (the message vanished upstream, say)."""
