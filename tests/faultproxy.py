@@ -271,13 +271,15 @@ class _Connection:
                 self._schedule(fault, on_answer=False)
         if not self._apply_due() or not self._wait_if_stalled():
             return False
+        # Armed before the line goes out, not after: the server may answer (and the other
+        # pump forward the whole answer) before this thread gets to run again.
+        for fault in matched:
+            if fault.when == "after":
+                self._schedule(fault, on_answer=True)
         assert self.server is not None
         if not self._send(self.server, line):
             return False
         self.bytes_to_server += len(line)
-        for fault in matched:
-            if fault.when == "after":
-                self._schedule(fault, on_answer=True)
         return True
 
 
