@@ -156,16 +156,6 @@ class Maildrop:
         live = self._live()
         return len(live), sum(sizes[index] for index in live)
 
-    def scan_listing(self) -> list[tuple[int, int]]:
-        """(number, size) for each message not marked as deleted."""
-        sizes = self._messages.sizes
-        return [(self._number(index), sizes[index]) for index in self._live()]
-
-    def unique_id_listing(self) -> list[tuple[int, str]]:
-        """(number, unique id) for each message not marked as deleted."""
-        unique_ids = self._messages.unique_ids
-        return [(self._number(index), unique_ids[index]) for index in self._live()]
-
     def listing_lines(self, unique_ids: bool) -> bytes:
         """The body of LIST (``n size``) or UIDL (``n unique-id``) without arguments: one
         CRLF-terminated line per message not marked as deleted."""

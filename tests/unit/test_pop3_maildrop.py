@@ -32,8 +32,8 @@ def test_empty_maildrop() -> None:
     maildrop = Maildrop([])
     assert len(maildrop) == 0
     assert maildrop.stat() == (0, 0)
-    assert maildrop.scan_listing() == []
-    assert maildrop.unique_id_listing() == []
+    assert maildrop.listing_lines(unique_ids=False) == b""
+    assert maildrop.listing_lines(unique_ids=True) == b""
     assert maildrop.lookup(1) is Unavailable.NO_SUCH_MESSAGE
     assert maildrop.marked() == ()
 
@@ -42,16 +42,16 @@ def test_listings_before_any_mark() -> None:
     maildrop = drop()
     assert len(maildrop) == 3
     assert maildrop.stat() == (3, 600)
-    assert maildrop.scan_listing() == [(1, 100), (2, 200), (3, 300)]
-    assert maildrop.unique_id_listing() == [(1, "uid-a"), (2, "uid-b"), (3, "uid-c")]
+    assert maildrop.listing_lines(unique_ids=False) == b"1 100\r\n2 200\r\n3 300\r\n"
+    assert maildrop.listing_lines(unique_ids=True) == b"1 uid-a\r\n2 uid-b\r\n3 uid-c\r\n"
 
 
 def test_marks_hide_messages_but_keep_numbers() -> None:
     maildrop = drop()
     assert maildrop.mark_deleted(2) is B
     assert maildrop.stat() == (2, 400)
-    assert maildrop.scan_listing() == [(1, 100), (3, 300)]
-    assert maildrop.unique_id_listing() == [(1, "uid-a"), (3, "uid-c")]
+    assert maildrop.listing_lines(unique_ids=False) == b"1 100\r\n3 300\r\n"
+    assert maildrop.listing_lines(unique_ids=True) == b"1 uid-a\r\n3 uid-c\r\n"
     assert maildrop.lookup(2) is Unavailable.DELETED
     assert maildrop.lookup(3) is C
     assert len(maildrop) == 3
