@@ -108,6 +108,13 @@ class _Wire:
             raise _Broken("server closed the connection")
         self._buffer += chunk
 
+    def _take(self, count: int) -> bytes:
+        """The first `count` bytes of the buffer (or all of it), removed from it."""
+        with memoryview(self._buffer) as view:
+            data = bytes(view[:count])
+        del self._buffer[:count]
+        return data
+
     def body_fetch(self) -> tuple[int, int, bytes] | bool:
         """The next response, if it is `* n FETCH (UID u BODY[...] {size}` + literal + `)`,
         taken out of the buffer as (n, u, body). True: the buffer ends inside what may be one
@@ -124,18 +131,15 @@ class _Wire:
             return False
         # The match reads its groups out of the buffer: they are taken before it changes.
         number, uid = int(head.group(1)), int(head.group(2))
-        with memoryview(buffer) as view:
-            body = bytes(view[start:end])
-        del buffer[: end + 3]
+        del buffer[:start]
+        body = self._take(end - start)
+        del buffer[:3]
         return number, uid, body
 
     async def piece(self, most: int) -> bytes:
         """At most `most` bytes: what is buffered, else what one receive brings."""
         if self._buffer:
-            with memoryview(self._buffer) as view:
-                data = bytes(view[:most])
-            del self._buffer[:most]
-            return data
+            return self._take(most)
         data = await self.stream.receive_some(min(most, _RECEIVE_SIZE))
         if not data:
             raise _Broken("server closed the connection")
@@ -148,17 +152,14 @@ class _Wire:
             if searched > _MAX_LINE:
                 raise _Broken("response line too long")
             await self.fill()
-        line = bytes(self._buffer[:end])
-        del self._buffer[: end + 2]
+        line = self._take(end)
+        del self._buffer[:2]
         return line
 
     async def _exact(self, size: int) -> bytes:
         buffered = len(self._buffer)
         if buffered >= size:
-            with memoryview(self._buffer) as view:
-                data = bytes(view[:size])
-            del self._buffer[:size]
-            return data
+            return self._take(size)
         # A literal bigger than what is buffered (a message chunk, typically 1 MiB): its
         # pieces are joined once, instead of being appended to the buffer and copied out
         # again, one copy fewer per byte of every RETR.
@@ -271,13 +272,8 @@ class _RangeReader:
         return data
 
     async def _to_tagged(self) -> None:
-        while True:
-            response = await self._wire.response()
-            if response.text.startswith(b"* "):
-                self._mailbox._untagged(response.text)
-            elif response.text.startswith(self._tag + b" "):
-                self._settle(response.text)
-                return
+        self._status = await self._mailbox._answer(self._tag)
+        self.settled = True
 
     def _settle(self, tagged: bytes) -> None:
         self._status = tagged[len(self._tag) + 1 :]
@@ -553,18 +549,24 @@ class TrioImapMailbox:
                 self._untagged(response.text)
             await wire.send(literal + b"\r\n")
         collected: list[_Response] = []
+        status = await self._answer(tag, collected if collect else None)
+        return status, collected
+
+    async def _answer(self, tag: bytes, collected: list[_Response] | None = None) -> bytes:
+        """Reads up to the tagged answer of `tag` and returns its status; untagged responses
+        on the way update our view (and go into `collected`, if given)."""
         prefix = tag + b" "
         while True:
-            response = await wire.response()
+            response = await self._wire.response()
             text = response.text
             if text.startswith(b"* "):
                 self._untagged(text)
-                if collect:
+                if collected is not None:
                     collected.append(response)
             elif text.startswith(prefix):
                 status = text[len(prefix) :]
                 self._response_codes(status)
-                return status, collected
+                return status
             # A continuation request we did not ask for: ignore it.
 
     async def _pipelined(self, what: str, commands: list[bytes]) -> list[tuple[bytes, list[_Response]]]:
