@@ -7,11 +7,12 @@ import gc
 import sys
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import trio
 
 from bridge import __version__
-from bridge.config import BridgeSettings, ConfigError, load_settings
+from bridge.config import BridgeSettings, ConfigError, environment_overrides, load_settings
 from bridge.observability import configure_logging
 
 
@@ -48,22 +49,39 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_config(args: argparse.Namespace) -> int:
+def _without_none(value: Any) -> Any:
+    # TOML has no null: a key left unset (an account override that keeps the default) is omitted.
+    if isinstance(value, dict):
+        return {key: _without_none(item) for key, item in value.items() if item is not None}
+    return value
+
+
+def settings_as_toml(settings: BridgeSettings) -> str:
+    """The settings in force as TOML that reads back to the same settings (secrets masked)."""
+    import tomli_w
+
     from bridge.lifecycle import mask_secrets
 
+    return tomli_w.dumps(_without_none(mask_secrets(settings.model_dump())))
+
+
+def _check_config(args: argparse.Namespace) -> int:
     settings = _load(args.config)
-    print(f"{args.config or '(defaults)'}: configuration is valid (environment overrides applied)")
-    for section, values in mask_secrets(settings.model_dump()).items():
-        print(f"[{section}]")
-        for key, value in values.items():
-            print(f"{key} = {value!r}")
+    variables = sorted(environment_overrides())
+    print(f"# {args.config or '(no file: built-in defaults)'}: the configuration is valid.")
+    if variables:
+        print(f"# Environment overrides applied: {', '.join(variables)}.")
+    else:
+        print("# No BRIDGE_* environment variables are set.")
+    print("# The settings in force, secrets masked:\n")
+    print(settings_as_toml(settings), end="")
     return 0
 
 
 def _demo(args: argparse.Namespace) -> int:
     from bridge.demo import run_demo
 
-    return run_demo(Path(args.workdir), args.port)
+    return run_demo(args.workdir, args.port)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -78,12 +96,17 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--notify-fd", type=int, help=argparse.SUPPRESS)
     serve.set_defaults(func=_serve)
 
-    check = commands.add_parser("check-config", help="validate a configuration and print it")
+    check = commands.add_parser(
+        "check-config", help="validate a configuration (file and BRIDGE_* environment) and print it as TOML"
+    )
     check.add_argument("--config", type=Path, help="path to bridge.toml")
     check.set_defaults(func=_check_config)
 
     demo = commands.add_parser("demo", help="run the bridge against a local demo Dovecot")
-    demo.add_argument("--workdir", default=".demo", help="where the demo Dovecot keeps its files")
+    demo.add_argument(
+        "--workdir", type=Path, default=None,
+        help="where the demo Dovecot keeps its files (emptied first; default: a new temporary directory, removed at the end)",
+    )
     demo.add_argument("--port", type=int, default=1110, help="POP3 port on 127.0.0.1")
     demo.set_defaults(func=_demo)
 

@@ -7,9 +7,13 @@ knows exactly what to fix.
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
 import json
+import os
+import re
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -26,6 +30,12 @@ from pydantic_settings import (
 
 class ConfigError(Exception):
     """The configuration cannot be used; the message names the key and the reason."""
+
+
+ENV_PREFIX = "BRIDGE_"
+# Values of keys whose name says they are secret are never shown (check-config, errors, logs).
+SECRET_KEY_PATTERN = re.compile(r"password|passphrase|secret|token", re.IGNORECASE)
+MASK = "********"
 
 
 @dataclass(frozen=True)
@@ -318,19 +328,74 @@ class BridgeSettings(BaseSettings):
         return (_EnvSource(settings_cls), init_settings)
 
 
-def _describe(error: ValidationError) -> str:
+def environment_overrides(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The BRIDGE_* variables of the environment, by name as given (pydantic-settings reads
+    them case-insensitively)."""
+    environ = os.environ if environ is None else environ
+    return {name: value for name, value in environ.items() if name.upper().startswith(ENV_PREFIX)}
+
+
+def _setting_of(variable: str) -> tuple[str, ...]:
+    """BRIDGE_UPSTREAM__HOST -> ("upstream", "host"); BRIDGE_POP3 -> ("pop3",)."""
+    return tuple(part.lower() for part in variable[len(ENV_PREFIX) :].split("__"))
+
+
+def _check_environment_names(environ: Mapping[str, str]) -> None:
+    """A misspelt variable must be an error, as a misspelt key in the file is: silently
+    ignoring BRIDGE_UPSTREM__PORT would leave the operator believing it applied."""
+    sections = BridgeSettings.model_fields
+    known = [f"{ENV_PREFIX}{section}__{key}".upper() for section, field in sections.items() for key in _section_keys(field)]
+    problems = []
+    for name in sorted(environ):
+        parts = _setting_of(name)
+        section_field = sections.get(parts[0])
+        if section_field is not None and (len(parts) == 1 or parts[1] in _section_keys(section_field)):
+            continue
+        close = difflib.get_close_matches(name.upper(), known, n=1)
+        hint = f"; did you mean {close[0]}?" if close else ""
+        problems.append(f"{'.'.join(parts)}: environment variable {name} names no setting{hint}")
+    if problems:
+        raise ConfigError("\n".join(problems))
+
+
+def _section_keys(field: FieldInfo) -> set[str]:
+    model = field.annotation
+    return set(model.model_fields) if isinstance(model, type) and issubclass(model, BaseModel) else set()
+
+
+def _shown_value(key: str, value: Any) -> str:
+    if SECRET_KEY_PATTERN.search(key):
+        return MASK
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _describe(error: ValidationError, path: Path | None, environ: Mapping[str, str]) -> str:
+    by_setting = {_setting_of(name): name for name in environ}
     lines = []
     for item in error.errors():
-        key = ".".join(str(part) for part in item["loc"]) or "(top level)"
-        reason = item["msg"]
+        loc = tuple(str(part) for part in item["loc"])
+        key = ".".join(loc) or "(top level)"
+        reason = item["msg"].removeprefix("Value error, ")
         if item["type"] == "extra_forbidden":
             reason = "unknown key"
-        lines.append(f"{key}: {reason}")
+        variable = by_setting.get(loc[:2]) or by_setting.get(loc[:1])
+        if variable is not None:
+            source = f"from environment variable {variable}"
+        elif path is not None:
+            source = f"from {path}"
+        else:
+            source = "as given"
+        got = f"got {_shown_value(key, item['input'])}, " if "input" in item and item["type"] != "missing" else ""
+        lines.append(f"{key}: {reason} ({got}{source})")
     return "\n".join(lines)
 
 
 def load_settings(path: Path | None = None, overrides: dict[str, Any] | None = None) -> BridgeSettings:
-    """Read a TOML file (if given), apply environment overrides, validate."""
+    """Read a TOML file (if given), apply `overrides`, then the BRIDGE_* environment
+    variables, and validate. Raises ConfigError naming the key, the value and its source."""
+    variables = environment_overrides()
+    _check_environment_names(variables)
     data: dict[str, Any] = {}
     if path is not None:
         try:
@@ -346,7 +411,7 @@ def load_settings(path: Path | None = None, overrides: dict[str, Any] | None = N
     try:
         settings = BridgeSettings(**data)
     except ValidationError as exc:
-        raise ConfigError(_describe(exc)) from None
+        raise ConfigError(_describe(exc, path, variables)) from None
     _check_delete_folders(settings)
     return settings
 

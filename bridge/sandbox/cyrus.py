@@ -6,9 +6,14 @@ Like the Dovecot sandbox, everything lives in a working directory written from s
 so wrong-password tests mean something. Nothing under /etc or /var is used: every Cyrus
 program is started with `-C <our imapd.conf>` (the master does not pass it on by itself).
 
-Cyrus refuses to run as root: as root, every process runs as `unprivileged_user` (Debian's
-package creates `cyrus`) and the working directory belongs to it; otherwise everything runs
-as the current user. Cyrus logs only to syslog; the master's own stdout/stderr go to
+Cyrus refuses to run as root: as root, every process runs as `unprivileged_user` (default
+`nobody`) and the working directory belongs to it; otherwise everything runs as the current
+user.
+
+The programs come from Debian's cyrus-common and cyrus-imapd. cyrus-imapd conflicts with
+Dovecot's IMAP package, so scripts/install-deps unpacks both into UNPACKED_CYRUS_DIR instead of
+installing them (their shared libraries are installed as packages; Cyrus's own libraries are
+found through LD_LIBRARY_PATH); installed packages are used when both are there. Cyrus logs only to syslog; the master's own stdout/stderr go to
 `master.log` in the working directory.
 
 Differences from the Dovecot sandbox that tests see: folders are `/`-separated personal
@@ -38,8 +43,11 @@ from bridge.sandbox.seeding import AppendResult, ImapObserver, append_messages
 
 __all__ = ["CyrusError", "CyrusMailbox", "CyrusNotInstalledError", "CyrusSandbox"]
 
-_DEBIAN_PACKAGES = "cyrus-imapd sasl2-bin"
+_DEBIAN_PACKAGES = "cyrus-common cyrus-imapd sasl2-bin"
 _CYRUS_BIN_DIRS = ("/usr/lib/cyrus/bin", "/usr/libexec/cyrus-imapd", "/usr/lib/cyrus-imapd")
+# Where scripts/install-deps unpacks cyrus-common and cyrus-imapd (see the module docstring).
+UNPACKED_CYRUS_DIR = Path("/usr/local/lib/pop3-imap-bridge/cyrus")
+_CYRUS_PROGRAMS = ("master", "imapd", "ctl_cyrusdb")
 _SBIN_DIRS = ("/usr/sbin", "/sbin", "/usr/local/sbin")
 # The SASL realm and Cyrus's servername must agree, or sasldb finds no user; pinning both
 # keeps it independent of the machine's host name.
@@ -61,10 +69,44 @@ def _find(name: str, dirs: Sequence[str]) -> str:
     found = shutil.which(name, path=search)
     if found is None:
         raise CyrusNotInstalledError(
-            f"'{name}' not found (searched {', '.join(dirs)} and PATH). Install the Debian "
-            f"packages {_DEBIAN_PACKAGES} (scripts/install-deps does it)."
+            f"'{name}' not found (searched {', '.join(dirs)} and PATH). Run scripts/install-deps "
+            f"(it unpacks {_DEBIAN_PACKAGES.rsplit(' ', 1)[0]} and installs sasl2-bin)."
         )
     return found
+
+
+@dataclass(frozen=True)
+class _CyrusPrograms:
+    programs: dict[str, str]
+    library_path: str | None  # LD_LIBRARY_PATH for an unpacked copy, else None
+
+
+def _locate_programs() -> _CyrusPrograms:
+    """Cyrus's programs: the unpacked copy (complete, one version) if there is one, else the
+    installed packages; never a mix of the two."""
+    unpacked_bin = UNPACKED_CYRUS_DIR / "usr/lib/cyrus/bin"
+    if all((unpacked_bin / name).is_file() for name in _CYRUS_PROGRAMS):
+        libraries = sorted({str(path.parent) for path in UNPACKED_CYRUS_DIR.glob("usr/lib/*/libcyrus*.so*")})
+        return _CyrusPrograms({name: str(unpacked_bin / name) for name in _CYRUS_PROGRAMS}, ":".join(libraries) or None)
+    return _CyrusPrograms({name: _find(name, _CYRUS_BIN_DIRS) for name in _CYRUS_PROGRAMS}, None)
+
+
+def check_installation() -> None:
+    """Raise :class:`CyrusNotInstalledError` unless Cyrus's programs are there and every
+    shared library they need resolves."""
+    located = _locate_programs()
+    _find("saslpasswd2", _SBIN_DIRS)
+    env = {**os.environ}
+    if located.library_path:
+        env["LD_LIBRARY_PATH"] = located.library_path
+    for path in located.programs.values():
+        linked = subprocess.run(["ldd", path], capture_output=True, text=True, env=env, stdin=subprocess.DEVNULL)
+        missing = [line.split()[0] for line in linked.stdout.splitlines() if "not found" in line]
+        if linked.returncode != 0 or missing:
+            raise CyrusNotInstalledError(
+                f"{path} cannot run: missing shared libraries {', '.join(missing) or linked.stderr.strip()}; "
+                "run scripts/install-deps"
+            )
 
 
 class CyrusSandbox:
@@ -78,11 +120,13 @@ class CyrusSandbox:
         *,
         imap_port: int | None = None,
         startup_timeout: float = 30.0,
-        unprivileged_user: str = "cyrus",
+        unprivileged_user: str = "nobody",
     ) -> None:
-        self._master_bin = _find("master", _CYRUS_BIN_DIRS)
-        self._imapd_bin = _find("imapd", _CYRUS_BIN_DIRS)
-        self._ctl_cyrusdb_bin = _find("ctl_cyrusdb", _CYRUS_BIN_DIRS)
+        located = _locate_programs()
+        self._master_bin = located.programs["master"]
+        self._imapd_bin = located.programs["imapd"]
+        self._ctl_cyrusdb_bin = located.programs["ctl_cyrusdb"]
+        self._library_path = located.library_path
         self._saslpasswd_bin = _find("saslpasswd2", _SBIN_DIRS)
         self._workdir = Path(workdir).resolve()
         if _UNSAFE_PATH_CHARS.search(str(self._workdir)):
@@ -91,9 +135,7 @@ class CyrusSandbox:
             try:
                 self._run_as = pwd.getpwnam(unprivileged_user)
             except KeyError:
-                raise CyrusError(
-                    f"user {unprivileged_user!r} does not exist (Debian's cyrus-common creates 'cyrus')"
-                ) from None
+                raise CyrusError(f"user {unprivileged_user!r} does not exist") from None
         else:
             self._run_as = pwd.getpwuid(os.getuid())
         self._imap_port = imap_port or pick_free_ports(1)[0]
@@ -165,7 +207,7 @@ class CyrusSandbox:
                 stdout=log,
                 stderr=log,
                 cwd=self._workdir,
-                env={**os.environ, "CYRUS_USER": self._run_as.pw_name},
+                env=self._environment(),
             )
         try:
             self._wait_ready()
@@ -192,6 +234,13 @@ class CyrusSandbox:
     def restart(self) -> None:
         self.stop()
         self.start()
+
+    def _environment(self) -> dict[str, str]:
+        env = {**os.environ, "CYRUS_USER": self._run_as.pw_name}
+        if self._library_path:
+            # The master passes its environment on to the services it starts.
+            env["LD_LIBRARY_PATH"] = self._library_path
+        return env
 
     # -- users -------------------------------------------------------------------------------
 

@@ -94,8 +94,8 @@ def _find_binary(name: str) -> str:
     return found
 
 
-def _locate_protocol_binaries(doveconf: str) -> dict[str, Path]:
-    """Executables for the imap, imap-login, pop3 and pop3-login services."""
+def _libexec_dir(doveconf: str) -> Path:
+    """Where the installed Dovecot keeps its service executables."""
     # An empty config yields the compiled-in default, so /etc/dovecot is not read.
     result = subprocess.run(
         [doveconf, "-c", os.devnull, "-h", "libexec_dir"],
@@ -105,30 +105,38 @@ def _locate_protocol_binaries(doveconf: str) -> dict[str, Path]:
     )
     if result.returncode != 0:
         raise DovecotError(f"doveconf failed:\n{result.stderr.strip()}")
-    libexec = Path(result.stdout.strip())
+    return Path(result.stdout.strip())
+
+
+def _protocol_executables(doveconf: str, protocols: Sequence[str]) -> dict[str, Path]:
+    """Executables to name in the configuration, by service: none for a protocol whose
+    Debian package is installed (Dovecot finds them in its libexec_dir), every one of the
+    package for a protocol that install-deps unpacked instead. Dovecot checks the executable
+    of each service a protocol brings, not only the protocol's own and its login service
+    (imap also has imap-urlauth, imap-urlauth-login, imap-urlauth-worker, imap-hibernate)."""
+    libexec = _libexec_dir(doveconf)
     found: dict[str, Path] = {}
-    for proto, package in _PROTOCOL_PACKAGES.items():
-        candidates = [libexec, UNPACKED_PACKAGES_DIR / package / "usr/lib/dovecot"]
-        for directory in candidates:
-            if (directory / proto).is_file() and (directory / f"{proto}-login").is_file():
-                found[proto] = directory / proto
-                found[f"{proto}-login"] = directory / f"{proto}-login"
-                break
-        else:
+    for proto in protocols:
+        package = _PROTOCOL_PACKAGES[proto]
+        unpacked = UNPACKED_PACKAGES_DIR / package / "usr/lib/dovecot"
+        if (libexec / proto).is_file() and (libexec / f"{proto}-login").is_file():
+            continue
+        if not ((unpacked / proto).is_file() and (unpacked / f"{proto}-login").is_file()):
             raise DovecotNotInstalledError(
-                f"Dovecot's {proto} service is missing (looked in "
-                f"{' and '.join(map(str, candidates))}); install the Debian package "
-                f"{package}, or run scripts/install-deps, which unpacks it when "
-                f"another {proto.upper()} server package conflicts with it"
+                f"Dovecot's {proto} service is missing (looked in {libexec} and {unpacked}); "
+                f"run scripts/install-deps, or install the Debian package {package}"
             )
+        for path in sorted(unpacked.iterdir()):
+            if path.is_file() and os.access(path, os.X_OK):
+                found[path.name] = path
     return found
 
 
-def check_installation() -> None:
+def check_installation(*, pop3: bool = True) -> None:
     """Raise :class:`DovecotNotInstalledError` unless every Dovecot piece is present."""
     _find_binary("dovecot")
     _find_binary("doveadm")
-    _locate_protocol_binaries(_find_binary("doveconf"))
+    _protocol_executables(_find_binary("doveconf"), ("imap", "pop3") if pop3 else ("imap",))
 
 
 def _resolve_run_as(unprivileged_user: str) -> _RunAs:
@@ -201,11 +209,14 @@ class DovecotSandbox:
         extra_config: str = "",
         startup_timeout: float = 20.0,
         unprivileged_user: str = "nobody",
+        pop3: bool = True,
     ) -> None:
         self._dovecot_bin = _find_binary("dovecot")
         self._doveadm_bin = _find_binary("doveadm")
         self._doveconf_bin = _find_binary("doveconf")
-        self._executables = _locate_protocol_binaries(self._doveconf_bin)
+        # Dovecot's own POP3 (the tests' reference server); the demo needs IMAP only.
+        self._protocols = ("imap", "pop3") if pop3 else ("imap",)
+        self._executables = _protocol_executables(self._doveconf_bin, self._protocols)
 
         self._workdir = Path(workdir).resolve()
         if _UNSAFE_PATH_CHARS.search(str(self._workdir)):
@@ -470,7 +481,8 @@ class DovecotSandbox:
 
     def _listening_ports(self) -> Iterator[int]:
         yield self._imap_port
-        yield self._pop3_port
+        if "pop3" in self._protocols:
+            yield self._pop3_port
         if self._imaps_port is not None:
             yield self._imaps_port
         if self._pop3s_port is not None:
@@ -506,7 +518,6 @@ class DovecotSandbox:
     def _render_config(self) -> str:
         w = self._workdir
         ra = self._run_as
-        ex = self._executables
         if self.tls_enabled:
             tls = f"ssl = yes\nssl_cert = <{self._tls_cert}\nssl_key = <{self._tls_key}\n"
             imaps = f"inet_listener imaps {{\n    address = {LOOPBACK}\n    port = {self._imaps_port}\n  }}"
@@ -524,7 +535,7 @@ state_dir = {w}/state
 log_path = {w}/dovecot.log
 log_timestamp = "%Y-%m-%d %H:%M:%S "
 
-protocols = imap pop3
+protocols = {" ".join(self._protocols)}
 listen = {LOOPBACK}
 
 # Every user/group setting names the same account: as root it is the unprivileged
@@ -566,33 +577,7 @@ default_process_limit = 500
 # Dovecot warns at start-up unless auth and anvil can take every login process.
 default_client_limit = 2000
 
-# Absolute executables: the protocol binaries may come from an unpacked package
-# (see UNPACKED_PACKAGES_DIR) rather than from libexec_dir.
-service imap {{
-  executable = {ex["imap"]}
-}}
-service pop3 {{
-  executable = {ex["pop3"]}
-}}
-# chroot needs root; an empty value makes the same config work unprivileged.
-service imap-login {{
-  executable = {ex["imap-login"]}
-  chroot =
-  inet_listener imap {{
-    address = {LOOPBACK}
-    port = {self._imap_port}
-  }}
-  {imaps}
-}}
-service pop3-login {{
-  executable = {ex["pop3-login"]}
-  chroot =
-  inet_listener pop3 {{
-    address = {LOOPBACK}
-    port = {self._pop3_port}
-  }}
-  {pop3s}
-}}
+{self._service_blocks(imaps, pop3s)}
 service anvil {{
   chroot =
   # mode 0 removes the socket, which switches the auth penalty off: after one
@@ -606,6 +591,24 @@ service ipc {{
 }}
 {self._extra_config}
 """
+
+    def _service_blocks(self, imaps: str, pop3s: str) -> str:
+        """The login services' loopback listeners, and the executables of protocols that
+        come from an unpacked package (see _protocol_executables)."""
+        settings: dict[str, list[str]] = {
+            # chroot needs root; an empty value makes the same config work unprivileged.
+            "imap-login": ["chroot =", f"inet_listener imap {{\n    address = {LOOPBACK}\n    port = {self._imap_port}\n  }}", imaps],
+        }
+        if "pop3" in self._protocols:
+            settings["pop3-login"] = [
+                "chroot =", f"inet_listener pop3 {{\n    address = {LOOPBACK}\n    port = {self._pop3_port}\n  }}", pop3s,
+            ]
+        for service, path in self._executables.items():
+            settings.setdefault(service, []).insert(0, f"executable = {path}")
+        return "\n".join(
+            f"service {service} {{\n" + "".join(f"  {line}\n" for line in lines if line) + "}"
+            for service, lines in settings.items()
+        )
 
     def _start_once(self) -> None:
         self.config_path.write_text(self._render_config())
@@ -637,7 +640,9 @@ service ipc {{
     def _wait_ready(self) -> None:
         assert self._proc is not None
         deadline = time.monotonic() + self._startup_timeout
-        pending = {self._imap_port: b"* OK", self._pop3_port: b"+OK"}
+        pending = {self._imap_port: b"* OK"}
+        if "pop3" in self._protocols:
+            pending[self._pop3_port] = b"+OK"
         while True:
             code = self._proc.poll()
             if code is not None or self._fatal_reported():

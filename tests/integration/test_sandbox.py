@@ -321,12 +321,38 @@ def test_missing_dovecot_is_a_loud_error(monkeypatch: pytest.MonkeyPatch, tmp_pa
         DovecotSandbox(tmp_path / "sandbox")
 
 
-def test_missing_protocol_service_is_a_loud_error(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
-) -> None:
-    monkeypatch.setitem(dovecot_module._PROTOCOL_PACKAGES, "nosuchproto", "dovecot-nosuchd")
-    with pytest.raises(DovecotNotInstalledError, match="dovecot-nosuchd"):
+def test_missing_protocol_service_is_a_loud_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setattr(dovecot_module, "_libexec_dir", lambda _doveconf: tmp_path / "no-libexec")
+    monkeypatch.setattr(dovecot_module, "UNPACKED_PACKAGES_DIR", tmp_path / "nothing-unpacked")
+    with pytest.raises(DovecotNotInstalledError, match="dovecot-imapd"):
         DovecotSandbox(tmp_path / "sandbox")
+
+
+def test_an_unpacked_imap_package_serves_with_every_one_of_its_services(monkeypatch: pytest.MonkeyPatch) -> None:
+    """scripts/install-deps unpacks dovecot-imapd instead of installing it next to a Dovecot the
+    machine already had. Dovecot checks the executable of every service of the imap protocol
+    (imap-urlauth, imap-urlauth-worker, ...), not only imap and imap-login: each must be
+    pointed at the unpacked copy, or Dovecot refuses to start (the fresh-machine bug)."""
+    installed = dovecot_module._libexec_dir(dovecot_module._find_binary("doveconf"))
+    root = Path(tempfile.mkdtemp(prefix="bridge-unpacked-"))
+    try:
+        root.chmod(0o755)  # the mail user execs the services from here
+        unpacked = root / "dovecot-imapd" / "usr/lib/dovecot"
+        unpacked.mkdir(parents=True)
+        for service in ("imap", "imap-login", "imap-urlauth", "imap-urlauth-login", "imap-urlauth-worker", "imap-hibernate"):
+            shutil.copy2(installed / service, unpacked / service)
+        monkeypatch.setattr(dovecot_module, "_libexec_dir", lambda _doveconf: root / "not-installed")
+        monkeypatch.setattr(dovecot_module, "UNPACKED_PACKAGES_DIR", root)
+        with DovecotSandbox(root / "sandbox", pop3=False) as dovecot:
+            config = dovecot.config_path.read_text()
+            assert f"executable = {unpacked / 'imap-urlauth-worker'}" in config
+            assert "protocols = imap\n" in config
+            box = dovecot.new_mailbox()
+            box.append(numbered_messages(2))
+            assert len(box.observer().uids()) == 2
+            box.close()
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def test_mail_belongs_to_an_unprivileged_user(mailbox: Mailbox) -> None:
