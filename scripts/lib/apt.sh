@@ -66,15 +66,17 @@ apt_install() {
     fi
     say "installing $* (apt-get; waits for other apt runs)"
     apt_update_once
-    local status=0
+    local status=0 log
+    log="$(mktemp)"
     "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive \
-        apt-get "${apt_options[@]}" install -y --no-install-recommends --no-remove "$@" >"${apt_log:=$(mktemp)}" 2>&1 || status=$?
-    [[ $own_policy == yes ]] && "${sudo[@]}" rm -f "$policy"
+        apt-get "${apt_options[@]}" install -y --no-install-recommends --no-remove "$@" >"$log" 2>&1 || status=$?
+    if [[ $own_policy == yes ]]; then
+        "${sudo[@]}" rm -f "$policy"
+    fi
     if ((status)); then
-        cat "$apt_log" >&2
-        rm -f "$apt_log"
+        cat "$log" >&2
+        rm -f "$log"
         die "apt-get install failed (it never removes a package: a conflict stops it instead)"
     fi
-    rm -f "$apt_log"
-    unset apt_log
+    rm -f "$log"
 }
