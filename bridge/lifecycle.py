@@ -24,7 +24,8 @@ ReloadHook = Callable[[BridgeSettings], Awaitable[None]]
 
 # Keys bound to a socket or a process count; a reload cannot change them in place.
 RESTART_ONLY_KEYS = frozenset({"server.workers"})
-SECRET_KEY_PATTERN = re.compile(r"password|passphrase|secret|token", re.IGNORECASE)
+# delete.state_key by name: "key" alone would also mask paths such as pop3.tls_key.
+SECRET_KEY_PATTERN = re.compile(r"password|passphrase|secret|token|^state_key$", re.IGNORECASE)
 MASK = "********"
 
 
@@ -51,7 +52,8 @@ def mask_secrets(value: Any, key: str = "") -> Any:
     """A copy of a dumped configuration with the value of every secret-looking key masked.
 
     Generic on purpose: any key whose name contains password, passphrase, secret or token
-    (e.g. a future `tls.key_password`) is masked wherever it sits, even in nested tables."""
+    (e.g. a future `tls.key_password`), and `state_key`, is masked wherever it sits, even in
+    nested tables."""
     if isinstance(value, dict):
         return {k: mask_secrets(v, str(k)) for k, v in value.items()}
     if key and SECRET_KEY_PATTERN.search(key) and value not in (None, "", [], {}):

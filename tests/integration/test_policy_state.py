@@ -10,12 +10,19 @@ from pathlib import Path
 import pytest
 import trio
 
-from bridge.device_state import DeviceStateStore, StateChanging
+from bridge.device_state import DeviceStateStore, StateBackend, StateChanging, StateSigner
 from bridge.sandbox import DovecotSandbox, Mailbox, numbered_messages
 from bridge.uid_ranges import UidRanges
 from bridge.upstream import upstream_runtime
 from bridge.upstream.pool import PoolableMailbox, open_engine_mailbox
-from tests.harness import RawPop3, SubprocessBridge, ThreadedBridge, bridge_settings, wait_for_event
+from tests.harness import (
+    TEST_STATE_KEY,
+    RawPop3,
+    SubprocessBridge,
+    ThreadedBridge,
+    bridge_settings,
+    wait_for_event,
+)
 from tests.integration.policy_support import (
     ENGINES,
     STATE_FOLDER,
@@ -288,6 +295,10 @@ class _SaveBeforeFetch:
         await self._mailbox.delete_in(folder, uids)
 
 
+def _store(backend: StateBackend, box: Mailbox) -> DeviceStateStore:
+    return DeviceStateStore(backend, STATE_FOLDER, "INBOX", StateSigner(TEST_STATE_KEY.encode(), box.user))
+
+
 async def _connections(box: Mailbox, count: int, engine: str) -> list[PoolableMailbox]:
     settings = bridge_settings(box.imap_port, upstream={"engine": engine}).upstream
     return [await open_engine_mailbox(settings, box.user, box.password) for _ in range(count)]
@@ -299,8 +310,8 @@ async def test_store_merges_versions_written_concurrently(mailbox: Mailbox, engi
         async with upstream_runtime():
             one, two = await _connections(mailbox, 2, engine)
             try:
-                first = DeviceStateStore(one, STATE_FOLDER, "INBOX")
-                second = DeviceStateStore(two, STATE_FOLDER, "INBOX")
+                first = _store(one, mailbox)
+                second = _store(two, mailbox)
                 a, b = await first.load("phone", 7), await second.load("phone", 7)
                 a.hidden, b.hidden = UidRanges.of([1, 2]), UidRanges.of([5])
                 await first.save(a, 7)
@@ -325,7 +336,7 @@ async def test_store_reads_again_when_a_version_is_replaced_mid_read(mailbox: Ma
         async with upstream_runtime():
             one, two = await _connections(mailbox, 2, engine)
             try:
-                other = DeviceStateStore(two, STATE_FOLDER, "INBOX")
+                other = _store(two, mailbox)
                 start = await other.load("phone", 7)
                 start.hidden = UidRanges.of([1])
                 await other.save(start, 7)
@@ -340,7 +351,7 @@ async def test_store_reads_again_when_a_version_is_replaced_mid_read(mailbox: Ma
                     await other.save(state, 7)
 
                 once = _SaveBeforeFetch(one, other_bridge_saves_phone, times=1)
-                states = await DeviceStateStore(once, STATE_FOLDER, "INBOX").load_all(7)
+                states = await _store(once, mailbox).load_all(7)
                 assert once.times_left == 0
                 # Neither the replaced version's UIDs nor the device itself went missing.
                 assert str(states["phone"].hidden) == "1:2"
@@ -348,7 +359,7 @@ async def test_store_reads_again_when_a_version_is_replaced_mid_read(mailbox: Ma
 
                 always = _SaveBeforeFetch(one, other_bridge_saves_phone, times=100)
                 with pytest.raises(StateChanging):
-                    await DeviceStateStore(always, STATE_FOLDER, "INBOX").load("phone", 7)
+                    await _store(always, mailbox).load("phone", 7)
             finally:
                 for connection in (one, two):
                     await connection.aclose()
