@@ -69,7 +69,8 @@ async def open_maildrop(mailbox: UpstreamMailbox, identity: LoginIdentity, setti
     signer = StateSigner(delete.signing_key, identity.account, accept_unsigned=delete.accept_unsigned_state)
     store = DeviceStateStore(mailbox, delete.state_folder, settings.upstream.mailbox, signer)
     state = await store.load(identity.device, snapshot.uidvalidity)
-    state.restrict_to(all_uids)
+    # Only the snapshot's messages are looked up, however wide the stored ranges are; the
+    # save at QUIT keeps only the snapshot's UIDs.
     visible = (info for info in snapshot.messages if not state.hides(info.uid))
     return MaildropView(identity, MailboxSnapshot.of(snapshot.uidvalidity, visible), all_uids, state, store)
 

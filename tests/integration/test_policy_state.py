@@ -379,3 +379,32 @@ def test_records_of_other_maildrops_are_kept_apart(bridge_factory: BridgeFactory
     assert poll(work_bridge.port, phone, mailbox.password) == [50, 51]
     assert sorted(r.mailbox for r in state_records(mailbox)) == ["INBOX", "Work"]
     assert not any(e["event"] == "device_state_reset" for e in work_bridge.events())
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+async def test_a_state_too_big_for_one_record_is_saved_as_several(mailbox: Mailbox, engine: str) -> None:
+    # Every other UID of 60,000: 30,000 ranges, more than one record may hold (records are
+    # read only up to 64 KiB and 10,000 ranges). The parts are read back as one state.
+    hidden = UidRanges.of(range(1, 60001, 2))
+    with trio.fail_after(60):
+        async with upstream_runtime():
+            [connection] = await _connections(mailbox, 1, engine)
+            try:
+                store = _store(connection, mailbox)
+                state = await store.load("phone", 7)
+                state.hidden = hidden
+                await store.save(state, 7)
+                records = state_records(mailbox)
+                assert len(records) > 2
+                assert all(len(r.raw.partition(b"\r\n\r\n")[2]) < 65536 for r in records)
+
+                state = await store.load("phone", 7)
+                assert state.hidden == hidden
+                assert len(state.versions) == len(records)
+                state.hidden = state.hidden.union(UidRanges.of([60002]))
+                await store.save(state, 7)
+                # The parts read are replaced by the new parts.
+                assert {r.uid for r in state_records(mailbox)}.isdisjoint(r.uid for r in records)
+                assert (await store.load("phone", 7)).hidden == hidden.union(UidRanges.of([60002]))
+            finally:
+                await connection.aclose()
