@@ -6,6 +6,10 @@
 - per-client: the marked messages are hidden from this device only, in its state record
   (bridge.device_state); with `expire_after_days`, messages every recently seen device has
   hidden, or older than the limit, are then removed by `expire_action`.
+
+A state record can hide from its device only messages of the session's snapshot, and expiry
+only ever removes messages of the snapshot: nothing read back from the state folder can
+reach beyond what exists (bridge.device_state says which records are trusted at all).
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from functools import reduce
 
 from bridge import metrics
 from bridge.config import BridgeSettings
-from bridge.device_state import DeviceState, DeviceStateStore, StateChanging
+from bridge.device_state import DeviceState, DeviceStateStore, StateChanging, StateSigner
 from bridge.devices import LoginIdentity
 from bridge.observability import get_logger
 from bridge.uid_ranges import UidRanges
@@ -61,9 +65,13 @@ async def open_maildrop(mailbox: UpstreamMailbox, identity: LoginIdentity, setti
     all_uids = snapshot.uids
     if identity.policy != "per-client":
         return MaildropView(identity, snapshot, all_uids)
-    store = DeviceStateStore(mailbox, settings.delete.state_folder, settings.upstream.mailbox)
+    delete = settings.delete
+    signer = StateSigner(delete.signing_key, identity.account, accept_unsigned=delete.accept_unsigned_state)
+    store = DeviceStateStore(mailbox, delete.state_folder, settings.upstream.mailbox, signer)
     state = await store.load(identity.device, snapshot.uidvalidity)
-    visible = (info for info in snapshot.messages if info.uid not in state.hidden)
+    # Only the snapshot's messages are looked up, however wide the stored ranges are; the
+    # save at QUIT keeps only the snapshot's UIDs.
+    visible = (info for info in snapshot.messages if not state.hides(info.uid))
     return MaildropView(identity, MailboxSnapshot.of(snapshot.uidvalidity, visible), all_uids, state, store)
 
 
@@ -90,11 +98,11 @@ async def _hide_for_device(
 ) -> None:
     assert view.store is not None and view.device_state is not None
     expire_days = settings.delete.expire_after_days
-    if not marked and not expire_days:
-        return  # nothing to record; last_seen only matters for expiry
     state = view.device_state
-    newest = max(view.all_uids, default=0)
-    state.hidden = state.hidden.union(UidRanges.of(marked)).restricted_to(view.all_uids, newest)
+    if not marked and not expire_days and not state.needs_signing:
+        return  # nothing to record; last_seen only matters for expiry
+    state.hidden = state.hidden.union(UidRanges.of(marked))
+    state.restrict_to(view.all_uids)
     now = datetime.now(UTC)
     await view.store.save(state, view.snapshot.uidvalidity, now)
     if expire_days:
@@ -109,11 +117,14 @@ async def _expire(mailbox: UpstreamMailbox, view: MaildropView, settings: Bridge
         # This device's own state is saved; expiry just waits for a calmer QUIT.
         _log.warning("expiry_skipped", reason="state_changing")
         return
+    # Only what devices hid in signed records counts (never `hidden_unsigned`); a device
+    # known only from a record that could not be verified counts as having hidden nothing.
     active = [s.hidden for s in states.values() if s.last_seen is not None and s.last_seen >= cutoff]
     hidden_by_all = reduce(UidRanges.intersection, active) if active else UidRanges()
     existing = set(view.all_uids)
     old = await mailbox.search(settings.upstream.mailbox, "BEFORE", _imap_date(cutoff))
-    doomed = sorted((set(hidden_by_all) & existing) | (set(old) & existing))
+    # Over the snapshot's UIDs only: the ranges may be as wide as a record claims.
+    doomed = sorted({uid for uid in view.all_uids if uid in hidden_by_all} | (set(old) & existing))
     if not doomed:
         return
     if settings.delete.expire_action == "move":

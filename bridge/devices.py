@@ -3,16 +3,18 @@
 `alice@example.com#phone` logs in upstream as `alice@example.com`, device `phone`. Devices that
 cannot change their login get a name from `[delete.logins]` (a fixed login -> account#device
 mapping) or from their account's `default_device`.
+
+Account names (and fixed logins) are compared case-insensitively (`account_key`), as the
+upstream compares them; device names are case-sensitive.
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
-from bridge.config import DEVICE_NAME_PATTERN, DeletePolicy, DeleteSettings
+from bridge.config import DeletePolicy, DeleteSettings, account_key, is_device_name
 
-_DEVICE_NAME = re.compile(DEVICE_NAME_PATTERN)
+__all__ = ["InvalidLogin", "LoginIdentity", "account_key", "resolve_login"]
 
 
 class InvalidLogin(Exception):
@@ -27,13 +29,20 @@ class LoginIdentity:
     folder: str
 
     @property
+    def account_key(self) -> str:
+        """The account as the bridge compares it (login limits, locks, state records)."""
+        return account_key(self.account)
+
+    @property
     def lock_key(self) -> str:
         # One POP3 session per device of an account; different devices may poll at once.
-        return f"{self.account}\0{self.device}"
+        return f"{self.account_key}\0{self.device}"
 
 
 def resolve_login(login: str, settings: DeleteSettings) -> LoginIdentity:
-    mapped = settings.logins.get(login, login)
+    mapped = settings.mapped_login(login)
+    if mapped is None:
+        mapped = login
     account, separator, device = mapped.rpartition(settings.device_separator)
     if not separator:
         account, device = mapped, ""
@@ -42,10 +51,10 @@ def resolve_login(login: str, settings: DeleteSettings) -> LoginIdentity:
         raise InvalidLogin(f"no device name after '{settings.device_separator}'")
     if not account:
         raise InvalidLogin("empty account name")
-    overrides = settings.accounts.get(account)
+    overrides = settings.account_settings(account)
     if not device:
         device = (overrides.default_device if overrides else None) or settings.default_device
-    if not _DEVICE_NAME.match(device):
+    if not is_device_name(device):
         raise InvalidLogin("device names are 1-64 letters, digits, '.', '_' or '-'")
     return LoginIdentity(
         account=account,

@@ -8,12 +8,11 @@ the reload (sessions in progress finish with the settings they started with).
 
 from __future__ import annotations
 
-import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from bridge.config import BridgeSettings, ConfigError
+from bridge.config import MASK, SECRET_KEY_PATTERN, BridgeSettings, ConfigError
 from bridge.observability import configure_logging, get_logger
 
 _log = get_logger()
@@ -24,8 +23,6 @@ ReloadHook = Callable[[BridgeSettings], Awaitable[None]]
 
 # Keys bound to a socket or a process count; a reload cannot change them in place.
 RESTART_ONLY_KEYS = frozenset({"server.workers"})
-SECRET_KEY_PATTERN = re.compile(r"password|passphrase|secret|token", re.IGNORECASE)
-MASK = "********"
 
 
 def needs_restart(dotted_key: str) -> bool:
@@ -51,7 +48,8 @@ def mask_secrets(value: Any, key: str = "") -> Any:
     """A copy of a dumped configuration with the value of every secret-looking key masked.
 
     Generic on purpose: any key whose name contains password, passphrase, secret or token
-    (e.g. a future `tls.key_password`) is masked wherever it sits, even in nested tables."""
+    (e.g. a future `tls.key_password`), and `state_key`, is masked wherever it sits, even in
+    nested tables."""
     if isinstance(value, dict):
         return {k: mask_secrets(v, str(k)) for k, v in value.items()}
     if key and SECRET_KEY_PATTERN.search(key) and value not in (None, "", [], {}):

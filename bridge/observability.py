@@ -13,7 +13,7 @@ from typing import Any, TextIO
 
 import structlog
 
-_SECRET_KEYS = frozenset({"password", "pass", "secret", "token", "credentials"})
+_SECRET_KEYS = frozenset({"password", "pass", "secret", "token", "credentials", "state_key"})
 
 
 def _drop_secrets(_logger: Any, _method: str, event_dict: dict[str, Any]) -> dict[str, Any]:

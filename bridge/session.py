@@ -315,17 +315,19 @@ class Pop3Session:
             return core.reject_login(f"invalid login: {exc}", ResponseCode.AUTH)
         structlog.contextvars.bind_contextvars(account=identity.account, device=identity.device)
         limiter, address = self._service.login_limiter, self._client.address
-        verdict = limiter.check(address, identity.account)
+        # Limited by the account as the upstream compares it: "Alice" and "alice" are one.
+        account = identity.account_key
+        verdict = limiter.check(address, account)
         if verdict.blocked:
             # Refused without asking the mail server; not counted, so the block does not grow.
             _log.warning("login_blocked", retry_after=round(verdict.retry_after, 1))
             _count_login_failure("blocked")
-            await trio.sleep(limiter.blocked_delay(address, identity.account))
+            await trio.sleep(limiter.blocked_delay(address, account))
             return core.reject_login("too many failed logins, try again later", ResponseCode.SYS_TEMP)
         try:
             mailbox = await self._service.connect_upstream(identity.account, request.password)
         except AuthenticationFailed:
-            delay = limiter.record_failure(address, identity.account)
+            delay = limiter.record_failure(address, account)
             _log.info("login_failed", reason="credentials", mechanism=request.mechanism, delay=delay)
             _count_login_failure("credentials")
             await trio.sleep(delay)
@@ -355,7 +357,7 @@ class Pop3Session:
         self._view = view
         snapshot = view.snapshot
         metrics.LOGINS.labels("ok").inc()
-        limiter.record_success(address, identity.account)
+        limiter.record_success(address, account)
         # The audit record: user, account and device (context), peer (the real client), TLS.
         _log.info(
             "login_ok",

@@ -140,6 +140,12 @@ def warn_about_weakened_settings(settings: BridgeSettings) -> None:
         _log.warning("upstream_tls_unverified", host=upstream.host, note="any certificate is accepted")
     if pop3.allow_plaintext_auth == "always":
         _log.warning("plaintext_auth_allowed", note="clients may send passwords over unencrypted connections")
+    if settings.delete.accept_unsigned_state:
+        _log.warning(
+            "unsigned_state_accepted",
+            note="unsigned per-client state records are read; turn delete.accept_unsigned_state off "
+            "once every device has polled",
+        )
 
 
 def _is_loopback_host(host: str) -> bool:

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import re
 from bisect import bisect_right
 from collections.abc import Iterable, Iterator
+
+MAX_UID = 4294967295  # RFC 3501: UIDs are non-zero 32-bit numbers
+_RANGE_TEXT = re.compile(r"([0-9]{1,10})(?::([0-9]{1,10}))?")
 
 
 class UidRanges:
@@ -28,12 +32,20 @@ class UidRanges:
 
     @classmethod
     def parse(cls, text: str) -> UidRanges:
+        """"1:500,502" -> UidRanges; ValueError unless every part is a UID or an ascending
+        range of UIDs in plain ASCII digits (no signs, spaces or other digits int() takes)."""
         if not text:
             return cls()
         pairs = []
         for part in text.split(","):
-            first, _, last = part.partition(":")
-            pairs.append((int(first), int(last or first)))
+            match = _RANGE_TEXT.fullmatch(part)
+            if match is None:
+                raise ValueError(f"bad UID range {part[:24]!r}")
+            first = int(match.group(1))
+            last = int(match.group(2) or first)
+            if last > MAX_UID:
+                raise ValueError(f"UID {last} is beyond 32 bits")
+            pairs.append((first, last))
         return cls(pairs)
 
     def __str__(self) -> str:
@@ -64,6 +76,10 @@ class UidRanges:
     def __hash__(self) -> int:
         return hash(self._ranges)
 
+    def pairs(self) -> tuple[tuple[int, int], ...]:
+        """The (first, last) ranges, ascending and disjoint."""
+        return self._ranges
+
     @property
     def range_count(self) -> int:
         return len(self._ranges)
@@ -71,12 +87,12 @@ class UidRanges:
     def union(self, *others: UidRanges) -> UidRanges:
         return UidRanges([r for ranges in (self, *others) for r in ranges._ranges])
 
-    def restricted_to(self, existing: Iterable[int], keep_above: int) -> UidRanges:
-        """Only UIDs still in `existing` or above `keep_above` (not listed yet): expunged
-        messages need no hiding, and dropping them keeps the state small."""
-        present = [uid for uid in existing if uid in self]
-        tail = [(max(start, keep_above + 1), end) for start, end in self._ranges if end > keep_above]
-        return UidRanges([*((uid, uid) for uid in present), *tail])
+    def restricted_to(self, existing: Iterable[int]) -> UidRanges:
+        """Only the UIDs in `existing` (a session's snapshot): expunged messages need no
+        hiding, and mail that arrives later must never be hidden by a range reaching past
+        what the device was shown. Costs one lookup per existing UID, however wide the
+        ranges are ("1:4294967295" included)."""
+        return UidRanges.of(uid for uid in existing if uid in self)
 
     def intersection(self, other: UidRanges) -> UidRanges:
         result: list[tuple[int, int]] = []

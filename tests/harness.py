@@ -21,6 +21,10 @@ from bridge.config import BridgeSettings, load_settings
 from bridge.observability import configure_logging
 from bridge.server import Pop3Service
 
+# The key signing per-client state records (delete.state_key). Every bridge a test starts
+# uses it, as every bridge host serving the same mailboxes must share one.
+TEST_STATE_KEY = "tests-only state key, at least 32 characters long"
+
 
 def bridge_settings(imap_port: int, **sections: dict[str, Any]) -> BridgeSettings:
     overrides: dict[str, dict[str, Any]] = {
@@ -30,6 +34,9 @@ def bridge_settings(imap_port: int, **sections: dict[str, Any]) -> BridgeSetting
     }
     for section, values in sections.items():
         overrides.setdefault(section, {}).update(values)
+    delete = overrides.setdefault("delete", {})
+    if "state_key" not in delete and "state_key_file" not in delete:
+        delete["state_key"] = TEST_STATE_KEY
     return load_settings(None, overrides)
 
 
@@ -117,7 +124,8 @@ class SubprocessBridge:
     def __init__(
         self, workdir: Path, imap_port: int, extra_toml: str = "", env: dict[str, str] | None = None
     ) -> None:
-        self.env = env or {}  # e.g. BRIDGE_<SECTION>__<KEY> overrides
+        # e.g. BRIDGE_<SECTION>__<KEY> overrides
+        self.env = {"BRIDGE_DELETE__STATE_KEY": TEST_STATE_KEY, **(env or {})}
         self.port = free_port()
         self.config_path = workdir / "bridge.toml"
         self.config_path.write_text(

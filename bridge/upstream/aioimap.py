@@ -42,6 +42,7 @@ from bridge.observability import get_logger
 from bridge.tls import load_client_context
 from bridge.upstream import imap_syntax
 from bridge.upstream.interface import (
+    TEXT_FETCH_LIMIT,
     AuthenticationFailed,
     ChunkedRangeReader,
     MailboxSnapshot,
@@ -465,19 +466,21 @@ class AioImapMailbox:
         return imap_syntax.parse_search(list(response.lines))
 
     async def fetch_texts(self, folder: str, uids: Sequence[int]) -> dict[int, bytes]:
-        return await self._fetch_sections(folder, uids, "TEXT")
+        return await self._fetch_sections(folder, uids, "TEXT", f"<0.{TEXT_FETCH_LIMIT}>")
 
     async def fetch_messages(self, uids: Sequence[int]) -> dict[int, bytes]:
         return await self._fetch_sections(self._settings.mailbox, uids, "")
 
-    async def _fetch_sections(self, folder: str, uids: Sequence[int], section: str) -> dict[int, bytes]:
+    async def _fetch_sections(
+        self, folder: str, uids: Sequence[int], section: str, partial: str = ""
+    ) -> dict[int, bytes]:
         if not uids:
             return {}
         await self._ensure_selected(folder)
         found: dict[int, bytes] = {}
         for piece in chunked_uid_sets(uids):
             response = await self._checked(
-                "fetch", self._protocol.fetch, piece, f"(UID BODY.PEEK[{section}])", by_uid=True
+                "fetch", self._protocol.fetch, piece, f"(UID BODY.PEEK[{section}]{partial})", by_uid=True
             )
             for uid, _line, data in imap_syntax.iter_fetch_literals(list(response.lines)):
                 if uid is not None:

@@ -14,6 +14,10 @@ from typing import Any, Protocol, TypeVar
 
 _T = TypeVar("_T")
 
+# fetch_texts reads at most this many bytes of each message's text (one partial FETCH):
+# state records are small, and anything read back from a mailbox may be hostile.
+TEXT_FETCH_LIMIT = 65536
+
 
 class UpstreamError(Exception):
     """The upstream failed or answered something we cannot use; POP3 says [SYS/TEMP]."""
@@ -135,7 +139,9 @@ class UpstreamMailbox(Protocol):
         ...
 
     async def fetch_texts(self, folder: str, uids: Sequence[int]) -> dict[int, bytes]:
-        """BODY[TEXT] of small messages (state records), by UID."""
+        """The first TEXT_FETCH_LIMIT bytes of BODY[TEXT] of messages in `folder` (state
+        records), by UID, without setting \\Seen; b"" for an empty text. UIDs that no longer
+        exist are absent from the result."""
         ...
 
     async def fetch_messages(self, uids: Sequence[int]) -> dict[int, bytes]:

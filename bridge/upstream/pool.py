@@ -35,7 +35,7 @@ from typing import Protocol
 import trio
 
 from bridge import metrics
-from bridge.config import BridgeSettings, UpstreamSettings
+from bridge.config import BridgeSettings, UpstreamSettings, account_key
 from bridge.observability import get_logger
 from bridge.upstream.interface import (
     MailboxSnapshot,
@@ -139,7 +139,7 @@ class UpstreamPool:
         digest = _digest(salt, password)
         mismatch = False
         for entry in reversed(list(self._parked.values())):
-            if entry.account != account:
+            if account_key(entry.account) != account_key(account):
                 continue
             if not entry.matches(password):
                 # Maybe the password changed upstream, maybe it is wrong: a fresh login

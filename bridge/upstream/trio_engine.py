@@ -36,6 +36,7 @@ from bridge.observability import get_logger
 from bridge.tls import load_client_context
 from bridge.upstream import imap_syntax
 from bridge.upstream.interface import (
+    TEXT_FETCH_LIMIT,
     AuthenticationFailed,
     MailboxSnapshot,
     MessageGone,
@@ -955,19 +956,21 @@ class TrioImapMailbox:
         return found
 
     async def fetch_texts(self, folder: str, uids: Sequence[int]) -> dict[int, bytes]:
-        return await self._fetch_sections(folder, uids, b"TEXT")
+        return await self._fetch_sections(folder, uids, b"TEXT", b"<0.%d>" % TEXT_FETCH_LIMIT)
 
     async def fetch_messages(self, uids: Sequence[int]) -> dict[int, bytes]:
         return await self._fetch_sections(self._settings.mailbox, uids, b"")
 
-    async def _fetch_sections(self, folder: str, uids: Sequence[int], section: bytes) -> dict[int, bytes]:
+    async def _fetch_sections(
+        self, folder: str, uids: Sequence[int], section: bytes, partial: bytes = b""
+    ) -> dict[int, bytes]:
         if not uids:
             return {}
         found: dict[int, bytes] = {}
         async with self._lock:
             await self._ensure_selected(folder)
             for piece in chunked_uid_sets(uids):
-                command = b"UID FETCH %s (UID BODY.PEEK[%s])" % (piece.encode(), section)
+                command = b"UID FETCH %s (UID BODY.PEEK[%s]%s)" % (piece.encode(), section, partial)
                 status = await self._guarded("fetch", self._exchange_bodies, command, found)
                 if status[:2].upper() != b"OK":
                     raise UpstreamError(f"fetch: server answered {status.split(b' ', 1)[0].decode('ascii', 'replace')}")

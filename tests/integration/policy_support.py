@@ -3,14 +3,18 @@ user's view of the folders (state records included)."""
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import re
 from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
 
 from bridge.device_state import STATE_HEADER
 from bridge.sandbox import ImapObserver, Mailbox
 from bridge.uid_ranges import UidRanges
-from tests.harness import Pop3Client, poplib_payload
+from tests.harness import TEST_STATE_KEY, Pop3Client, poplib_payload
 
 # Both IMAP engines (upstream.engine) must implement every policy the same way.
 ENGINES = ["trio", "aioimaplib"]
@@ -121,3 +125,57 @@ def append_dated(box: Mailbox, message: bytes, internal_date: str, folder: str =
     with ImapObserver(box.host, box.imap_port, box.user, box.password) as observer:
         typ, data = observer.imap.append(f'"{folder}"', None, f'"{internal_date}"', message)
         assert typ == "OK", data
+
+
+# -- state records written by someone else than the bridge ----------------------------------------
+
+
+def state_message(header_device: str, body: bytes) -> bytes:
+    """A message shaped like a state record (the header the bridge searches for), any body."""
+    return (
+        b"From: someone <someone@example.com>\r\nSubject: POP3 device state\r\n"
+        + f"{STATE_HEADER}: {header_device}\r\n".encode()
+        + b"Content-Type: application/json\r\n\r\n"
+        + body
+    )
+
+
+def state_body(
+    device: str, uidvalidity: int, hidden: str, last_seen: datetime | str, *, mailbox: str = "INBOX", **extra: Any
+) -> dict[str, Any]:
+    """The JSON fields of a record, unsigned."""
+    stamp = last_seen if isinstance(last_seen, str) else last_seen.isoformat()
+    fields = {"format": 1, "device": device, "mailbox": mailbox, "uidvalidity": uidvalidity, "hidden": hidden}
+    return {**fields, **extra, "last_seen": stamp}
+
+
+def signed(fields: dict[str, Any], account: str, key: str = TEST_STATE_KEY) -> dict[str, Any]:
+    """`fields` with the MAC the README documents, computed here independently of the bridge:
+    HMAC-SHA256 under the key over the JSON array [label, format, account lower-cased,
+    mailbox, uidvalidity, device, hidden, hidden_unsigned, last_seen]."""
+    signed_text = json.dumps(
+        [
+            "pop3-imap-bridge device state",
+            fields["format"],
+            account.lower(),
+            fields["mailbox"],
+            fields["uidvalidity"],
+            fields["device"],
+            fields["hidden"],
+            fields.get("hidden_unsigned", ""),
+            fields["last_seen"],
+        ],
+        separators=(",", ":"),
+    ).encode()
+    return {**fields, "mac": hmac.new(key.encode(), signed_text, hashlib.sha256).hexdigest()}
+
+
+def json_body(fields: dict[str, Any]) -> bytes:
+    return json.dumps(fields, separators=(",", ":")).encode() + b"\r\n"
+
+
+def plant_state(box: Mailbox, *messages: bytes) -> list[int]:
+    """APPEND messages to the state folder as anyone allowed to write there could."""
+    if STATE_FOLDER not in folder_names(box):
+        create_folder(box, STATE_FOLDER)
+    return box.append(list(messages), mailbox=STATE_FOLDER).uids

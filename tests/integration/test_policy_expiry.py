@@ -8,10 +8,10 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from bridge.device_state import render_state
+from bridge.device_state import StateSigner, render_state
 from bridge.sandbox import Mailbox, numbered_messages
 from bridge.uid_ranges import UidRanges
-from tests.harness import Pop3Client, ThreadedBridge
+from tests.harness import TEST_STATE_KEY, Pop3Client, ThreadedBridge
 from tests.integration.policy_support import (
     MOVE_FOLDER,
     STATE_FOLDER,
@@ -127,10 +127,11 @@ def test_a_device_not_seen_within_the_limit_no_longer_holds_mail_back(
     # A tablet last polled 30 days ago and never downloaded anything; a printer 3 days ago.
     create_folder(mailbox, STATE_FOLDER)
     now = datetime.now(UTC)
+    signer = StateSigner(TEST_STATE_KEY.encode(), mailbox.user)
     mailbox.append(
         [
-            render_state("tablet", "INBOX", observer.uidvalidity(), UidRanges(), now - timedelta(days=30)),
-            render_state("printer", "INBOX", observer.uidvalidity(), UidRanges(), now - timedelta(days=3)),
+            render_state(signer, "tablet", "INBOX", observer.uidvalidity(), UidRanges(), now - timedelta(days=30)),
+            render_state(signer, "printer", "INBOX", observer.uidvalidity(), UidRanges(), now - timedelta(days=3)),
         ],
         mailbox=STATE_FOLDER,
     )

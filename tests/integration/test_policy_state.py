@@ -10,12 +10,19 @@ from pathlib import Path
 import pytest
 import trio
 
-from bridge.device_state import DeviceStateStore, StateChanging
+from bridge.device_state import DeviceStateStore, StateBackend, StateChanging, StateSigner
 from bridge.sandbox import DovecotSandbox, Mailbox, numbered_messages
 from bridge.uid_ranges import UidRanges
 from bridge.upstream import upstream_runtime
 from bridge.upstream.pool import PoolableMailbox, open_engine_mailbox
-from tests.harness import RawPop3, SubprocessBridge, ThreadedBridge, bridge_settings, wait_for_event
+from tests.harness import (
+    TEST_STATE_KEY,
+    RawPop3,
+    SubprocessBridge,
+    ThreadedBridge,
+    bridge_settings,
+    wait_for_event,
+)
 from tests.integration.policy_support import (
     ENGINES,
     STATE_FOLDER,
@@ -288,6 +295,10 @@ class _SaveBeforeFetch:
         await self._mailbox.delete_in(folder, uids)
 
 
+def _store(backend: StateBackend, box: Mailbox) -> DeviceStateStore:
+    return DeviceStateStore(backend, STATE_FOLDER, "INBOX", StateSigner(TEST_STATE_KEY.encode(), box.user))
+
+
 async def _connections(box: Mailbox, count: int, engine: str) -> list[PoolableMailbox]:
     settings = bridge_settings(box.imap_port, upstream={"engine": engine}).upstream
     return [await open_engine_mailbox(settings, box.user, box.password) for _ in range(count)]
@@ -299,8 +310,8 @@ async def test_store_merges_versions_written_concurrently(mailbox: Mailbox, engi
         async with upstream_runtime():
             one, two = await _connections(mailbox, 2, engine)
             try:
-                first = DeviceStateStore(one, STATE_FOLDER, "INBOX")
-                second = DeviceStateStore(two, STATE_FOLDER, "INBOX")
+                first = _store(one, mailbox)
+                second = _store(two, mailbox)
                 a, b = await first.load("phone", 7), await second.load("phone", 7)
                 a.hidden, b.hidden = UidRanges.of([1, 2]), UidRanges.of([5])
                 await first.save(a, 7)
@@ -325,7 +336,7 @@ async def test_store_reads_again_when_a_version_is_replaced_mid_read(mailbox: Ma
         async with upstream_runtime():
             one, two = await _connections(mailbox, 2, engine)
             try:
-                other = DeviceStateStore(two, STATE_FOLDER, "INBOX")
+                other = _store(two, mailbox)
                 start = await other.load("phone", 7)
                 start.hidden = UidRanges.of([1])
                 await other.save(start, 7)
@@ -340,7 +351,7 @@ async def test_store_reads_again_when_a_version_is_replaced_mid_read(mailbox: Ma
                     await other.save(state, 7)
 
                 once = _SaveBeforeFetch(one, other_bridge_saves_phone, times=1)
-                states = await DeviceStateStore(once, STATE_FOLDER, "INBOX").load_all(7)
+                states = await _store(once, mailbox).load_all(7)
                 assert once.times_left == 0
                 # Neither the replaced version's UIDs nor the device itself went missing.
                 assert str(states["phone"].hidden) == "1:2"
@@ -348,7 +359,7 @@ async def test_store_reads_again_when_a_version_is_replaced_mid_read(mailbox: Ma
 
                 always = _SaveBeforeFetch(one, other_bridge_saves_phone, times=100)
                 with pytest.raises(StateChanging):
-                    await DeviceStateStore(always, STATE_FOLDER, "INBOX").load("phone", 7)
+                    await _store(always, mailbox).load("phone", 7)
             finally:
                 for connection in (one, two):
                     await connection.aclose()
@@ -368,3 +379,32 @@ def test_records_of_other_maildrops_are_kept_apart(bridge_factory: BridgeFactory
     assert poll(work_bridge.port, phone, mailbox.password) == [50, 51]
     assert sorted(r.mailbox for r in state_records(mailbox)) == ["INBOX", "Work"]
     assert not any(e["event"] == "device_state_reset" for e in work_bridge.events())
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+async def test_a_state_too_big_for_one_record_is_saved_as_several(mailbox: Mailbox, engine: str) -> None:
+    # Every other UID of 60,000: 30,000 ranges, more than one record may hold (records are
+    # read only up to 64 KiB and 10,000 ranges). The parts are read back as one state.
+    hidden = UidRanges.of(range(1, 60001, 2))
+    with trio.fail_after(60):
+        async with upstream_runtime():
+            [connection] = await _connections(mailbox, 1, engine)
+            try:
+                store = _store(connection, mailbox)
+                state = await store.load("phone", 7)
+                state.hidden = hidden
+                await store.save(state, 7)
+                records = state_records(mailbox)
+                assert len(records) > 2
+                assert all(len(r.raw.partition(b"\r\n\r\n")[2]) < 65536 for r in records)
+
+                state = await store.load("phone", 7)
+                assert state.hidden == hidden
+                assert len(state.versions) == len(records)
+                state.hidden = state.hidden.union(UidRanges.of([60002]))
+                await store.save(state, 7)
+                # The parts read are replaced by the new parts.
+                assert {r.uid for r in state_records(mailbox)}.isdisjoint(r.uid for r in records)
+                assert (await store.load("phone", 7)).hidden == hidden.union(UidRanges.of([60002]))
+            finally:
+                await connection.aclose()

@@ -81,3 +81,72 @@ def test_environment_overrides_the_file(tmp_path: Path, monkeypatch: pytest.Monk
     assert settings.upstream.host == "10.1.2.3"
     assert settings.upstream.port == 993  # from the file, untouched by the environment
     assert [str(a) for a in settings.pop3.listen_addresses] == ["[::1]:110", "127.0.0.1:110"]
+
+
+# -- the key that signs per-client state records ------------------------------------------------
+
+STATE_KEY = "0123456789abcdef0123456789abcdef"
+
+
+@pytest.mark.parametrize(
+    "delete",
+    [
+        {"policy": "per-client"},
+        {"policy": "expunge", "accounts": {"alice@example.com": {"policy": "per-client"}}},
+    ],
+)
+def test_per_client_needs_a_state_key(delete: dict[str, object]) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_settings(None, {"delete": delete})
+    message = str(caught.value)
+    assert message.startswith("delete.state_key: required"), message
+    assert "per-client" in message and "state_key_file" in message
+
+
+def test_other_policies_need_no_state_key() -> None:
+    for policy in ("expunge", "move", "keep"):
+        assert load_settings(None, {"delete": {"policy": policy}}).delete.signing_key == b""
+
+
+def test_a_short_state_key_is_refused_naming_the_minimum() -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_settings(None, {"delete": {"policy": "per-client", "state_key": "too short"}})
+    message = str(caught.value)
+    assert message.startswith("delete.state_key:") and "must be at least 32 characters" in message, message
+    assert "too short" not in message
+
+
+def test_state_key_from_a_file_or_the_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    key_file = tmp_path / "state.key"
+    key_file.write_text(STATE_KEY + "\n")
+    settings = load_settings(None, {"delete": {"policy": "per-client", "state_key_file": str(key_file)}})
+    assert settings.delete.signing_key == STATE_KEY.encode()  # the final newline is not part of it
+
+    key_file.write_text("short\n")
+    with pytest.raises(ConfigError) as caught:
+        load_settings(None, {"delete": {"policy": "per-client", "state_key_file": str(key_file)}})
+    message = str(caught.value)
+    assert message.startswith("delete.state_key_file:") and "must hold at least 32 characters" in message, message
+    with pytest.raises(ConfigError) as caught:
+        load_settings(None, {"delete": {"state_key_file": str(tmp_path / "missing")}})
+    assert str(caught.value).startswith("delete.state_key_file:"), str(caught.value)
+
+    monkeypatch.setenv("BRIDGE_DELETE__STATE_KEY", STATE_KEY)
+    assert load_settings(None, {"delete": {"policy": "per-client"}}).delete.signing_key == STATE_KEY.encode()
+    key_file.write_text(STATE_KEY)
+    with pytest.raises(ConfigError) as caught:
+        load_settings(None, {"delete": {"policy": "per-client", "state_key_file": str(key_file)}})
+    assert str(caught.value).startswith("delete.state_key: give delete.state_key or delete.state_key_file"), str(
+        caught.value
+    )
+
+
+def test_check_config_masks_the_state_key(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    from bridge.cli import main
+
+    monkeypatch.setenv("BRIDGE_DELETE__POLICY", "per-client")
+    monkeypatch.setenv("BRIDGE_DELETE__STATE_KEY", STATE_KEY)
+    assert main(["check-config"]) == 0
+    out = capsys.readouterr().out
+    assert STATE_KEY not in out
+    assert 'state_key = "********"' in out

@@ -58,3 +58,10 @@ def test_format_can_be_forced(fmt: str, is_json: bool) -> None:
     text = out.getvalue().strip()
     assert text.startswith("{") is is_json
     assert "config_reloaded" in text
+
+
+def test_a_state_key_in_an_event_is_masked() -> None:
+    out = _Capture(tty=False)
+    configure_logging("info", "json", stream=out)  # type: ignore[arg-type]
+    get_logger().info("config_loaded", state_key="0123456789abcdef0123456789abcdef")
+    assert json.loads(out.getvalue())["state_key"] == "***"

@@ -7,7 +7,9 @@ from typing import Any
 import pytest
 
 from bridge.config import ConfigError, DeleteSettings, load_settings
-from bridge.devices import InvalidLogin, LoginIdentity, resolve_login
+from bridge.devices import InvalidLogin, LoginIdentity, account_key, resolve_login
+
+KEY = "k" * 32
 
 
 def delete_settings(**values: Any) -> DeleteSettings:
@@ -62,6 +64,7 @@ def test_a_mapped_login_wins_over_an_account_of_the_same_name() -> None:
 def test_per_account_default_device_and_overrides() -> None:
     settings = delete_settings(
         policy="expunge",
+        state_key=KEY,
         accounts={
             "alice": {"default_device": "desk-phone", "policy": "per-client", "folder": "Archive"},
             "bob": {"policy": "keep"},
@@ -96,6 +99,8 @@ def test_mapping_and_account_defaults_combine() -> None:
         "alice#télé",
         "alice#a/b",
         "alice#a\tb",
+        "alice#phone\n",  # "$" in a pattern matches before a final newline
+        "alice#phone\r\n",
     ],
 )
 def test_invalid_device_names_are_refused(login: str) -> None:
@@ -113,6 +118,8 @@ def test_a_mapping_to_an_invalid_device_is_refused_at_login() -> None:
     settings = delete_settings(logins={"printer": "alice#bad name"})
     with pytest.raises(InvalidLogin):
         resolve_login("printer", settings)
+    with pytest.raises(InvalidLogin):
+        resolve_login("scanner", delete_settings(logins={"scanner": "alice#phone\n"}))
 
 
 def test_one_lock_per_device_of_an_account() -> None:
@@ -127,6 +134,8 @@ def test_one_lock_per_device_of_an_account() -> None:
     ("values", "key"),
     [
         ({"default_device": "two words"}, "delete.default_device"),
+        ({"default_device": "phone\n"}, "delete.default_device"),
+        ({"accounts": {"alice": {"default_device": "phone\n"}}}, "delete.accounts.alice.default_device"),
         ({"device_separator": "ab"}, "delete.device_separator"),
         ({"device_separator": "x"}, "delete.device_separator"),
         ({"policy": "shred"}, "delete.policy"),
@@ -166,3 +175,53 @@ def test_folders_in_the_maildrop_hierarchy_are_fine() -> None:
         None, {"upstream": {"mailbox": "Work"}, "delete": {"folder": "Work.Done", "state_folder": "INBOX"}}
     )
     assert settings.delete.state_folder == "INBOX"
+
+
+# -- account names are compared case-insensitively ---------------------------------------------
+
+
+def test_account_key_folds_case_as_dovecot_does() -> None:
+    assert account_key("Alice@Example.COM") == account_key("alice@example.com") == "alice@example.com"
+    assert account_key("team#sales") == "team#sales"
+
+
+def test_an_account_override_applies_whatever_the_case_of_the_login() -> None:
+    # The upstream folds case (Dovecot's auth_username_format %Lu): "Alice@example.com" opens
+    # alice's mailbox, so it must get alice's policy, not the service default.
+    settings = delete_settings(
+        policy="expunge",
+        state_key=KEY,
+        accounts={"alice@example.com": {"policy": "per-client", "default_device": "desk"}},
+    )
+    for login in ("alice@example.com", "Alice@example.com", "ALICE@EXAMPLE.COM"):
+        identity = resolve_login(login, settings)
+        assert (identity.policy, identity.device) == ("per-client", "desk"), login
+        # The upstream login is the account exactly as typed.
+        assert identity.account == login
+    mixed = delete_settings(state_key=KEY, accounts={"Bob@Example.com": {"policy": "per-client"}})
+    assert resolve_login("bob@example.com#phone", mixed).policy == "per-client"
+
+
+def test_a_fixed_login_mapping_applies_whatever_the_case_of_the_login() -> None:
+    settings = delete_settings(logins={"Office-Printer": "alice#printer"})
+    for login in ("office-printer", "OFFICE-PRINTER", "Office-Printer"):
+        identity = resolve_login(login, settings)
+        assert (identity.account, identity.device) == ("alice", "printer"), login
+
+
+def test_one_lock_per_device_whatever_the_case_of_the_account() -> None:
+    settings = delete_settings()
+    assert resolve_login("Alice#phone", settings).lock_key == resolve_login("alice#phone", settings).lock_key
+    # Device names stay case-sensitive: "Phone" is another device.
+    assert resolve_login("alice#Phone", settings).lock_key != resolve_login("alice#phone", settings).lock_key
+    assert resolve_login("Alice#phone", settings).account_key == "alice"
+
+
+@pytest.mark.parametrize("table", ["accounts", "logins"])
+def test_two_names_differing_only_in_case_are_a_config_error(table: str) -> None:
+    value: object = {"policy": "keep"} if table == "accounts" else "carol"
+    with pytest.raises(ConfigError) as caught:
+        delete_settings(**{table: {"alice@example.com": value, "Alice@Example.com": value}})
+    message = str(caught.value)
+    assert message.startswith(f"delete.{table}:"), message
+    assert "'alice@example.com'" in message and "'Alice@Example.com'" in message

@@ -70,9 +70,30 @@ def test_union_and_intersection_are_the_set_operations(a: set[int], b: set[int])
     assert ra.intersection(rb) == rb.intersection(ra)
 
 
-@given(uid_sets, uid_sets, st.integers(min_value=0, max_value=320))
-def test_restricted_to_keeps_existing_and_not_yet_listed_uids(
-    hidden: set[int], existing: set[int], newest: int
-) -> None:
-    kept = UidRanges.of(hidden).restricted_to(existing, newest)
-    assert set(kept) == {uid for uid in hidden if uid in existing or uid > newest}
+@given(uid_sets, uid_sets)
+def test_restricted_to_keeps_only_existing_uids(hidden: set[int], existing: set[int]) -> None:
+    kept = UidRanges.of(hidden).restricted_to(existing)
+    assert set(kept) == hidden & existing
+
+
+def test_restricting_a_range_over_every_uid_keeps_only_the_snapshot() -> None:
+    # A state record claiming "1:4294967295" must not hide mail that arrives later.
+    everything = UidRanges.parse("1:4294967295")
+    assert len(everything) == 4294967295  # counted, not enumerated
+    kept = everything.restricted_to([3, 4, 5, 9])
+    assert str(kept) == "3:5,9"
+    assert 10 not in kept
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["4294967296", "1:4294967296", " 1", "1 ", "+1", "1_000", "\u0661", "1:", ":1", "1" * 4000],
+)
+def test_only_plain_uid32_numbers_are_accepted(text: str) -> None:
+    with pytest.raises(ValueError):
+        UidRanges.parse(text)
+
+
+def test_the_largest_uid_is_accepted() -> None:
+    assert str(UidRanges.parse("4294967295")) == "4294967295"
+    assert str(UidRanges.parse("1:4294967295")) == "1:4294967295"
