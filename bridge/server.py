@@ -1,7 +1,7 @@
 """The Trio service: POP3 listeners, the connection cap, and orderly shutdown.
 
-Every connection's handler lives in one nursery and catches its own errors (a handler
-exception must never take down the listeners). On SIGTERM/SIGINT the accept loops stop and the
+Every connection's handler lives in one nursery and catches its own errors (`_handle`): an
+error in one connection ends that connection only, never another one or the service. On SIGTERM/SIGINT the accept loops stop and the
 listeners close at once (readiness turns false), sessions in progress get
 `pop3.shutdown_grace_seconds` to finish, and those still open then are cancelled, which closes
 them without applying deletions (they never sent QUIT). A second signal cuts the grace short.
@@ -120,9 +120,19 @@ class Pop3Service:
             self._sessions.cancel()
 
     async def _handle(self, stream: trio.SocketStream, kind: ListenerKind | None = None) -> None:
+        """One connection, from accept to close. Nothing that goes wrong in it may leave it:
+        an error escaping here would reach the sessions' nursery and end every session and
+        the service. Cancellation (shutdown) still goes through."""
+        try:
+            await self._serve_connection(stream, kind or ListenerKind(""))
+        except Exception as exc:
+            _log.error("connection_failed", peer=_peer_name(stream), error=type(exc).__name__, exc_info=True)
+        finally:
+            await trio.aclose_forcefully(stream)
+
+    async def _serve_connection(self, stream: trio.SocketStream, kind: ListenerKind) -> None:
         peer = _peer_name(stream)
         state = self.state
-        kind = kind or ListenerKind("")
         if state.active_sessions >= self.settings.pop3.max_connections:
             _log.warning("connection_refused", peer=peer, reason="max_connections")
             # Under overload an implicit-TLS client is not worth a handshake: it is just closed.
@@ -130,9 +140,8 @@ class Pop3Service:
                 try:
                     if not kind.tls:
                         await stream.send_all(err("too many connections, try again later", ResponseCode.SYS_TEMP))
-                except trio.BrokenResourceError:
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                     pass
-            await trio.aclose_forcefully(stream)
             return
         # Counted from accept on: connections still in their PROXY header or TLS handshake
         # hold a slot of pop3.max_connections too.

@@ -170,7 +170,9 @@ class Pop3Session:
             sasl_mechanisms=SUPPORTED_MECHANISMS,
             stls_available=pop3.stls and service.server_tls is not None,
             tls_active=self._client.tls_active,
-            plaintext_auth_allowed=plaintext_auth_allowed(pop3.allow_plaintext_auth, self._client.address),
+            plaintext_auth_allowed=plaintext_auth_allowed(
+                pop3.allow_plaintext_auth, self._client.address, balancer_local=self._client.balancer_local
+            ),
         )
         # A logger bound once for the per-command debug event: the module's lazy logger
         # builds a new one on every call, and the event is on the path of every RETR.
