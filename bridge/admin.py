@@ -38,8 +38,9 @@ Readiness = Callable[[], Awaitable[tuple[bool, str]]]
 
 
 class UpstreamProbe:
-    """Is the upstream IMAP server there? A TCP connect and an IMAP greeting (`* OK` or
-    `* PREAUTH`) within a few seconds; the answer is reused for `readiness_cache_seconds`."""
+    """Is the upstream IMAP server there? A TCP connect and an IMAP greeting (`* OK`) within a
+    few seconds; the answer is reused for `readiness_cache_seconds`. A `* PREAUTH` greeting
+    is not ready: the engines refuse it (`bridge.upstream.interface.PreauthGreeting`)."""
 
     def __init__(self, settings: Callable[[], BridgeSettings]) -> None:
         self._settings = settings
@@ -80,8 +81,10 @@ class UpstreamProbe:
             return False, f"{where}: {exc.strerror or type(exc).__name__}"
         except trio.BrokenResourceError:
             return False, f"{where}: connection reset"
-        if greeting.upper().startswith((b"* OK", b"* PREAUTH")):
+        if greeting.upper().startswith(b"* OK"):
             return True, "ready"
+        if greeting.upper().startswith(b"* PREAUTH"):
+            return False, f"{where}: PREAUTH greeting (logins are refused)"
         return False, f"{where}: no IMAP greeting"
 
 

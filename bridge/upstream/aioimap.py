@@ -47,6 +47,7 @@ from bridge.upstream.interface import (
     MailboxSnapshot,
     MessageGone,
     MessageInfo,
+    PreauthGreeting,
     RangeReader,
     UpstreamError,
     UpstreamNotListening,
@@ -133,10 +134,19 @@ class _ClientProtocol(_aio.IMAP4ClientProtocol):
                 command.close(b"connection lost", "BYE")
 
     async def welcome(self, command: bytes) -> None:
+        # aioimaplib looks for "PREAUTH" and "OK" anywhere in the greeting: "* BYE ... OK"
+        # would pass for OK, and "PREAUTH" in an OK greeting's text would skip LOGIN and
+        # STARTTLS. Only the greeting's status counts here, and PREAUTH is refused
+        # (interface.PreauthGreeting).
+        status = command[:10].upper()
         try:
-            await super().welcome(command)
-        except Exception as exc:  # a BYE greeting or a non-IMAP4rev1 server
-            self.greeting_error = type(exc).__name__
+            if status.startswith(b"* PREAUTH"):
+                raise PreauthGreeting()
+            if not status.startswith(b"* OK"):
+                raise _aio.Error(command.decode("utf-8", "replace"))
+            await super().welcome(b"* OK")
+        except Exception as exc:  # PREAUTH, a BYE greeting or a non-IMAP4rev1 server
+            self.greeting_error = "PREAUTH" if isinstance(exc, PreauthGreeting) else type(exc).__name__
             async with self.state_condition:
                 self.state = _aio.LOGOUT
                 self.state_condition.notify_all()
@@ -543,14 +553,17 @@ async def open_mailbox(settings: UpstreamSettings, username: str, password: str)
         metrics.UPSTREAM_CONNECT_FAILURES.labels("refused").inc()
         raise UpstreamUnavailable(f"connect: {exc.strerror or type(exc).__name__}") from None
     mailbox = AioImapMailbox(protocol, settings)
-    if protocol.state == _aio.LOGOUT:
+    if protocol.greeting_error == "PREAUTH":
+        mailbox._break()
+        metrics.UPSTREAM_CONNECT_FAILURES.labels("preauth").inc()
+        raise PreauthGreeting()
+    if protocol.state != _aio.NONAUTH:
         mailbox._break()
         metrics.UPSTREAM_CONNECT_FAILURES.labels("greeting").inc()
         raise UpstreamUnavailable(f"connect: server refused the session ({protocol.greeting_error})")
     metrics.UPSTREAM_CONNECTS.inc()
     try:
-        if protocol.state == _aio.NONAUTH:
-            await mailbox._login(username, password)
+        await mailbox._login(username, password)
     except BaseException:
         mailbox._break()
         raise

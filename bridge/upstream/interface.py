@@ -28,6 +28,19 @@ class UpstreamNotListening(UpstreamUnavailable):
     retrying within the timeout (bridge.upstream.pool), unlike a server that answers "no"."""
 
 
+class PreauthGreeting(UpstreamError):
+    """The server greeted with PREAUTH: the connection is authenticated before any LOGIN.
+
+    Refused by both engines. The bridge authenticates every POP3 user by logging in upstream
+    with that user's password; on a pre-authenticated connection any password would do, and
+    an on-path attacker answering `* PREAUTH` before STARTTLS would get no TLS and no LOGIN
+    and could serve its own mail. A server fault, not the user's: POP3 says [SYS/TEMP]."""
+
+    def __init__(self) -> None:
+        super().__init__("connect: the server greeted with PREAUTH (already logged in); refused: "
+                         "the bridge must log in as each POP3 user")
+
+
 class AuthenticationFailed(Exception):
     """The upstream rejected the credentials; POP3 says [AUTH]."""
 

@@ -39,6 +39,7 @@ from bridge.upstream.interface import (
     AuthenticationFailed,
     MailboxSnapshot,
     MessageGone,
+    PreauthGreeting,
     RangeReader,
     UpstreamError,
     UpstreamNotListening,
@@ -397,7 +398,6 @@ class TrioImapMailbox:
         self._modseq_seen: int | None = None
         self._qresync = False
         self._condstore = False
-        self._preauth = False
         self._bye = False
 
     # -- state -------------------------------------------------------------------------------
@@ -608,10 +608,11 @@ class TrioImapMailbox:
         upper = text[:12].upper()
         if upper.startswith(b"* BYE"):
             raise UpstreamUnavailable("connect: server refused the session")
-        if not upper.startswith((b"* OK", b"* PREAUTH")):
+        if upper.startswith(b"* PREAUTH"):
+            raise PreauthGreeting()
+        if not upper.startswith(b"* OK"):
             raise UpstreamUnavailable("connect: not an IMAP greeting")
         self._response_codes(text)
-        self._preauth = upper.startswith(b"* PREAUTH")
 
     async def _starttls(self) -> None:
         if not self._capabilities:
@@ -1138,6 +1139,9 @@ async def open_mailbox(settings: UpstreamSettings, username: str, password: str)
         except UpstreamUnavailable:
             metrics.UPSTREAM_CONNECT_FAILURES.labels("greeting").inc()
             raise
+        except PreauthGreeting:
+            metrics.UPSTREAM_CONNECT_FAILURES.labels("preauth").inc()
+            raise
         if settings.tls == "starttls":
             try:
                 await mailbox._starttls()
@@ -1149,8 +1153,7 @@ async def open_mailbox(settings: UpstreamSettings, username: str, password: str)
             except (trio.BrokenResourceError, OSError):
                 raise UpstreamUnavailable("starttls: connection lost") from None
         metrics.UPSTREAM_CONNECTS.inc()
-        if not mailbox._preauth:
-            await mailbox._login(username, password)
+        await mailbox._login(username, password)
         await mailbox._enable_extensions()
     except BaseException:
         mailbox._break()
