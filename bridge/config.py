@@ -193,6 +193,9 @@ class PoolSettings(_Section):
     """Parking a finished session's IMAP connection for that account's next session."""
 
     park_seconds: float = Field(default=1200.0, ge=0, le=86400)
+    # From the connection's upstream LOGIN, never refreshed: the longest an old password keeps
+    # working on a parked connection after it changed upstream (bridge/upstream/pool.py).
+    max_age_seconds: float = Field(default=300.0, gt=0, le=86400)
     max_connections: int = Field(default=500, ge=0)
     max_per_account: int = Field(default=2, ge=1, le=64)
     # RFC 2177: re-issue IDLE at least every 29 minutes; many servers and NATs drop sooner.

@@ -82,6 +82,15 @@ class Pop3Service:
         self.admission = ConnectionAdmission(self.state.server_tls)
         warn_about_weakened_settings(settings)
         self.reload_hooks.append(self._reload_security)
+        self.reload_hooks.append(self._reload_pool)
+
+    async def _reload_pool(self, settings: BridgeSettings) -> None:
+        """SIGHUP: connections opened under other `[upstream]` settings (another host, TLS
+        mode, CA, mailbox, ...) serve no further session. Only when [upstream] changed: any
+        other reload keeps the parked connections and the devices' next polls fast."""
+        evicted = self.state.pool.retire_stale()
+        if evicted:
+            _log.info("pool_evicted", reason="upstream_changed", connections=evicted)
 
     async def _reload_security(self, settings: BridgeSettings) -> None:
         """SIGHUP: re-read the certificate and key (new connections use them, established
