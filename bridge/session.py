@@ -317,25 +317,28 @@ class Pop3Session:
             return core.reject_login(f"invalid login: {exc}", ResponseCode.AUTH)
         structlog.contextvars.bind_contextvars(account=identity.account, device=identity.device)
         limiter, address = self._service.login_limiter, self._client.address
-        verdict = limiter.check(address, identity.account)
-        if verdict.blocked:
+        # Counted as in progress until the mail server has answered (bridge.login_limiter);
+        # may wait for other attempts from this address to end first.
+        attempt = await limiter.begin(address, identity.account)
+        if attempt.blocked:
             # Refused without asking the mail server; not counted, so the block does not grow.
-            _log.warning("login_blocked", retry_after=round(verdict.retry_after, 1))
+            _log.warning("login_blocked", retry_after=round(attempt.retry_after, 1))
             _count_login_failure("blocked")
             await trio.sleep(limiter.blocked_delay(address, identity.account))
             return core.reject_login("too many failed logins, try again later", ResponseCode.SYS_TEMP)
-        try:
-            mailbox = await self._service.connect_upstream(identity.account, request.password)
-        except AuthenticationFailed:
-            delay = limiter.record_failure(address, identity.account)
-            _log.info("login_failed", reason="credentials", mechanism=request.mechanism, delay=delay)
-            _count_login_failure("credentials")
-            await trio.sleep(delay)
-            return core.reject_login("invalid user name or password", ResponseCode.AUTH)
-        except UpstreamError as exc:
-            _log.warning("login_failed", reason="upstream", error=str(exc))
-            _count_login_failure("upstream")
-            return core.reject_login("mail server unavailable, try again later", ResponseCode.SYS_TEMP)
+        with attempt:
+            try:
+                mailbox = await self._service.connect_upstream(identity.account, request.password)
+            except AuthenticationFailed:
+                delay = attempt.failed()
+                _log.info("login_failed", reason="credentials", mechanism=request.mechanism, delay=delay)
+                _count_login_failure("credentials")
+                await trio.sleep(delay)
+                return core.reject_login("invalid user name or password", ResponseCode.AUTH)
+            except UpstreamError as exc:
+                _log.warning("login_failed", reason="upstream", error=str(exc))
+                _count_login_failure("upstream")
+                return core.reject_login("mail server unavailable, try again later", ResponseCode.SYS_TEMP)
         try:
             self._exits.enter_context(self._service.locks.hold(identity.lock_key))
         except MaildropInUse:
