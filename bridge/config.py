@@ -89,6 +89,7 @@ class Pop3Settings(_Section):
     session_timeout_seconds: float = Field(default=7200.0, ge=0)
     send_timeout_seconds: float = Field(default=120.0, gt=0)
     handshake_timeout_seconds: float = Field(default=30.0, gt=0)
+    login_timeout_seconds: float = Field(default=60.0, gt=0)
 
     @field_validator("listen", "tls_listen")
     @classmethod
@@ -253,6 +254,7 @@ class AdminSettings(_Section):
     # Empty: no admin listener (metrics and probes are opt-in; they reveal traffic figures).
     listen: str = ""
     readiness_cache_seconds: float = Field(default=5.0, ge=0, le=300)
+    max_connections: int = Field(default=64, ge=1)
 
     @field_validator("listen")
     @classmethod

@@ -232,7 +232,10 @@ async def run_until_signalled(
             await nursery.start(serve_then_stop)
             admin_address = settings.admin.listen_address
             if admin_address is not None:
-                admin = AdminServer(admin_address, readiness=readiness, metrics=metrics.render)
+                admin = AdminServer(
+                    admin_address, readiness=readiness, metrics=metrics.render,
+                    max_connections=settings.admin.max_connections,
+                )
                 await nursery.start(admin.serve)
             if notify is not None:
                 notify("ready")

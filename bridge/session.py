@@ -8,6 +8,7 @@ way (client gone, timeout, error, shutdown) deletes nothing.
 
 from __future__ import annotations
 
+import math
 import secrets
 import time
 from collections.abc import Awaitable, Callable
@@ -185,13 +186,21 @@ class Pop3Session:
         self._readahead: dict[int, bytes] = {}
         self._last_retrieved = 0
         self._exits = ExitStack()
+        self._session_deadline = math.inf
         self.session_id = secrets.token_hex(6)
 
     async def run(self) -> None:
         structlog.contextvars.bind_contextvars(session=self.session_id, peer=self._peer)
         started = time.monotonic()
-        if self._settings.pop3.session_timeout_seconds:
-            self._io.deadline = trio.current_time() + self._settings.pop3.session_timeout_seconds
+        pop3 = self._settings.pop3
+        now = trio.current_time()
+        if pop3.session_timeout_seconds:
+            self._session_deadline = now + pop3.session_timeout_seconds
+        # Until it has logged in, the client has pop3.login_timeout_seconds (_login lifts it).
+        if now + pop3.login_timeout_seconds < self._session_deadline:
+            self._io.deadline, self._io.deadline_reason = now + pop3.login_timeout_seconds, "login_timeout"
+        else:
+            self._io.deadline = self._session_deadline
         _log.info("session_start", tls=self._client.tls_active, proxied_by=self._client.proxied_by)
         metrics.SESSIONS_ACTIVE.inc()
         outcome = "error"
@@ -244,6 +253,9 @@ class Pop3Session:
         if reason == "autologout":
             # RFC 1939 autologout: close without a reply and without entering UPDATE.
             _log.info("autologout", seconds=pop3.autologout_seconds)
+        elif reason == "login_timeout":
+            # Closed like an autologout: without a reply (the client may not be reading).
+            _log.info("login_timeout", seconds=pop3.login_timeout_seconds)
         elif reason == "send_timeout":
             _log.info("client_not_reading", seconds=pop3.send_timeout_seconds)
         else:
@@ -263,7 +275,7 @@ class Pop3Session:
                 _log.info("tls_handshake_failed", reason=type(exc.__cause__ or exc).__name__)
                 raise _EndSession("tls_failed") from None
             self._stream = tls_stream
-            self._io = ClientStream(tls_stream, self._wait, self._io.deadline)
+            self._io = ClientStream(tls_stream, self._wait, self._io.deadline, self._io.deadline_reason)
             self._core.tls_established()
             _log.info("stls_started", version=tls_stream.version())
             return
@@ -361,6 +373,7 @@ class Pop3Session:
         snapshot = view.snapshot
         metrics.LOGINS.labels("ok").inc()
         limiter.record_success(address, identity.account)
+        self._io.deadline, self._io.deadline_reason = self._session_deadline, "session_timeout"
         # The audit record: user, account and device (context), peer (the real client), TLS.
         _log.info(
             "login_ok",
