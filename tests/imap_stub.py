@@ -11,6 +11,7 @@ share nor disturb the bridge's event loop.
 
 from __future__ import annotations
 
+import base64
 import re
 import socket
 import socketserver
@@ -77,6 +78,11 @@ class StubImapServer:
         for connection in list(self.connections):
             connection.sock.close()
 
+    def connections_of(self, user: str) -> int:
+        """How many connections logged in as `user`."""
+        with self._lock:
+            return sum(1 for connection in self.connections if connection.user == user)
+
     def commands(self) -> list[bytes]:
         """Every command every connection sent, in order of connections."""
         with self._lock:
@@ -94,7 +100,7 @@ class StubImapServer:
         if name == b"CAPABILITY":
             return b"* CAPABILITY " + self.capabilities + b"\r\n" + ok
         if name in (b"LOGIN", b"AUTHENTICATE"):
-            connection.user = "someone"
+            connection.user = _user_of(command)
             return tag + b" OK [CAPABILITY " + self.capabilities + b"] logged in\r\n"
         if name in (b"SELECT", b"EXAMINE"):
             return self.select_answer(connection) + tag + b" OK [READ-WRITE] selected\r\n"
@@ -154,6 +160,14 @@ class StubImapServer:
             pass
         finally:
             sock.close()
+
+
+def _user_of(command: bytes) -> str:
+    """The user name of a LOGIN "user" "password" or AUTHENTICATE PLAIN <base64> command."""
+    words = command.split(b" ")
+    if words[0].upper() == b"LOGIN":
+        return words[1].strip(b'"').decode()
+    return base64.b64decode(words[2]).split(b"\0")[1].decode()
 
 
 def stub_settings(stub: StubImapServer, **upstream: Any) -> dict[str, Any]:

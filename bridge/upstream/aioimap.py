@@ -20,13 +20,18 @@ aioimaplib 2.0.3 needs these fixes, all made here by subclassing (pinned version
   `upstream_runtime()` installs an exception handler that logs instead;
 - it has no STARTTLS: `_connect` sends it and upgrades with `loop.start_tls`, dropping any
   plaintext the server sent after its OK (a response-injection defence), then asks for the
-  capabilities again (RFC 3501 6.2.1: those from before TLS must be forgotten).
+  capabilities again (RFC 3501 6.2.1: those from before TLS must be forgotten);
+- it takes "PREAUTH" or "OK" anywhere in the greeting for its status; `welcome` goes by the
+  status alone and refuses PREAUTH (interface.PreauthGreeting);
+- it reads a literal of whatever size the server announces; each command here has a budget
+  of literal bytes (interface.MAX_*), and a literal beyond it drops the connection.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import re
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -42,6 +47,9 @@ from bridge.observability import get_logger
 from bridge.tls import load_client_context
 from bridge.upstream import imap_syntax
 from bridge.upstream.interface import (
+    MAX_BODY_FETCH_BYTES,
+    MAX_MAILDROP_MESSAGES,
+    MAX_OTHER_LITERAL_BYTES,
     AuthenticationFailed,
     ChunkedRangeReader,
     MailboxSnapshot,
@@ -50,6 +58,7 @@ from bridge.upstream.interface import (
     PreauthGreeting,
     RangeReader,
     UpstreamError,
+    UpstreamImplausible,
     UpstreamNotListening,
     UpstreamUnavailable,
     chunked_uid_sets,
@@ -61,6 +70,17 @@ _log = get_logger(component="upstream")
 # Codes (RFC 5530) with which a server says "not now" rather than "wrong password".
 _TEMPORARY_AUTH_CODES = frozenset({"UNAVAILABLE", "SERVERBUG", "LIMIT", "INUSE", "CONTACTADMIN"})
 _CLOSE_GRACE_SECONDS = 2.0
+_PARTIAL = re.compile(r"BODY\.PEEK\[[^\]]*\]<\d+\.(\d+)>", re.IGNORECASE)
+
+
+def _literal_budget(message_set: str, message_parts: str) -> int:
+    """The literal bytes a FETCH may bring back (interface.MAX_*)."""
+    if "BODY.PEEK[" not in message_parts.upper():
+        return MAX_OTHER_LITERAL_BYTES
+    partial = _PARTIAL.search(message_parts)
+    if partial is not None and message_set.isdigit():
+        return int(partial.group(1)) + MAX_OTHER_LITERAL_BYTES
+    return MAX_BODY_FETCH_BYTES
 
 
 def _log_asyncio_error(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
@@ -108,9 +128,13 @@ class _ClientProtocol(_aio.IMAP4ClientProtocol):
         # inject into the encrypted session: they are dropped.
         self.starttls_tag: bytes | None = None
         self.plaintext_closed = False
+        # Literal bytes the current command may still bring back (set per command, see
+        # AioImapMailbox._call); `violation` says why the connection was dropped past it.
+        self.literal_budget = MAX_OTHER_LITERAL_BYTES
+        self.violation: str | None = None
 
     def data_received(self, d: bytes) -> None:
-        if self.plaintext_closed:
+        if self.plaintext_closed or self.violation is not None:
             return
         try:
             self._handle_responses(self.incomplete_line + d, self._handle_line, self.current_command)
@@ -126,7 +150,16 @@ class _ClientProtocol(_aio.IMAP4ClientProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
-        error = _aio.Abort("upstream connection lost")
+        self._fail_pending(_aio.Abort("upstream connection lost"))
+
+    def _refuse(self, violation: str) -> None:
+        """The server sent something no sane server does: drop the connection."""
+        self.violation = violation
+        self._fail_pending(_aio.Abort(violation))
+        if self.transport is not None:
+            self.transport.close()
+
+    def _fail_pending(self, error: Exception) -> None:
         pending = [*self.pending_async_commands.values(), self.pending_sync_command]
         for command in pending:
             if command is not None and not command._event.is_set():
@@ -184,6 +217,11 @@ class _ClientProtocol(_aio.IMAP4ClientProtocol):
                 return
             literal = _aio.literal_data_re.match(line)
             if literal:
+                size = int(literal.group("size"))
+                if size > self.literal_budget:
+                    self._refuse(f"a {size}-byte literal, more than the {self.literal_budget} bytes left for this command")
+                    return
+                self.literal_budget -= size
                 if command is None:
                     command = _aio.Command("NIL", "unused", loop=self.loop)
                 command.begin_literal_data(int(literal.group("size")))
@@ -196,6 +234,7 @@ class _ClientProtocol(_aio.IMAP4ClientProtocol):
     async def fetch(
         self, message_set: str, message_parts: str, by_uid: bool = False, timeout: float | None = None  # noqa: ASYNC109 (aioimaplib signature)
     ) -> _aio.Response:
+        self.literal_budget = _literal_budget(message_set, message_parts)
         return await self.execute(
             _IncrementalFetchCommand(
                 self.new_tag(), message_set, message_parts,
@@ -292,6 +331,7 @@ class AioImapMailbox:
         async with self._lock:
             if not self.usable:
                 raise UpstreamUnavailable(f"{what}: upstream connection is closed")
+            self._protocol.literal_budget = MAX_OTHER_LITERAL_BYTES
             try:
                 with trio.fail_after(self._settings.timeout_seconds):
                     return await trio_asyncio.aio_as_trio(fn)(*args, **kwargs)
@@ -300,6 +340,8 @@ class AioImapMailbox:
                 raise UpstreamUnavailable(f"{what}: no answer within {self._settings.timeout_seconds:g} s") from None
             except (_aio.AioImapException, OSError, asyncio.CancelledError) as exc:
                 self._break()
+                if self._protocol.violation is not None:
+                    raise UpstreamImplausible(f"{what}: {self._protocol.violation}") from None
                 raise UpstreamUnavailable(f"{what}: {type(exc).__name__}") from None
             except trio.Cancelled:
                 # A command cut off half-way leaves the protocol state unknown.
@@ -357,6 +399,9 @@ class AioImapMailbox:
         exists = imap_syntax.find_exists(selected.lines)
         if uidvalidity is None or exists is None:
             raise UpstreamError("select: server sent no UIDVALIDITY or EXISTS")
+        if exists > MAX_MAILDROP_MESSAGES:
+            self._break()
+            raise UpstreamImplausible(f"select: EXISTS {exists}: more than {MAX_MAILDROP_MESSAGES} messages")
         messages: list[MessageInfo] = []
         if exists:
             listing = await self._checked(
