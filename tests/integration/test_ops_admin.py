@@ -12,6 +12,7 @@ import psutil
 from bridge.admin import MAX_REQUEST_HEAD
 from bridge.sandbox import DovecotSandbox, Mailbox
 from tests.harness import SubprocessBridge, free_port
+from tests.imap_stub import StubConnection, StubImapServer
 from tests.integration.ops_support import events_named, http_get, wait_for
 
 
@@ -135,3 +136,19 @@ def _admin_connections_held(bridge: SubprocessBridge, admin_port: int, count: in
         if c.laddr and c.laddr.port == admin_port and c.status == psutil.CONN_ESTABLISHED
     ]
     return len(held) == count
+
+
+def test_readiness_is_false_when_the_upstream_greets_with_preauth(tmp_path: Path) -> None:
+    """Both engines refuse a PREAUTH greeting (tests/integration/test_security_upstream.py),
+    so such an upstream cannot serve a login: not ready. A stub, since no configured server
+    here pre-authenticates."""
+
+    class Preauth(StubImapServer):
+        def greeting(self, connection: StubConnection) -> bytes:
+            return b"* PREAUTH welcome\r\n"
+
+    with Preauth() as stub:
+        bridge, admin_port = _admin_bridge(tmp_path, stub.port)
+        with bridge:
+            status, body, _ = http_get(admin_port, "/readyz")
+            assert (status, body) == (503, f"upstream 127.0.0.1:{stub.port}: PREAUTH greeting (logins are refused)\n")
