@@ -137,8 +137,8 @@ class LoginVerdict:
 
 class LoginAttempt:
     """One login being tried (`LoginLimiter.begin`). Unless ``blocked`` (then it was refused
-    and counts nowhere), it is in progress until `failed()`, or until its ``with`` block ends
-    (a success, or an answer that says nothing about the password)."""
+    and counts nowhere), it is in progress until `failed()` or `end()` (a success, or an
+    answer that says nothing about the password), or until its ``with`` block ends."""
 
     def __init__(self, limiter: LoginLimiter | None, address: str, account: str, verdict: LoginVerdict) -> None:
         self._limiter = limiter
@@ -155,15 +155,19 @@ class LoginAttempt:
         limiter._end(self.address, self.account)
         return limiter.record_failure(self.address, self.account)
 
+    def end(self) -> None:
+        """No longer in progress, nothing counted (a no-op once it has ended)."""
+        limiter, self._limiter = self._limiter, None
+        if limiter is not None:
+            limiter._end(self.address, self.account)
+
     def __enter__(self) -> LoginAttempt:
         return self
 
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        limiter, self._limiter = self._limiter, None
-        if limiter is not None:
-            limiter._end(self.address, self.account)
+        self.end()
 
 
 class LoginLimiter:

@@ -1,8 +1,9 @@
 """The Trio service: POP3 listeners, the connection cap, and orderly shutdown.
 
 Every connection's handler lives in one nursery and catches its own errors (`_handle`): an
-error in one connection ends that connection only, never another one or the service. On SIGTERM/SIGINT the accept loops stop and the
-listeners close at once (readiness turns false), sessions in progress get
+error in one connection ends that connection only, never another one or the service. On
+SIGTERM/SIGINT the accept loops stop and the listeners close at once (readiness turns false),
+sessions in progress get
 `pop3.shutdown_grace_seconds` to finish, and those still open then are cancelled, which closes
 them without applying deletions (they never sent QUIT). A second signal cuts the grace short.
 SIGHUP reloads the configuration (`bridge.lifecycle`).

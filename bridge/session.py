@@ -338,19 +338,20 @@ class Pop3Session:
             _count_login_failure("blocked")
             await trio.sleep(limiter.blocked_delay(address, identity.account))
             return core.reject_login("too many failed logins, try again later", ResponseCode.SYS_TEMP)
-        with attempt:
-            try:
-                mailbox = await self._service.connect_upstream(identity.account, request.password)
-            except AuthenticationFailed:
-                delay = attempt.failed()
-                _log.info("login_failed", reason="credentials", mechanism=request.mechanism, delay=delay)
-                _count_login_failure("credentials")
-                await trio.sleep(delay)
-                return core.reject_login("invalid user name or password", ResponseCode.AUTH)
-            except UpstreamError as exc:
-                _log.warning("login_failed", reason="upstream", error=str(exc))
-                _count_login_failure("upstream")
-                return core.reject_login("mail server unavailable, try again later", ResponseCode.SYS_TEMP)
+        try:
+            mailbox = await self._service.connect_upstream(identity.account, request.password)
+        except AuthenticationFailed:
+            delay = attempt.failed()
+            _log.info("login_failed", reason="credentials", mechanism=request.mechanism, delay=delay)
+            _count_login_failure("credentials")
+            await trio.sleep(delay)
+            return core.reject_login("invalid user name or password", ResponseCode.AUTH)
+        except UpstreamError as exc:
+            _log.warning("login_failed", reason="upstream", error=str(exc))
+            _count_login_failure("upstream")
+            return core.reject_login("mail server unavailable, try again later", ResponseCode.SYS_TEMP)
+        finally:
+            attempt.end()
         try:
             self._exits.enter_context(self._service.locks.hold(identity.lock_key))
         except MaildropInUse:
