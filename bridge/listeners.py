@@ -227,7 +227,9 @@ class ConnectionAdmission:
             # The balancer speaks for itself (a health check).
             return ClientConnection(stream, host, direct.peer, proxied_by=direct.peer, balancer_local=True)
         if header.source is None:
-            _log.warning("proxy_source_unknown", peer=direct.peer, version=header.version)
+            # The spec now reserves UNKNOWN for when the sender cannot fill the line; an
+            # older sender may still use it for its health checks (v2 sends LOCAL, served above).
+            _log.info("proxy_source_unknown", peer=direct.peer, version=header.version)
             raise _Refused(err("connection not accepted", ResponseCode.SYS_PERM))
         client_host, client_port = header.source
         return ClientConnection(
