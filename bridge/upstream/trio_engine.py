@@ -507,8 +507,9 @@ class TrioImapMailbox:
         if number is not None:
             count, kind = int(number.group(1)), number.group(2).upper()
             if count > MAX_MAILDROP_MESSAGES:
-                what = "EXISTS" if kind == b"EXISTS" else f"{kind.decode()} of sequence number"
-                raise UpstreamImplausible(f"{what} {count}: more than {MAX_MAILDROP_MESSAGES} messages")
+                name = kind.decode()
+                what = f"{name} {count}" if kind in (b"EXISTS", b"RECENT") else f"{name} of sequence number {count}"
+                raise UpstreamImplausible(f"{what}: more than {MAX_MAILDROP_MESSAGES} messages")
             if kind == b"EXISTS":
                 self._exists = count
                 if self._listing is not None:
