@@ -4,8 +4,9 @@ HTTP/1.1 parsing is h11's (sans-IO, the model for our own POP3 core): a hand-wri
 would be the one piece of this service that reads arbitrary input from the network without
 a tested grammar behind it. Around it, this module keeps the surface small: GET only, one
 request per connection (answered with `Connection: close`), a request head of at most
-`MAX_REQUEST_HEAD` bytes, and `REQUEST_TIMEOUT_SECONDS` for the whole exchange, so a slow or
-hostile client cannot hold a task or memory for long.
+`MAX_REQUEST_HEAD` bytes, `REQUEST_TIMEOUT_SECONDS` for the whole exchange, and at most
+`admin.max_connections` connections at once (more are closed at once), so a slow or hostile
+client cannot hold tasks or memory for long.
 
 - /healthz: 200 while the process runs its event loop (liveness).
 - /readyz: 200 when the POP3 listeners are open, the service is not shutting down, and the
@@ -38,8 +39,9 @@ Readiness = Callable[[], Awaitable[tuple[bool, str]]]
 
 
 class UpstreamProbe:
-    """Is the upstream IMAP server there? A TCP connect and an IMAP greeting (`* OK` or
-    `* PREAUTH`) within a few seconds; the answer is reused for `readiness_cache_seconds`."""
+    """Is the upstream IMAP server there? A TCP connect and an IMAP greeting (`* OK`) within a
+    few seconds; the answer is reused for `readiness_cache_seconds`. A `* PREAUTH` greeting
+    is not ready: the engines refuse it (`bridge.upstream.interface.PreauthGreeting`)."""
 
     def __init__(self, settings: Callable[[], BridgeSettings]) -> None:
         self._settings = settings
@@ -80,16 +82,22 @@ class UpstreamProbe:
             return False, f"{where}: {exc.strerror or type(exc).__name__}"
         except trio.BrokenResourceError:
             return False, f"{where}: connection reset"
-        if greeting.upper().startswith((b"* OK", b"* PREAUTH")):
+        if greeting.upper().startswith(b"* OK"):
             return True, "ready"
+        if greeting.upper().startswith(b"* PREAUTH"):
+            return False, f"{where}: PREAUTH greeting (logins are refused)"
         return False, f"{where}: no IMAP greeting"
 
 
 class AdminServer:
-    def __init__(self, address: ListenAddress, *, readiness: Readiness, metrics: Callable[[], bytes]) -> None:
+    def __init__(
+        self, address: ListenAddress, *, readiness: Readiness, metrics: Callable[[], bytes], max_connections: int = 64
+    ) -> None:
         self._address = address
         self._readiness = readiness
         self._metrics = metrics
+        self._max_connections = max_connections
+        self._connections = 0
         self.bound_address = ""
 
     async def serve(self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
@@ -101,6 +109,17 @@ class AdminServer:
         await trio.serve_listeners(self._handle, listeners)
 
     async def _handle(self, stream: trio.SocketStream) -> None:
+        if self._connections >= self._max_connections:
+            _log.warning("admin_connection_refused", reason="max_connections")
+            await trio.aclose_forcefully(stream)
+            return
+        self._connections += 1
+        try:
+            await self._serve(stream)
+        finally:
+            self._connections -= 1
+
+    async def _serve(self, stream: trio.SocketStream) -> None:
         connection = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST_HEAD)
         try:
             with trio.move_on_after(REQUEST_TIMEOUT_SECONDS):

@@ -39,13 +39,18 @@ _SENDS_BETWEEN_YIELDS = 16
 
 
 class ClientStream:
-    """`stream` with the session's `wait` kept up to date: `deadline` (Trio time) is the
-    session's end, pop3.session_timeout_seconds after it started."""
+    """`stream` with the session's `wait` kept up to date: `deadline` (Trio time) is when the
+    session must end, for `deadline_reason` (pop3.session_timeout_seconds after it started, or
+    before login pop3.login_timeout_seconds if that comes first)."""
 
-    def __init__(self, stream: trio.abc.Stream, wait: ClientWait, deadline: float = math.inf) -> None:
+    def __init__(
+        self, stream: trio.abc.Stream, wait: ClientWait, deadline: float = math.inf,
+        deadline_reason: str = "session_timeout",
+    ) -> None:
         self.stream = stream
         self.wait = wait
         self.deadline = deadline
+        self.deadline_reason = deadline_reason
         self._fd = stream.socket.fileno() if type(stream) is trio.SocketStream else -1
         self._sends_without_yield = 0
 
@@ -55,7 +60,7 @@ class ClientStream:
         if due < self.deadline:
             wait.due, wait.reason = due, reason
         else:
-            wait.due, wait.reason = self.deadline, "session_timeout"
+            wait.due, wait.reason = self.deadline, self.deadline_reason
 
     async def receive(self, max_bytes: int, allowed_seconds: float) -> bytes:
         """Up to `max_bytes`; b"" when the client closed its side. Ends as "autologout" after

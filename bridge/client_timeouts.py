@@ -36,7 +36,10 @@ class ClientWait:
 def watchdog_tick(settings: BridgeSettings) -> float:
     """Seconds between two looks of the watchdog under these settings."""
     pop3 = settings.pop3
-    shortest = min(pop3.autologout_seconds, pop3.send_timeout_seconds, pop3.session_timeout_seconds or math.inf)
+    shortest = min(
+        pop3.autologout_seconds, pop3.send_timeout_seconds, pop3.login_timeout_seconds,
+        pop3.session_timeout_seconds or math.inf,
+    )
     return min(1.0, max(0.05, shortest / 10))
 
 

@@ -108,6 +108,7 @@ class Pop3Settings(_Section):
     session_timeout_seconds: float = Field(default=7200.0, ge=0)
     send_timeout_seconds: float = Field(default=120.0, gt=0)
     handshake_timeout_seconds: float = Field(default=30.0, gt=0)
+    login_timeout_seconds: float = Field(default=60.0, gt=0)
 
     @field_validator("listen", "tls_listen")
     @classmethod
@@ -212,6 +213,9 @@ class PoolSettings(_Section):
     """Parking a finished session's IMAP connection for that account's next session."""
 
     park_seconds: float = Field(default=1200.0, ge=0, le=86400)
+    # From the connection's upstream LOGIN, never refreshed: the longest an old password keeps
+    # working on a parked connection after it changed upstream (bridge/upstream/pool.py).
+    max_age_seconds: float = Field(default=300.0, gt=0, le=86400)
     max_connections: int = Field(default=500, ge=0)
     max_per_account: int = Field(default=2, ge=1, le=64)
     # RFC 2177: re-issue IDLE at least every 29 minutes; many servers and NATs drop sooner.
@@ -357,6 +361,7 @@ class AdminSettings(_Section):
     # Empty: no admin listener (metrics and probes are opt-in; they reveal traffic figures).
     listen: str = ""
     readiness_cache_seconds: float = Field(default=5.0, ge=0, le=300)
+    max_connections: int = Field(default=64, ge=1)
 
     @field_validator("listen")
     @classmethod

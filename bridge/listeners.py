@@ -5,14 +5,20 @@ before a session can greet its client lives here:
 
 1. On a listener named in `pop3.proxy_protocol`, the peer must be a trusted balancer
    (`pop3.proxy_trusted`); its PROXY header (v1 or v2, `bridge.proxy_protocol`) names the real
-   client, which from then on is *the* client address for logs, caps and login limits.
+   client, which from then on is *the* client address for logs, caps and login limits. A v2
+   LOCAL header is the balancer's own health check: served under the balancer's address, but
+   never as a loopback client for `allow_plaintext_auth = "loopback"`. A header that relays a
+   client without naming its address (v1 UNKNOWN, v2 PROXY with AF_UNSPEC or AF_UNIX) is
+   refused: the bridge could not tell that client from any other.
 2. The per-address cap (`pop3.max_connections_per_address`, IPv6 by /64), counted before the
    TLS handshake so stalled handshakes from one address cannot pile up.
 3. On an implicit-TLS listener (`pop3.tls_listen`), the TLS handshake.
 
 Steps 1 and 3 must finish within `pop3.handshake_timeout_seconds`. Every refusal is logged with a
 stable event name; a plain-text listener answers it with -ERR, an implicit-TLS listener just
-closes (a refusal in clear text would only be a TLS error to the client).
+closes (a refusal in clear text would only be a TLS error to the client). A peer that closes
+or resets its connection during these steps ends that connection only (load balancers' TCP
+health checks connect and reset).
 """
 
 from __future__ import annotations
@@ -62,6 +68,8 @@ class ClientConnection:
     ``address``/``peer``: the real client (behind a balancer, the one its PROXY header named).
     ``tls_active``: the client's connection is encrypted: TLS with us, or (PROXY v2 SSL flag)
     TLS with the trusted balancer. ``proxied_by``: the balancer's address, if any.
+    ``balancer_local``: a PROXY v2 LOCAL connection, the balancer speaking for itself (its
+    health check); ``address`` is then the balancer's.
     """
 
     stream: trio.abc.Stream
@@ -69,6 +77,7 @@ class ClientConnection:
     peer: str
     tls_active: bool = False
     proxied_by: str | None = None
+    balancer_local: bool = False
 
 
 def format_peer(host: str, port: int) -> str:
@@ -82,12 +91,15 @@ def host_of_peer(peer: str) -> str:
     return host[1:-1] if host.startswith("[") and host.endswith("]") else host
 
 
-def plaintext_auth_allowed(policy: str, address: str) -> bool:
-    """`pop3.allow_plaintext_auth` for a client at ``address`` on an unencrypted connection."""
+def plaintext_auth_allowed(policy: str, address: str, *, balancer_local: bool = False) -> bool:
+    """`pop3.allow_plaintext_auth` for a client at ``address`` on an unencrypted connection.
+
+    ``balancer_local``: a PROXY v2 LOCAL connection. Its address is the balancer's, which
+    may well be loopback (a balancer on the same host) while whoever is behind it is not."""
     if policy == "always":
         return True
     if policy == "loopback":
-        return is_loopback(address)
+        return is_loopback(address) and not balancer_local
     return False
 
 
@@ -127,7 +139,8 @@ class _Refused(Exception):
 
 
 async def read_proxy_header(stream: trio.abc.ReceiveStream) -> ProxyHeader:
-    """Read exactly one PROXY header, not a byte more. Raises ProxyProtocolError, EOFError."""
+    """Read exactly one PROXY header, not a byte more. Raises ProxyProtocolError, EOFError, or
+    the stream's errors (trio.BrokenResourceError for a reset)."""
     buffer = b""
     while True:
         parsed = parse_proxy_header(buffer)
@@ -204,11 +217,20 @@ class ConnectionAdmission:
             _log.warning("proxy_header_invalid", peer=direct.peer, error=str(exc))
             raise _Refused() from None
         except EOFError:
-            _log.info("proxy_header_incomplete", peer=direct.peer)
+            _log.info("proxy_header_incomplete", peer=direct.peer, reason="closed")
             raise _Refused() from None
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            # A TCP reset: what a balancer's TCP health check does.
+            _log.info("proxy_header_incomplete", peer=direct.peer, reason="connection_reset")
+            raise _Refused() from None
+        if header.local:
+            # The balancer speaks for itself (a health check).
+            return ClientConnection(stream, host, direct.peer, proxied_by=direct.peer, balancer_local=True)
         if header.source is None:
-            # LOCAL / UNKNOWN: the balancer speaks for itself (a health check).
-            return ClientConnection(stream, host, direct.peer, proxied_by=direct.peer)
+            # The spec now reserves UNKNOWN for when the sender cannot fill the line; an
+            # older sender may still use it for its health checks (v2 sends LOCAL, served above).
+            _log.info("proxy_source_unknown", peer=direct.peer, version=header.version)
+            raise _Refused(err("connection not accepted", ResponseCode.SYS_PERM))
         client_host, client_port = header.source
         return ClientConnection(
             stream,
@@ -224,12 +246,14 @@ class ConnectionAdmission:
         tls_stream = trio.SSLStream(client.stream, self.server_tls.context, server_side=True)
         try:
             await tls_stream.do_handshake()
-        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             cause = exc.__cause__
             reason = cause.reason if isinstance(cause, ssl.SSLError) and cause.reason else type(cause or exc).__name__
             _log.info("tls_handshake_failed", peer=client.peer, reason=str(reason))
             raise _Refused() from None
-        return ClientConnection(tls_stream, client.address, client.peer, True, client.proxied_by)
+        return ClientConnection(
+            tls_stream, client.address, client.peer, True, client.proxied_by, client.balancer_local
+        )
 
     @staticmethod
     async def _refuse(stream: trio.SocketStream, reply: bytes | None) -> None:
@@ -237,6 +261,6 @@ class ConnectionAdmission:
             with trio.move_on_after(1):
                 try:
                     await stream.send_all(reply)
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                     pass
         await trio.aclose_forcefully(stream)

@@ -21,6 +21,16 @@ address and the pair:
   stops guessing that account from there, while the real user, logging in from any other
   address, is not blocked.
 
+A login counts from the moment it is tried, not only once the mail server has answered: up to
+`account_block_after` attempts of one pair, and `address_block_after` of one address, may be in
+progress at once (`begin`); further ones wait for one of those to end, then are checked again.
+Without that, guesses sent in parallel would all reach the mail server before the first
+failure was counted. Waiting rather than refusing keeps many users behind one NAT address,
+logging in at the same moment with right passwords, from being turned away: their logins go
+through a few at a time. After a block has ended, the next attempts of that pair or address
+go one at a time (each failure blocks again). The per-address connection cap bounds how many
+can wait.
+
 The account counter never blocks: anyone can make an account fail from anywhere, so an
 account-wide block would hand every attacker a switch to lock the real user out. It only adds
 delay to *failed* attempts; a correct password is never delayed by it, so a distributed attack
@@ -29,24 +39,32 @@ counters (the owner just proved the password) but never the address's: an attack
 one valid account must not be able to wash away the failures of its guesses at others.
 
 Times come from the Trio clock, so tests run on a MockClock. Memory is bounded: each table keeps
-at most `max_entries` records and forgets the least recently failed first.
+at most `max_entries` records and forgets the least recently failed first; attempts in progress
+are held only while they last.
+
+The limiter lives in one process: with `server.workers` > 1 each worker counts its own
+attempts and failures, so an address that the kernel spreads over N workers gets up to N times
+the thresholds.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import math
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
+from types import TracebackType
+from typing import TypeVar
 
 import trio
 
 from bridge.config import LoginLimitSettings
 
-__all__ = ["LoginLimiter", "LoginVerdict", "address_key"]
+__all__ = ["LoginAttempt", "LoginLimiter", "LoginVerdict", "address_key"]
 
 _MAX_ENTRIES = 65536
+_K = TypeVar("_K")
 
 
 def address_key(address: str) -> str:
@@ -60,6 +78,12 @@ def address_key(address: str) -> str:
             return str(ip.ipv4_mapped)
         return str(ipaddress.IPv6Network((ip, 64), strict=False))
     return str(ip)
+
+
+def _decrement(counter: Counter[_K], item: _K) -> None:
+    counter[item] -= 1
+    if counter[item] <= 0:
+        del counter[item]
 
 
 @dataclass
@@ -111,6 +135,41 @@ class LoginVerdict:
     retry_after: float = 0.0
 
 
+class LoginAttempt:
+    """One login being tried (`LoginLimiter.begin`). Unless ``blocked`` (then it was refused
+    and counts nowhere), it is in progress until `failed()` or `end()` (a success, or an
+    answer that says nothing about the password), or until its ``with`` block ends."""
+
+    def __init__(self, limiter: LoginLimiter | None, address: str, account: str, verdict: LoginVerdict) -> None:
+        self._limiter = limiter
+        self.address = address
+        self.account = account
+        self.blocked = verdict.blocked
+        self.retry_after = verdict.retry_after
+
+    def failed(self) -> float:
+        """The password was wrong: count the failure; returns how long to wait before answering."""
+        limiter, self._limiter = self._limiter, None
+        if limiter is None:
+            raise RuntimeError("this attempt is over")
+        limiter._end(self.address, self.account)
+        return limiter.record_failure(self.address, self.account)
+
+    def end(self) -> None:
+        """No longer in progress, nothing counted (a no-op once it has ended)."""
+        limiter, self._limiter = self._limiter, None
+        if limiter is not None:
+            limiter._end(self.address, self.account)
+
+    def __enter__(self) -> LoginAttempt:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.end()
+
+
 class LoginLimiter:
     def __init__(
         self,
@@ -124,6 +183,12 @@ class LoginLimiter:
         self._addresses = _Table(max_entries)
         self._pairs = _Table(max_entries)
         self._accounts = _Table(max_entries)
+        # Attempts in progress, by address key and by (account, address key); an entry lives
+        # only while its count is above zero.
+        self._trying_addresses: Counter[str] = Counter()
+        self._trying_pairs: Counter[tuple[str, str]] = Counter()
+        # Set (and replaced) whenever an attempt ends: waiting attempts look again.
+        self._attempt_ended = trio.Event()
 
     def check(self, address: str, account: str) -> LoginVerdict:
         """Before a login is tried: is it blocked?"""
@@ -137,6 +202,48 @@ class LoginLimiter:
         if until > now:
             return LoginVerdict(blocked=True, retry_after=until - now)
         return LoginVerdict(blocked=False)
+
+    async def begin(self, address: str, account: str) -> LoginAttempt:
+        """Start a login attempt: at once when the address and the pair have room for one
+        more attempt in progress, else after waiting for room. A blocked attempt (also one
+        that became blocked while it waited) comes back with ``blocked`` set, not started."""
+        key = address_key(address)
+        pair = (account, key)
+        while True:
+            verdict = self.check(address, account)
+            if verdict.blocked:
+                return LoginAttempt(None, address, account, verdict)
+            if self._has_room(key, pair):
+                self._trying_addresses[key] += 1
+                self._trying_pairs[pair] += 1
+                return LoginAttempt(self, address, account, verdict)
+            await self._attempt_ended.wait()
+
+    def _has_room(self, key: str, pair: tuple[str, str]) -> bool:
+        now = self._clock()
+        settings = self.settings
+        forget = settings.forget_after_seconds
+        for threshold, failures, trying in (
+            (settings.address_block_after, self._addresses.peek(key, now, forget).failures, self._trying_addresses[key]),
+            (settings.account_block_after, self._pairs.peek(pair, now, forget).failures, self._trying_pairs[pair]),
+        ):
+            # Room for the attempts that may still fail before the threshold blocks; once it
+            # has (and the block has ended), for one at a time.
+            if threshold and trying >= max(1, threshold - failures):
+                return False
+        return True
+
+    def _end(self, address: str, account: str) -> None:
+        key = address_key(address)
+        _decrement(self._trying_addresses, key)
+        _decrement(self._trying_pairs, (account, key))
+        self._attempt_ended.set()
+        self._attempt_ended = trio.Event()
+
+    @property
+    def in_progress(self) -> int:
+        """Attempts in progress now (for tests)."""
+        return sum(self._trying_addresses.values())
 
     def record_failure(self, address: str, account: str) -> float:
         """Count a failed login; returns how long to wait before answering it."""

@@ -52,8 +52,10 @@ class ProxyHeader:
     """What the balancer told us.
 
     ``source``/``destination`` are (address, port) of the client's original connection, or None
-    when the header carries none (v2 LOCAL, e.g. the balancer's own health check; v1 UNKNOWN; a
-    UNIX-socket or unspecified family): then the connection's own addresses apply.
+    when the header carries none. ``local`` (v2 LOCAL) is the balancer speaking for itself,
+    e.g. its health check: there is no client behind it. A header that is not LOCAL and still
+    names no address (v1 UNKNOWN, v2 PROXY with an unspecified or UNIX-socket family) relays
+    a client the bridge cannot tell apart from any other (`bridge.listeners` refuses it).
     ``client_tls`` is v2's PP2_TYPE_SSL flag: the client reached the balancer over TLS.
     """
 
@@ -62,6 +64,7 @@ class ProxyHeader:
     destination: tuple[str, int] | None = None
     client_tls: bool = False
     tlvs: tuple[tuple[int, bytes], ...] = field(default=(), repr=False)
+    local: bool = False
 
 
 def _is_prefix(data: bytes, of: bytes) -> bool:
@@ -122,7 +125,7 @@ def _parse_v1(buffer: bytes) -> tuple[ProxyHeader, int] | None:
     parts = line.split(b" ")
     family = parts[1]
     if family == b"UNKNOWN":
-        # The spec says to ignore whatever follows UNKNOWN and use the real connection.
+        # Whatever follows UNKNOWN is to be ignored: a relayed client without an address.
         return ProxyHeader(version=1), end + 2
     if family not in (b"TCP4", b"TCP6"):
         raise ProxyProtocolError("v1: unknown protocol family")
@@ -189,7 +192,7 @@ def _parse_v2(buffer: bytes) -> tuple[ProxyHeader, int] | None:
     body = buffer[V2_FIXED_LENGTH:total]
     if command == _V2_LOCAL:
         # The balancer talking for itself (health checks): addresses and TLVs are to be ignored.
-        return ProxyHeader(version=2), total
+        return ProxyHeader(version=2, local=True), total
     tlvs = _parse_tlvs(body[address_length:])
     ssl_values = [value for kind, value in tlvs if kind == PP2_TYPE_SSL]
     if any(len(value) < 5 for value in ssl_values):

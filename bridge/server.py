@@ -1,8 +1,9 @@
 """The Trio service: POP3 listeners, the connection cap, and orderly shutdown.
 
-Every connection's handler lives in one nursery and catches its own errors (a handler
-exception must never take down the listeners). On SIGTERM/SIGINT the accept loops stop and the
-listeners close at once (readiness turns false), sessions in progress get
+Every connection's handler lives in one nursery and catches its own errors (`_handle`): an
+error in one connection ends that connection only, never another one or the service. On
+SIGTERM/SIGINT the accept loops stop and the listeners close at once (readiness turns false),
+sessions in progress get
 `pop3.shutdown_grace_seconds` to finish, and those still open then are cancelled, which closes
 them without applying deletions (they never sent QUIT). A second signal cuts the grace short.
 SIGHUP reloads the configuration (`bridge.lifecycle`).
@@ -82,6 +83,15 @@ class Pop3Service:
         self.admission = ConnectionAdmission(self.state.server_tls)
         warn_about_weakened_settings(settings)
         self.reload_hooks.append(self._reload_security)
+        self.reload_hooks.append(self._reload_pool)
+
+    async def _reload_pool(self, settings: BridgeSettings) -> None:
+        """SIGHUP: connections opened under other `[upstream]` settings (another host, TLS
+        mode, CA, mailbox, ...) serve no further session. Only when [upstream] changed: any
+        other reload keeps the parked connections and the devices' next polls fast."""
+        evicted = self.state.pool.retire_stale()
+        if evicted:
+            _log.info("pool_evicted", reason="upstream_changed", connections=evicted)
 
     async def _reload_security(self, settings: BridgeSettings) -> None:
         """SIGHUP: re-read the certificate and key (new connections use them, established
@@ -120,9 +130,19 @@ class Pop3Service:
             self._sessions.cancel()
 
     async def _handle(self, stream: trio.SocketStream, kind: ListenerKind | None = None) -> None:
+        """One connection, from accept to close. Nothing that goes wrong in it may leave it:
+        an error escaping here would reach the sessions' nursery and end every session and
+        the service. Cancellation (shutdown) still goes through."""
+        try:
+            await self._serve_connection(stream, kind or ListenerKind(""))
+        except Exception as exc:
+            _log.error("connection_failed", peer=_peer_name(stream), error=type(exc).__name__, exc_info=True)
+        finally:
+            await trio.aclose_forcefully(stream)
+
+    async def _serve_connection(self, stream: trio.SocketStream, kind: ListenerKind) -> None:
         peer = _peer_name(stream)
         state = self.state
-        kind = kind or ListenerKind("")
         if state.active_sessions >= self.settings.pop3.max_connections:
             _log.warning("connection_refused", peer=peer, reason="max_connections")
             # Under overload an implicit-TLS client is not worth a handshake: it is just closed.
@@ -130,9 +150,8 @@ class Pop3Service:
                 try:
                     if not kind.tls:
                         await stream.send_all(err("too many connections, try again later", ResponseCode.SYS_TEMP))
-                except trio.BrokenResourceError:
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                     pass
-            await trio.aclose_forcefully(stream)
             return
         # Counted from accept on: connections still in their PROXY header or TLS handshake
         # hold a slot of pop3.max_connections too.
@@ -214,7 +233,10 @@ async def run_until_signalled(
             await nursery.start(serve_then_stop)
             admin_address = settings.admin.listen_address
             if admin_address is not None:
-                admin = AdminServer(admin_address, readiness=readiness, metrics=metrics.render)
+                admin = AdminServer(
+                    admin_address, readiness=readiness, metrics=metrics.render,
+                    max_connections=settings.admin.max_connections,
+                )
                 await nursery.start(admin.serve)
             if notify is not None:
                 notify("ready")

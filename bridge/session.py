@@ -8,6 +8,7 @@ way (client gone, timeout, error, shutdown) deletes nothing.
 
 from __future__ import annotations
 
+import math
 import secrets
 import time
 from collections.abc import Awaitable, Callable
@@ -170,7 +171,9 @@ class Pop3Session:
             sasl_mechanisms=SUPPORTED_MECHANISMS,
             stls_available=pop3.stls and service.server_tls is not None,
             tls_active=self._client.tls_active,
-            plaintext_auth_allowed=plaintext_auth_allowed(pop3.allow_plaintext_auth, self._client.address),
+            plaintext_auth_allowed=plaintext_auth_allowed(
+                pop3.allow_plaintext_auth, self._client.address, balancer_local=self._client.balancer_local
+            ),
         )
         # A logger bound once for the per-command debug event: the module's lazy logger
         # builds a new one on every call, and the event is on the path of every RETR.
@@ -183,13 +186,21 @@ class Pop3Session:
         self._readahead: dict[int, bytes] = {}
         self._last_retrieved = 0
         self._exits = ExitStack()
+        self._session_deadline = math.inf
         self.session_id = secrets.token_hex(6)
 
     async def run(self) -> None:
         structlog.contextvars.bind_contextvars(session=self.session_id, peer=self._peer)
         started = time.monotonic()
-        if self._settings.pop3.session_timeout_seconds:
-            self._io.deadline = trio.current_time() + self._settings.pop3.session_timeout_seconds
+        pop3 = self._settings.pop3
+        now = trio.current_time()
+        if pop3.session_timeout_seconds:
+            self._session_deadline = now + pop3.session_timeout_seconds
+        # Until it has logged in, the client has pop3.login_timeout_seconds (_login lifts it).
+        if now + pop3.login_timeout_seconds < self._session_deadline:
+            self._io.deadline, self._io.deadline_reason = now + pop3.login_timeout_seconds, "login_timeout"
+        else:
+            self._io.deadline = self._session_deadline
         _log.info("session_start", tls=self._client.tls_active, proxied_by=self._client.proxied_by)
         metrics.SESSIONS_ACTIVE.inc()
         outcome = "error"
@@ -242,6 +253,9 @@ class Pop3Session:
         if reason == "autologout":
             # RFC 1939 autologout: close without a reply and without entering UPDATE.
             _log.info("autologout", seconds=pop3.autologout_seconds)
+        elif reason == "login_timeout":
+            # Closed like an autologout: without a reply (the client may not be reading).
+            _log.info("login_timeout", seconds=pop3.login_timeout_seconds)
         elif reason == "send_timeout":
             _log.info("client_not_reading", seconds=pop3.send_timeout_seconds)
         else:
@@ -261,7 +275,7 @@ class Pop3Session:
                 _log.info("tls_handshake_failed", reason=type(exc.__cause__ or exc).__name__)
                 raise _EndSession("tls_failed") from None
             self._stream = tls_stream
-            self._io = ClientStream(tls_stream, self._wait, self._io.deadline)
+            self._io = ClientStream(tls_stream, self._wait, self._io.deadline, self._io.deadline_reason)
             self._core.tls_established()
             _log.info("stls_started", version=tls_stream.version())
             return
@@ -316,18 +330,20 @@ class Pop3Session:
         structlog.contextvars.bind_contextvars(account=identity.account, device=identity.device)
         limiter, address = self._service.login_limiter, self._client.address
         # Limited by the account as the upstream compares it: "Alice" and "alice" are one.
+        # Counted as in progress until the mail server has answered (bridge.login_limiter);
+        # may wait for other attempts from this address to end first.
         account = identity.account_key
-        verdict = limiter.check(address, account)
-        if verdict.blocked:
+        attempt = await limiter.begin(address, account)
+        if attempt.blocked:
             # Refused without asking the mail server; not counted, so the block does not grow.
-            _log.warning("login_blocked", retry_after=round(verdict.retry_after, 1))
+            _log.warning("login_blocked", retry_after=round(attempt.retry_after, 1))
             _count_login_failure("blocked")
             await trio.sleep(limiter.blocked_delay(address, account))
             return core.reject_login("too many failed logins, try again later", ResponseCode.SYS_TEMP)
         try:
             mailbox = await self._service.connect_upstream(identity.account, request.password)
         except AuthenticationFailed:
-            delay = limiter.record_failure(address, account)
+            delay = attempt.failed()
             _log.info("login_failed", reason="credentials", mechanism=request.mechanism, delay=delay)
             _count_login_failure("credentials")
             await trio.sleep(delay)
@@ -336,6 +352,8 @@ class Pop3Session:
             _log.warning("login_failed", reason="upstream", error=str(exc))
             _count_login_failure("upstream")
             return core.reject_login("mail server unavailable, try again later", ResponseCode.SYS_TEMP)
+        finally:
+            attempt.end()
         try:
             self._exits.enter_context(self._service.locks.hold(identity.lock_key))
         except MaildropInUse:
@@ -358,6 +376,7 @@ class Pop3Session:
         snapshot = view.snapshot
         metrics.LOGINS.labels("ok").inc()
         limiter.record_success(address, account)
+        self._io.deadline, self._io.deadline_reason = self._session_deadline, "session_timeout"
         # The audit record: user, account and device (context), peer (the real client), TLS.
         _log.info(
             "login_ok",

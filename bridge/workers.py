@@ -189,7 +189,10 @@ class Supervisor:
                     nursery.start_soon(supervise, worker)
                 admin_address = self.settings.admin.listen_address
                 if admin_address is not None:
-                    admin = AdminServer(admin_address, readiness=self.readiness, metrics=self._render)
+                    admin = AdminServer(
+                        admin_address, readiness=self.readiness, metrics=self._render,
+                        max_connections=self.settings.admin.max_connections,
+                    )
                     await nursery.start(admin.serve)
                 async for signum in received:
                     name = signal.Signals(signum).name

@@ -62,6 +62,9 @@ class ThreadedBridge:
         self.log = _LockedBuffer()
         self.port = 0
         self.addresses: list[str] = []  # every bound address: pop3.listen ones, then tls_listen
+        # The running service, for tests that wait on its state (read from the test thread:
+        # plain attribute reads, nothing to lock).
+        self.service: Pop3Service | None = None
         self._ready = threading.Event()
         self._error: BaseException | None = None
         self._token: trio.lowlevel.TrioToken | None = None
@@ -79,7 +82,8 @@ class ThreadedBridge:
         self._token = trio.lowlevel.current_trio_token()
         async with trio.open_nursery() as nursery:
             self._cancel = nursery.cancel_scope
-            addresses = await nursery.start(Pop3Service(self.settings).serve)
+            self.service = Pop3Service(self.settings)
+            addresses = await nursery.start(self.service.serve)
             self.port = int(addresses[0].rsplit(":", 1)[1])
             self.addresses = list(addresses)
             self._ready.set()
@@ -104,6 +108,10 @@ class ThreadedBridge:
 
     def events(self) -> list[dict[str, Any]]:
         return [json.loads(line) for line in self.log.getvalue().splitlines() if line.startswith("{")]
+
+    def crashed(self) -> bool:
+        """The service ended by itself (an error escaped it): it is no longer serving."""
+        return self._ready.is_set() and not self._thread.is_alive()
 
     def __enter__(self) -> ThreadedBridge:
         return self.start()

@@ -395,17 +395,40 @@ class DovecotSandbox:
         home = self.home_path(name)
         home.mkdir(mode=0o700)
         self._chown_to_mail_user(home)
+        self._write_passwd_file(name, password)
+        self._users[name] = password
+
+    def set_password(self, name: str, password: str) -> None:
+        """Change an existing user's password, as an administrator would upstream.
+
+        Dovecot notices the change at its next login of that user, but re-reads a passwd-file
+        at most once per second: for a moment the old password may still work (callers that
+        need the new one in force wait for it, e.g. with an IMAP login)."""
+        if name not in self._users:
+            raise ValueError(f"no user {name!r}")
+        if not password or any(c in password for c in ":\r\n\0"):
+            raise ValueError("password must be non-empty without ':', CR, LF or NUL")
+        self._write_passwd_file(name, password)
+        self._users[name] = password
+
+    def _write_passwd_file(self, name: str, password: str) -> None:
         # passwd-file format: user:password:uid:gid:(gecos):home:(shell):extra
-        entry = f"{name}:{{PLAIN}}{password}:{self._run_as.uid}:{self._run_as.gid}::{home}::\n"
+        entry = f"{name}:{{PLAIN}}{password}:{self._run_as.uid}:{self._run_as.gid}::{self.home_path(name)}::\n"
+        path = self._users_dir / name
         tmp = self._users_dir / f".{name}.tmp"
         tmp.write_text(entry)
         # The auth process runs as the unprivileged user when we are root.
         tmp.chmod(0o640)
         if os.geteuid() == 0:
             os.chown(tmp, 0, self._run_as.gid)
+        if path.exists():
+            # Dovecot decides whether to re-read the file by its mtime (whole seconds) and
+            # size: a new password of the same length written in the same second as the old
+            # one must still look changed.
+            stamp = max(time.time(), path.stat().st_mtime + 1)
+            os.utime(tmp, (stamp, stamp))
         # Rename, so Dovecot never reads a half-written file.
-        os.replace(tmp, self._users_dir / name)
-        self._users[name] = password
+        os.replace(tmp, path)
 
     def new_mailbox(self, user: str | None = None, password: str | None = None) -> Mailbox:
         """Add a user (random name and password unless given) and return its mailbox."""

@@ -20,13 +20,18 @@ aioimaplib 2.0.3 needs these fixes, all made here by subclassing (pinned version
   `upstream_runtime()` installs an exception handler that logs instead;
 - it has no STARTTLS: `_connect` sends it and upgrades with `loop.start_tls`, dropping any
   plaintext the server sent after its OK (a response-injection defence), then asks for the
-  capabilities again (RFC 3501 6.2.1: those from before TLS must be forgotten).
+  capabilities again (RFC 3501 6.2.1: those from before TLS must be forgotten);
+- it takes "PREAUTH" or "OK" anywhere in the greeting for its status; `welcome` goes by the
+  status alone and refuses PREAUTH (interface.PreauthGreeting);
+- it reads a literal of whatever size the server announces; each command here has a budget
+  of literal bytes (interface.MAX_*), and a literal beyond it drops the connection.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import re
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -42,14 +47,19 @@ from bridge.observability import get_logger
 from bridge.tls import load_client_context
 from bridge.upstream import imap_syntax
 from bridge.upstream.interface import (
+    MAX_BODY_FETCH_BYTES,
+    MAX_MAILDROP_MESSAGES,
+    MAX_OTHER_LITERAL_BYTES,
     TEXT_FETCH_LIMIT,
     AuthenticationFailed,
     ChunkedRangeReader,
     MailboxSnapshot,
     MessageGone,
     MessageInfo,
+    PreauthGreeting,
     RangeReader,
     UpstreamError,
+    UpstreamImplausible,
     UpstreamNotListening,
     UpstreamUnavailable,
     chunked_uid_sets,
@@ -61,6 +71,17 @@ _log = get_logger(component="upstream")
 # Codes (RFC 5530) with which a server says "not now" rather than "wrong password".
 _TEMPORARY_AUTH_CODES = frozenset({"UNAVAILABLE", "SERVERBUG", "LIMIT", "INUSE", "CONTACTADMIN"})
 _CLOSE_GRACE_SECONDS = 2.0
+_PARTIAL = re.compile(r"BODY\.PEEK\[[^\]]*\]<\d+\.(\d+)>", re.IGNORECASE)
+
+
+def _literal_budget(message_set: str, message_parts: str) -> int:
+    """The literal bytes a FETCH may bring back (interface.MAX_*)."""
+    if "BODY.PEEK[" not in message_parts.upper():
+        return MAX_OTHER_LITERAL_BYTES
+    partial = _PARTIAL.search(message_parts)
+    if partial is not None and message_set.isdigit():
+        return int(partial.group(1)) + MAX_OTHER_LITERAL_BYTES
+    return MAX_BODY_FETCH_BYTES
 
 
 def _log_asyncio_error(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
@@ -108,9 +129,13 @@ class _ClientProtocol(_aio.IMAP4ClientProtocol):
         # inject into the encrypted session: they are dropped.
         self.starttls_tag: bytes | None = None
         self.plaintext_closed = False
+        # Literal bytes the current command may still bring back (set per command, see
+        # AioImapMailbox._call); `violation` says why the connection was dropped past it.
+        self.literal_budget = MAX_OTHER_LITERAL_BYTES
+        self.violation: str | None = None
 
     def data_received(self, d: bytes) -> None:
-        if self.plaintext_closed:
+        if self.plaintext_closed or self.violation is not None:
             return
         try:
             self._handle_responses(self.incomplete_line + d, self._handle_line, self.current_command)
@@ -126,7 +151,16 @@ class _ClientProtocol(_aio.IMAP4ClientProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
-        error = _aio.Abort("upstream connection lost")
+        self._fail_pending(_aio.Abort("upstream connection lost"))
+
+    def _refuse(self, violation: str) -> None:
+        """The server sent something no sane server does: drop the connection."""
+        self.violation = violation
+        self._fail_pending(_aio.Abort(violation))
+        if self.transport is not None:
+            self.transport.close()
+
+    def _fail_pending(self, error: Exception) -> None:
         pending = [*self.pending_async_commands.values(), self.pending_sync_command]
         for command in pending:
             if command is not None and not command._event.is_set():
@@ -134,10 +168,19 @@ class _ClientProtocol(_aio.IMAP4ClientProtocol):
                 command.close(b"connection lost", "BYE")
 
     async def welcome(self, command: bytes) -> None:
+        # aioimaplib looks for "PREAUTH" and "OK" anywhere in the greeting: "* BYE ... OK"
+        # would pass for OK, and "PREAUTH" in an OK greeting's text would skip LOGIN and
+        # STARTTLS. Only the greeting's status counts here, and PREAUTH is refused
+        # (interface.PreauthGreeting).
+        status = command[:10].upper()
         try:
-            await super().welcome(command)
-        except Exception as exc:  # a BYE greeting or a non-IMAP4rev1 server
-            self.greeting_error = type(exc).__name__
+            if status.startswith(b"* PREAUTH"):
+                raise PreauthGreeting()
+            if not status.startswith(b"* OK"):
+                raise _aio.Error(command.decode("utf-8", "replace"))
+            await super().welcome(b"* OK")
+        except Exception as exc:  # PREAUTH, a BYE greeting or a non-IMAP4rev1 server
+            self.greeting_error = "PREAUTH" if isinstance(exc, PreauthGreeting) else type(exc).__name__
             async with self.state_condition:
                 self.state = _aio.LOGOUT
                 self.state_condition.notify_all()
@@ -175,6 +218,11 @@ class _ClientProtocol(_aio.IMAP4ClientProtocol):
                 return
             literal = _aio.literal_data_re.match(line)
             if literal:
+                size = int(literal.group("size"))
+                if size > self.literal_budget:
+                    self._refuse(f"a {size}-byte literal, more than the {self.literal_budget} bytes left for this command")
+                    return
+                self.literal_budget -= size
                 if command is None:
                     command = _aio.Command("NIL", "unused", loop=self.loop)
                 command.begin_literal_data(int(literal.group("size")))
@@ -187,6 +235,7 @@ class _ClientProtocol(_aio.IMAP4ClientProtocol):
     async def fetch(
         self, message_set: str, message_parts: str, by_uid: bool = False, timeout: float | None = None  # noqa: ASYNC109 (aioimaplib signature)
     ) -> _aio.Response:
+        self.literal_budget = _literal_budget(message_set, message_parts)
         return await self.execute(
             _IncrementalFetchCommand(
                 self.new_tag(), message_set, message_parts,
@@ -283,6 +332,7 @@ class AioImapMailbox:
         async with self._lock:
             if not self.usable:
                 raise UpstreamUnavailable(f"{what}: upstream connection is closed")
+            self._protocol.literal_budget = MAX_OTHER_LITERAL_BYTES
             try:
                 with trio.fail_after(self._settings.timeout_seconds):
                     return await trio_asyncio.aio_as_trio(fn)(*args, **kwargs)
@@ -291,6 +341,8 @@ class AioImapMailbox:
                 raise UpstreamUnavailable(f"{what}: no answer within {self._settings.timeout_seconds:g} s") from None
             except (_aio.AioImapException, OSError, asyncio.CancelledError) as exc:
                 self._break()
+                if self._protocol.violation is not None:
+                    raise UpstreamImplausible(f"{what}: {self._protocol.violation}") from None
                 raise UpstreamUnavailable(f"{what}: {type(exc).__name__}") from None
             except trio.Cancelled:
                 # A command cut off half-way leaves the protocol state unknown.
@@ -348,6 +400,9 @@ class AioImapMailbox:
         exists = imap_syntax.find_exists(selected.lines)
         if uidvalidity is None or exists is None:
             raise UpstreamError("select: server sent no UIDVALIDITY or EXISTS")
+        if exists > MAX_MAILDROP_MESSAGES:
+            self._break()
+            raise UpstreamImplausible(f"select: EXISTS {exists}: more than {MAX_MAILDROP_MESSAGES} messages")
         messages: list[MessageInfo] = []
         if exists:
             listing = await self._checked(
@@ -546,14 +601,17 @@ async def open_mailbox(settings: UpstreamSettings, username: str, password: str)
         metrics.UPSTREAM_CONNECT_FAILURES.labels("refused").inc()
         raise UpstreamUnavailable(f"connect: {exc.strerror or type(exc).__name__}") from None
     mailbox = AioImapMailbox(protocol, settings)
-    if protocol.state == _aio.LOGOUT:
+    if protocol.greeting_error == "PREAUTH":
+        mailbox._break()
+        metrics.UPSTREAM_CONNECT_FAILURES.labels("preauth").inc()
+        raise PreauthGreeting()
+    if protocol.state != _aio.NONAUTH:
         mailbox._break()
         metrics.UPSTREAM_CONNECT_FAILURES.labels("greeting").inc()
         raise UpstreamUnavailable(f"connect: server refused the session ({protocol.greeting_error})")
     metrics.UPSTREAM_CONNECTS.inc()
     try:
-        if protocol.state == _aio.NONAUTH:
-            await mailbox._login(username, password)
+        await mailbox._login(username, password)
     except BaseException:
         mailbox._break()
         raise

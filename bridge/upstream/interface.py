@@ -17,10 +17,31 @@ _T = TypeVar("_T")
 # fetch_texts reads at most this many bytes of each message's text (one partial FETCH):
 # state records are small, and anything read back from a mailbox may be hostile.
 TEXT_FETCH_LIMIT = 65536
+# What an upstream's numbers may make the bridge hold. Without bounds a hostile or spoofed
+# server (any upstream reached without TLS) turns one short line into gigabytes: `* 4294967295
+# EXISTS` into a list of that many entries, a VANISHED range into a set, a `{4294967295}`
+# literal into a buffer. Past a bound the session's upstream connection is dropped
+# (UpstreamImplausible: the POP3 client hears -ERR [SYS/TEMP], nothing else is affected).
+#
+# Messages in a maildrop (EXISTS, sequence numbers, VANISHED counts): POP3 lists the whole
+# maildrop at every login, which stops being of use long before a few million messages.
+MAX_MAILDROP_MESSAGES = 2_000_000
+# Literal bytes one command may bring back when it asked for no message body (a folder
+# name, a flag list, what a state record's TEXT is cut to): small.
+MAX_OTHER_LITERAL_BYTES = 1 << 20
+# Literal bytes one FETCH of whole messages of unknown size may bring back (the bodies that
+# are read into memory: read-ahead of small messages, state records). A partial FETCH is
+# bounded by the length it asked for instead, plus MAX_OTHER_LITERAL_BYTES.
+MAX_BODY_FETCH_BYTES = 1 << 30
 
 
 class UpstreamError(Exception):
     """The upstream failed or answered something we cannot use; POP3 says [SYS/TEMP]."""
+
+
+class UpstreamImplausible(UpstreamError):
+    """The upstream sent a number or size beyond the bounds above: no sane server does. The
+    connection is dropped (never parked); the message names what was sent."""
 
 
 class UpstreamUnavailable(UpstreamError):
@@ -30,6 +51,19 @@ class UpstreamUnavailable(UpstreamError):
 class UpstreamNotListening(UpstreamUnavailable):
     """Nothing accepts connections at the upstream address (e.g. a server restarting): worth
     retrying within the timeout (bridge.upstream.pool), unlike a server that answers "no"."""
+
+
+class PreauthGreeting(UpstreamError):
+    """The server greeted with PREAUTH: the connection is authenticated before any LOGIN.
+
+    Refused by both engines. The bridge authenticates every POP3 user by logging in upstream
+    with that user's password; on a pre-authenticated connection any password would do, and
+    an on-path attacker answering `* PREAUTH` before STARTTLS would get no TLS and no LOGIN
+    and could serve its own mail. A server fault, not the user's: POP3 says [SYS/TEMP]."""
+
+    def __init__(self) -> None:
+        super().__init__("connect: the server greeted with PREAUTH (already logged in); refused: "
+                         "the bridge must log in as each POP3 user")
 
 
 class AuthenticationFailed(Exception):

@@ -9,6 +9,20 @@ password only (HMAC-SHA256, random salt per connection, compared in constant tim
 password is never stored here: a parked connection that breaks is simply dropped, and the
 next session opens a fresh one with its own password.
 
+Handing a connection over on a password match means the server is not asked again, so a
+password changed (or revoked, or an account disabled) upstream keeps working on a parked
+connection. Two rules bound that:
+
+- `pool.max_age_seconds`, counted from the connection's upstream LOGIN and never refreshed:
+  an older connection is logged out instead of being handed over or parked again. It is the
+  longest an old password can keep working after it changed upstream.
+- a fresh login that succeeds for an account retires every connection of that account opened
+  with another password: parked ones are logged out at once, ones in use by a session are
+  logged out when that session ends.
+
+A configuration reload that changes any `[upstream]` key retires every connection opened
+under the old settings the same way (`retire_stale`).
+
 While parked, a connection is held by a keeper task (`keep_alive`: IDLE, re-issued every
 `pool.keepalive_seconds`, or NOOP), which also keeps the engine's maildrop listing warm. A
 connection that breaks (server restart, `doveadm kick`, network) leaves the pool at once.
@@ -24,6 +38,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import random
 import secrets
 from collections import OrderedDict
@@ -82,10 +97,13 @@ def _digest(salt: bytes, password: str) -> bytes:
 
 @dataclass(eq=False)
 class _Parked:
-    account: str
+    account: str  # its account_key
     salt: bytes
     digest: bytes
     mailbox: PoolableMailbox
+    # Trio time of the connection's upstream LOGIN, and the settings it was opened with.
+    logged_in_at: float
+    upstream: UpstreamSettings
     stop: trio.Event = field(default_factory=trio.Event)
     done: trio.Event = field(default_factory=trio.Event)
     claimed: bool = False
@@ -103,6 +121,9 @@ class UpstreamPool:
         self._opener = opener
         # Least recently parked first.
         self._parked: OrderedDict[int, _Parked] = OrderedDict()
+        # Connections checked out by sessions now (retired in place when they must not be
+        # parked again).
+        self._leases: set[PooledMailbox] = set()
         self._nursery: trio.Nursery | None = None
 
     # -- running ------------------------------------------------------------------------------
@@ -137,25 +158,80 @@ class UpstreamPool:
         settings = self._settings()
         salt = secrets.token_bytes(16)
         digest = _digest(salt, password)
+        # Connections are the account's however its name is spelt (the upstream folds case).
+        key = account_key(account)
         mismatch = False
         for entry in reversed(list(self._parked.values())):
-            if account_key(entry.account) != account_key(account):
+            if entry.account != key:
                 continue
             if not entry.matches(password):
                 # Maybe the password changed upstream, maybe it is wrong: a fresh login
-                # decides, and the connection opened with the other password stays parked.
+                # decides (and if it succeeds, retires the connection opened with the other).
                 mismatch = True
+                continue
+            if self._parked.get(id(entry)) is not entry:
+                # Claimed by another session (or dropped) while this one waited on a claim
+                # that failed: the list walked here is a copy.
+                continue
+            unfit = self._unfit(entry.logged_in_at, entry.upstream, settings)
+            if unfit is not None:
+                self._evict(entry, unfit)
                 continue
             mailbox = await self._claim(entry, settings.upstream.timeout_seconds)
             if mailbox is not None:
                 metrics.UPSTREAM_REUSES.inc()
                 _log.info("upstream_reused")
-                return PooledMailbox(self, mailbox, account, salt, digest)
+                return self._lease(mailbox, key, salt, digest, entry.logged_in_at, entry.upstream)
         _log.info("upstream_fresh", reason="password_mismatch" if mismatch else "none_parked")
+        logged_in_at = trio.current_time()
         mailbox = await self._open(settings.upstream, account, password)
-        return PooledMailbox(self, mailbox, account, salt, digest)
+        self._retire_other_passwords(key, password)
+        return self._lease(mailbox, key, salt, digest, logged_in_at, settings.upstream)
+
+    def _lease(
+        self, mailbox: PoolableMailbox, account: str, salt: bytes, digest: bytes,
+        logged_in_at: float, upstream: UpstreamSettings,
+    ) -> PooledMailbox:
+        lease = PooledMailbox(self, mailbox, account, salt, digest, logged_in_at, upstream)
+        self._leases.add(lease)
+        return lease
+
+    @staticmethod
+    def _unfit(logged_in_at: float, upstream: UpstreamSettings, settings: BridgeSettings) -> str | None:
+        """Why a connection must not be handed over or parked again, if it must not."""
+        if trio.current_time() - logged_in_at >= settings.pool.max_age_seconds:
+            return "max_age"
+        if upstream != settings.upstream:
+            return "upstream_changed"
+        return None
+
+    def _retire_other_passwords(self, account: str, password: str) -> None:
+        """`password` just logged `account` (an account_key) in upstream: connections opened
+        with any other password of it must serve no further session (the other one may be an
+        old password, changed since)."""
+        for entry in list(self._parked.values()):
+            if entry.account == account and not entry.matches(password):
+                self._evict(entry, "password_changed")
+        for lease in self._leases:
+            if lease.account == account and lease.retired is None and not lease.matches(password):
+                lease.retired = "password_changed"
+
+    def retire_stale(self) -> int:
+        """After a configuration reload: log out every parked connection opened under other
+        `[upstream]` settings than the current ones, and retire those in use (their sessions
+        keep them to the end). Returns how many parked connections were logged out."""
+        settings = self._settings()
+        stale = [entry for entry in self._parked.values() if entry.upstream != settings.upstream]
+        for entry in stale:
+            self._evict(entry, "upstream_changed")
+        for lease in self._leases:
+            if lease.retired is None and lease.upstream != settings.upstream:
+                lease.retired = "upstream_changed"
+        return len(stale)
 
     async def _claim(self, entry: _Parked, wait_seconds: float) -> PoolableMailbox | None:
+        if entry.claimed:
+            return None  # never hand one connection to two sessions
         entry.claimed = True
         self._forget(entry)
         entry.stop.set()
@@ -198,15 +274,25 @@ class UpstreamPool:
     # -- taking back --------------------------------------------------------------------------
 
     async def checkin(self, lease: PooledMailbox) -> None:
+        self._leases.discard(lease)
         mailbox = lease.mailbox
-        settings = self._settings().pool
+        bridge_settings = self._settings()
+        settings = bridge_settings.pool
         if self._nursery is None or not mailbox.usable or settings.park_seconds <= 0 or settings.max_connections <= 0:
             await mailbox.aclose()
             return
-        entry = _Parked(lease.account, lease.salt, lease.digest, mailbox)
+        retired = lease.retired or self._unfit(lease.logged_in_at, lease.upstream, bridge_settings)
+        if retired is not None:
+            _log.log(_level(retired), "pool_connection_closed", reason=retired)
+            await mailbox.aclose()
+            return
+        entry = _Parked(lease.account, lease.salt, lease.digest, mailbox, lease.logged_in_at, lease.upstream)
         self._parked[id(entry)] = entry
         metrics.UPSTREAM_POOLED.inc()
-        self._nursery.start_soon(self._keep, entry, settings.park_seconds, settings.keepalive_seconds)
+        # Parked for park_seconds, or until the connection reaches its maximum age.
+        age_left = settings.max_age_seconds - (trio.current_time() - lease.logged_in_at)
+        expiry = (settings.park_seconds, "expired") if settings.park_seconds <= age_left else (age_left, "max_age")
+        self._nursery.start_soon(self._keep, entry, expiry, settings.keepalive_seconds)
         same_account = [e for e in self._parked.values() if e.account == lease.account]
         for old in same_account[: max(0, len(same_account) - settings.max_per_account)]:
             self._evict(old, "account_cap")
@@ -223,15 +309,16 @@ class UpstreamPool:
         entry.evicted = reason
         entry.stop.set()
 
-    async def _keep(self, entry: _Parked, park_seconds: float, keepalive_seconds: float) -> None:
+    async def _keep(self, entry: _Parked, expiry: tuple[float, str], keepalive_seconds: float) -> None:
         error: str | None = None
         try:
             async with trio.open_nursery() as nursery:
 
                 async def expire() -> None:
-                    await trio.sleep(park_seconds)
+                    seconds, reason = expiry
+                    await trio.sleep(seconds)
                     if not entry.claimed and entry.evicted is None:
-                        self._evict(entry, "expired")
+                        self._evict(entry, reason)
 
                 nursery.start_soon(expire)
                 try:
@@ -256,21 +343,36 @@ class UpstreamPool:
                 if error is not None:
                     _log.info("pool_connection_dropped", reason="broken", error=error)
                 else:
-                    _log.debug("pool_connection_closed", reason=entry.evicted)
+                    _log.log(_level(entry.evicted), "pool_connection_closed", reason=entry.evicted)
                 await entry.mailbox.aclose()
                 entry.done.set()
+
+
+def _level(reason: str | None) -> int:
+    # Retirements for security reasons are worth an operator's eye; routine ones are not.
+    return logging.INFO if reason in ("password_changed", "upstream_changed") else logging.DEBUG
 
 
 class PooledMailbox:
     """A checked-out connection: the session's `UpstreamMailbox`; `aclose()` hands it back to
     the pool (parked if still usable) instead of logging out."""
 
-    def __init__(self, pool: UpstreamPool, mailbox: PoolableMailbox, account: str, salt: bytes, digest: bytes) -> None:
+    def __init__(
+        self, pool: UpstreamPool, mailbox: PoolableMailbox, account: str, salt: bytes, digest: bytes,
+        logged_in_at: float, upstream: UpstreamSettings,
+    ) -> None:
         self.mailbox = mailbox
-        self.account = account
+        self.account = account  # its account_key: how the pool compares accounts
         self.salt = salt
         self.digest = digest
+        self.logged_in_at = logged_in_at
+        self.upstream = upstream
+        # Why this connection must not be parked again (None: it may be).
+        self.retired: str | None = None
         self._pool: UpstreamPool | None = pool
+
+    def matches(self, password: str) -> bool:
+        return hmac.compare_digest(self.digest, _digest(self.salt, password))
 
     @property
     def capabilities(self) -> frozenset[str]:

@@ -21,9 +21,10 @@ cancellation, connection lost) leaves the connection marked unusable, never half
 from __future__ import annotations
 
 import base64
+import bisect
 import re
 import ssl
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -36,12 +37,17 @@ from bridge.observability import get_logger
 from bridge.tls import load_client_context
 from bridge.upstream import imap_syntax
 from bridge.upstream.interface import (
+    MAX_BODY_FETCH_BYTES,
+    MAX_MAILDROP_MESSAGES,
+    MAX_OTHER_LITERAL_BYTES,
     TEXT_FETCH_LIMIT,
     AuthenticationFailed,
     MailboxSnapshot,
     MessageGone,
+    PreauthGreeting,
     RangeReader,
     UpstreamError,
+    UpstreamImplausible,
     UpstreamNotListening,
     UpstreamUnavailable,
     chunked_uid_sets,
@@ -66,6 +72,9 @@ _CODE_NUMBER = re.compile(rb"\[(UIDVALIDITY|HIGHESTMODSEQ|UIDNEXT) (\d+)\]", re.
 _BODY_LITERAL = re.compile(rb"BODY\[[^\]]*\](?:<\d+>)? \{(\d+)\}", re.IGNORECASE)
 _BODY_EMPTY = re.compile(rb'BODY\[[^\]]*\](?:<\d+>)? (""|NIL)', re.IGNORECASE)
 _DELETED = re.compile(rb"\\Deleted\b", re.IGNORECASE)
+_UID_RANGE = re.compile(rb"(\d+)(?::(\d+))?")
+# A range this narrow is looked up UID by UID; a wider one by bisecting the known UIDs.
+_NARROW_RANGE = 64
 # A FETCH answer to our own UID FETCH (UID BODY.PEEK[...]) as Dovecot and most servers send
 # it, literal taken out: one match instead of nine regex searches per message of a batch.
 _BODY_FETCH = re.compile(rb"\* (\d+) FETCH \(UID (\d+) BODY\[[^\]]*\] \{\d+\}\)$")
@@ -95,6 +104,17 @@ class _Wire:
     def __init__(self, stream: trio.abc.Stream) -> None:
         self.stream = stream
         self._buffer = bytearray()
+        # Literal bytes the current command may still bring back (interface.MAX_*); set
+        # with each command's tag (TrioImapMailbox._next_tag).
+        self.literal_budget = MAX_OTHER_LITERAL_BYTES
+
+    def _spend(self, size: int) -> None:
+        """A literal of `size` bytes is about to be read into memory."""
+        if size > self.literal_budget:
+            raise UpstreamImplausible(
+                f"a {size}-byte literal, more than the {self.literal_budget} bytes left for this command"
+            )
+        self.literal_budget -= size
 
     @property
     def pending(self) -> int:
@@ -124,14 +144,18 @@ class _Wire:
         head = _BODY_FETCH_HEAD.match(buffer)
         if head is None:
             return len(buffer) <= _MAX_LINE and buffer.find(b"\r\n") < 0 and buffer[:2] in (b"* ", b"*", b"")
+        size = int(head.group(3))
+        if size > self.literal_budget:
+            return False  # the general parser refuses it (_spend) before reading any of it
         start = head.end()
-        end = start + int(head.group(3))
+        end = start + size
         if len(buffer) < end + 3:
             return True
         if buffer[end : end + 3] != b")\r\n":
             return False
         # The match reads its groups out of the buffer: they are taken before it changes.
         number, uid = int(head.group(1)), int(head.group(2))
+        self.literal_budget -= size
         del buffer[:start]
         body = self._take(end - start)
         del buffer[:3]
@@ -186,7 +210,9 @@ class _Wire:
         """The rest of a response whose first line has been read already."""
         response = _Response(line)
         while line.endswith(b"}") and (literal := _LITERAL_END.search(line)) is not None:
-            response.literals.append(await self._exact(int(literal.group(1))))
+            size = int(literal.group(1))
+            self._spend(size)
+            response.literals.append(await self._exact(size))
             line = await self._line()
             response.text += line
         return response
@@ -202,6 +228,7 @@ class _RangeReader:
         self._wire = mailbox._wire
         self._command = b"UID FETCH %d (UID BODY.PEEK[]<%d.%d>)" % (uid, offset, length)
         self._uid = uid
+        self._length = length
         self._tag = b""  # set when the command is sent
         self._head = b""  # the FETCH response up to the body literal
         self._whole = b""  # the body, when the server sent it in a way we do not stream
@@ -230,12 +257,16 @@ class _RangeReader:
 
     async def _start(self) -> bool:
         """Sends the command and reads up to the body literal; False if there is none."""
-        self._tag = self._mailbox._next_tag()
+        # The body may also come whole, in an order we do not stream (`_whole`).
+        self._tag = self._mailbox._next_tag(self._length + MAX_OTHER_LITERAL_BYTES)
         self.settled = False
         await self._wire.send(self._tag + b" " + self._command + b"\r\n")
         while True:
             line = await self._wire._line()
             if line.startswith(b"* ") and (size := self._body_literal(line)) is not None:
+                if size > self._length:
+                    # Streamed, never held; but more than we asked for is no answer to us.
+                    raise UpstreamImplausible(f"a {size}-byte literal for a FETCH of {self._length} bytes")
                 self._head, self._remaining = line, size
                 return True
             if line.startswith(b"* ") or not line.startswith(self._tag + b" "):
@@ -282,6 +313,21 @@ class _RangeReader:
         self.settled = True
 
 
+def _first_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    error: BaseException = group
+    while isinstance(error, BaseExceptionGroup):
+        error = error.exceptions[0]
+    return error
+
+
+def _uid_ranges(uid_set: bytes) -> Iterator[tuple[int, int]]:
+    """(low, high) of each item of an IMAP UID set such as b"3:1,7", one at a time."""
+    for match in _UID_RANGE.finditer(uid_set):
+        first = int(match.group(1))
+        last = int(match.group(2)) if match.group(2) else first
+        yield min(first, last), max(first, last)
+
+
 def _wire_name(folder: str) -> str:
     return imap_syntax.quote_string(imap_syntax.encode_mailbox_name(folder))
 
@@ -307,6 +353,8 @@ class _Listing:
         self._complete = None
 
     def exists(self, count: int) -> None:
+        if count > MAX_MAILDROP_MESSAGES:
+            raise UpstreamImplausible(f"EXISTS {count}: more than {MAX_MAILDROP_MESSAGES} messages")
         if count > len(self.by_sequence):
             self.by_sequence.extend([None] * (count - len(self.by_sequence)))
             self._changed()
@@ -320,14 +368,28 @@ class _Listing:
         if uid is not None:
             self.info.pop(uid, None)
 
-    def vanish(self, uids: set[int]) -> None:
-        if uids & self.info.keys():
+    def vanish(self, ranges: Iterable[tuple[int, int]]) -> None:
+        """Forget the UIDs in `ranges` (low, high), however wide: only UIDs listed here are
+        looked at, never every UID a range spans."""
+        info = self.info
+        gone: set[int] = set()
+        known: list[int] | None = None
+        for low, high in ranges:
+            if high - low < _NARROW_RANGE:
+                gone.update(uid for uid in range(low, high + 1) if uid in info)
+                continue
+            if known is None:
+                known = sorted(info)
+            gone.update(known[bisect.bisect_left(known, low) : bisect.bisect_right(known, high)])
+        if gone:
             self._changed()
-            self.by_sequence = [uid for uid in self.by_sequence if uid not in uids]
-            for uid in uids:
-                self.info.pop(uid, None)
+            self.by_sequence = [uid for uid in self.by_sequence if uid not in gone]
+            for uid in gone:
+                info.pop(uid, None)
 
     def fetched(self, number: int, uid: int | None, size: int | None, deleted: bool | None) -> None:
+        if number > MAX_MAILDROP_MESSAGES:
+            raise UpstreamImplausible(f"FETCH of sequence number {number}: more than {MAX_MAILDROP_MESSAGES} messages")
         if number > len(self.by_sequence):
             self.exists(number)
         known = self.by_sequence[number - 1]
@@ -398,7 +460,6 @@ class TrioImapMailbox:
         self._modseq_seen: int | None = None
         self._qresync = False
         self._condstore = False
-        self._preauth = False
         self._bye = False
 
     # -- state -------------------------------------------------------------------------------
@@ -423,8 +484,10 @@ class TrioImapMailbox:
 
     # -- the protocol --------------------------------------------------------------------------
 
-    def _next_tag(self) -> bytes:
+    def _next_tag(self, literal_budget: int = MAX_OTHER_LITERAL_BYTES) -> bytes:
+        """The tag of a new command, which may bring back `literal_budget` literal bytes."""
         self._tag += 1
+        self._wire.literal_budget = literal_budget
         return b"B%d" % self._tag
 
     def _untagged(self, text: bytes) -> None:
@@ -444,6 +507,10 @@ class TrioImapMailbox:
         number = _UNTAGGED_NUMBER.match(body)
         if number is not None:
             count, kind = int(number.group(1)), number.group(2).upper()
+            if count > MAX_MAILDROP_MESSAGES:
+                name = kind.decode()
+                what = f"{name} {count}" if kind in (b"EXISTS", b"RECENT") else f"{name} of sequence number {count}"
+                raise UpstreamImplausible(f"{what}: more than {MAX_MAILDROP_MESSAGES} messages")
             if kind == b"EXISTS":
                 self._exists = count
                 if self._listing is not None:
@@ -457,11 +524,16 @@ class TrioImapMailbox:
             return
         upper = body[:24].upper()
         if upper.startswith(b"VANISHED"):
-            uids = self._parse_vanished(body)
+            uid_set = body.rsplit(b" ", 1)[-1]
             if not upper.startswith(b"VANISHED (EARLIER)"):
-                self._exists -= len(uids)
+                # Without EARLIER every UID named was in the mailbox (RFC 7162 3.2.10);
+                # EARLIER may name UIDs that never existed, so only its width is harmless.
+                count = sum(high - low + 1 for low, high in _uid_ranges(uid_set))
+                if count > MAX_MAILDROP_MESSAGES:
+                    raise UpstreamImplausible(f"VANISHED of {count} messages: more than {MAX_MAILDROP_MESSAGES}")
+                self._exists -= count
             if self._listing is not None:
-                self._listing.vanish(uids)
+                self._listing.vanish(_uid_ranges(uid_set))
         elif upper.startswith(b"CAPABILITY"):
             self._capabilities = frozenset(body[10:].decode("ascii", "replace").upper().split())
         elif upper.startswith((b"OK", b"NO")):
@@ -497,17 +569,6 @@ class TrioImapMailbox:
             bool(_DELETED.search(flags.group(1))) if flags else None,
         )
 
-    @staticmethod
-    def _parse_vanished(body: bytes) -> set[int]:
-        uids: set[int] = set()
-        for part in body.rsplit(b" ", 1)[-1].split(b","):
-            low, _, high = part.partition(b":")
-            if not low.isdigit():
-                continue
-            first, last = int(low), int(high) if high.isdigit() else int(low)
-            uids.update(range(min(first, last), max(first, last) + 1))
-        return uids
-
     async def _guarded(self, what: str, exchange: Callable[..., Awaitable[_T]], *args: Any) -> _T:
         """One exchange within the upstream timeout. Never lets an error out with the
         connection half-way through a command: the connection is marked broken first."""
@@ -522,18 +583,24 @@ class TrioImapMailbox:
         except (_Broken, trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             self._break()
             raise UpstreamUnavailable(f"{what}: {type(exc).__name__}") from None
+        except UpstreamImplausible as exc:
+            self._break()
+            raise UpstreamImplausible(f"{what}: {exc}") from None
         except BaseException:
             self._break()
             raise
 
     async def _run(
-        self, what: str, command: bytes, *, literal: bytes | None = None, collect: bool = False
+        self, what: str, command: bytes, *, literal: bytes | None = None, collect: bool = False,
+        literal_budget: int = MAX_OTHER_LITERAL_BYTES,
     ) -> tuple[bytes, list[_Response]]:
         """Send one command, read up to its tagged answer. Returns (status, untagged responses)."""
-        return await self._guarded(what, self._exchange, command, literal, collect)
+        return await self._guarded(what, self._exchange, command, literal, collect, literal_budget)
 
-    async def _exchange(self, command: bytes, literal: bytes | None, collect: bool) -> tuple[bytes, list[_Response]]:
-        tag = self._next_tag()
+    async def _exchange(
+        self, command: bytes, literal: bytes | None, collect: bool, literal_budget: int
+    ) -> tuple[bytes, list[_Response]]:
+        tag = self._next_tag(literal_budget)
         wire = self._wire
         if literal is None:
             await wire.send(tag + b" " + command + b"\r\n")
@@ -609,10 +676,11 @@ class TrioImapMailbox:
         upper = text[:12].upper()
         if upper.startswith(b"* BYE"):
             raise UpstreamUnavailable("connect: server refused the session")
-        if not upper.startswith((b"* OK", b"* PREAUTH")):
+        if upper.startswith(b"* PREAUTH"):
+            raise PreauthGreeting()
+        if not upper.startswith(b"* OK"):
             raise UpstreamUnavailable("connect: not an IMAP greeting")
         self._response_codes(text)
-        self._preauth = upper.startswith(b"* PREAUTH")
 
     async def _starttls(self) -> None:
         if not self._capabilities:
@@ -797,9 +865,13 @@ class TrioImapMailbox:
             # group; unwrapped here so the pool sees UpstreamError, and a shutdown's
             # cancellation racing it still unwinds as plain cancellation.
             self._break()
-            _broken, rest = group.split((_Broken, trio.BrokenResourceError, trio.ClosedResourceError, OSError))
+            implausible, rest = group.split(UpstreamImplausible)
+            if rest is not None:
+                _broken, rest = rest.split((_Broken, trio.BrokenResourceError, trio.ClosedResourceError, OSError))
             if rest is not None:
                 raise rest from None
+            if implausible is not None:
+                raise UpstreamImplausible(f"idle: {_first_error(implausible)}") from None
             raise UpstreamUnavailable("idle: connection broken") from None
         except BaseException:
             self._break()
@@ -845,7 +917,8 @@ class TrioImapMailbox:
         async with self._lock:
             await self._ensure_selected(self._settings.mailbox)
             status, collected = await self._run(
-                "fetch", b"UID FETCH %d (UID BODY.PEEK[]<%d.%d>)" % (uid, offset, length), collect=True
+                "fetch", b"UID FETCH %d (UID BODY.PEEK[]<%d.%d>)" % (uid, offset, length), collect=True,
+                literal_budget=length + MAX_OTHER_LITERAL_BYTES,
             )
         data = _body_section(collected, uid)
         ok = status[:2].upper() == b"OK"
@@ -980,7 +1053,7 @@ class TrioImapMailbox:
         """One UID FETCH of message bodies: each body into `found` by UID. Returns the status.
         Answers in the usual shape are taken straight out of the buffer (`_Wire.body_fetch`:
         one regex match and one copy per message, no await), anything else the general way."""
-        tag = self._next_tag()
+        tag = self._next_tag(MAX_BODY_FETCH_BYTES)
         wire = self._wire
         await wire.send(tag + b" " + command + b"\r\n")
         prefix = tag + b" "
@@ -1141,6 +1214,9 @@ async def open_mailbox(settings: UpstreamSettings, username: str, password: str)
         except UpstreamUnavailable:
             metrics.UPSTREAM_CONNECT_FAILURES.labels("greeting").inc()
             raise
+        except PreauthGreeting:
+            metrics.UPSTREAM_CONNECT_FAILURES.labels("preauth").inc()
+            raise
         if settings.tls == "starttls":
             try:
                 await mailbox._starttls()
@@ -1152,8 +1228,7 @@ async def open_mailbox(settings: UpstreamSettings, username: str, password: str)
             except (trio.BrokenResourceError, OSError):
                 raise UpstreamUnavailable("starttls: connection lost") from None
         metrics.UPSTREAM_CONNECTS.inc()
-        if not mailbox._preauth:
-            await mailbox._login(username, password)
+        await mailbox._login(username, password)
         await mailbox._enable_extensions()
     except BaseException:
         mailbox._break()

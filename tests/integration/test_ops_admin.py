@@ -3,13 +3,17 @@ precise HTTP answers, and the listener is off unless configured."""
 
 from __future__ import annotations
 
+import http.client
 import socket
 from pathlib import Path
+
+import psutil
 
 from bridge.admin import MAX_REQUEST_HEAD
 from bridge.sandbox import DovecotSandbox, Mailbox
 from tests.harness import SubprocessBridge, free_port
-from tests.integration.ops_support import http_get
+from tests.imap_stub import StubConnection, StubImapServer
+from tests.integration.ops_support import events_named, http_get, wait_for
 
 
 def _admin_bridge(tmp_path: Path, imap_port: int) -> tuple[SubprocessBridge, int]:
@@ -87,3 +91,64 @@ def test_the_upstream_check_is_cached(own_dovecot: DovecotSandbox, tmp_path: Pat
         assert http_get(admin_port, "/readyz")[0] == 200
         own_dovecot.stop()
         assert http_get(admin_port, "/readyz")[:2] == (200, "ready\n")
+
+
+def test_admin_connections_are_capped(mailbox: Mailbox, tmp_path: Path) -> None:
+    """Connections beyond admin.max_connections are closed at once: idle ones each hold a
+    task for up to the 10 s request timeout, without a cap without bound."""
+    admin_port = free_port()
+    bridge = SubprocessBridge(
+        tmp_path, mailbox.imap_port,
+        f'[admin]\nlisten = "127.0.0.1:{admin_port}"\nmax_connections = 2\n',
+        env={"BRIDGE_UPSTREAM__TLS": "none"},
+    )
+    with bridge:
+        idle = [socket.create_connection(("127.0.0.1", admin_port), timeout=30) for _ in range(2)]
+        try:
+            wait_for(lambda: _admin_connections_held(bridge, admin_port, 2), "both idle connections to be held")
+            with socket.create_connection(("127.0.0.1", admin_port), timeout=30) as extra:
+                try:
+                    extra.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+                    answer = extra.recv(4096)
+                except (ConnectionResetError, BrokenPipeError):
+                    answer = b""  # closed before (or while) the request went out
+                assert answer == b""
+            assert events_named(bridge, "admin_connection_refused")
+        finally:
+            for sock in idle:
+                sock.close()
+        # With the idle ones gone, requests are served again.
+        wait_for(lambda: _healthz(admin_port) == 200, "the admin listener to serve again")
+
+
+def _healthz(admin_port: int) -> int | None:
+    try:
+        return http_get(admin_port, "/healthz")[0]
+    except (ConnectionError, http.client.HTTPException):
+        return None  # still refused: the closed connections' slots are not free yet
+
+
+def _admin_connections_held(bridge: SubprocessBridge, admin_port: int, count: int) -> bool:
+    """Whether the bridge process holds `count` accepted connections on the admin port."""
+    assert bridge.process is not None
+    held = [
+        c for c in psutil.Process(bridge.process.pid).net_connections(kind="tcp")
+        if c.laddr and c.laddr.port == admin_port and c.status == psutil.CONN_ESTABLISHED
+    ]
+    return len(held) == count
+
+
+def test_readiness_is_false_when_the_upstream_greets_with_preauth(tmp_path: Path) -> None:
+    """Both engines refuse a PREAUTH greeting (tests/integration/test_security_upstream.py),
+    so such an upstream cannot serve a login: not ready. A stub, since no configured server
+    here pre-authenticates."""
+
+    class Preauth(StubImapServer):
+        def greeting(self, connection: StubConnection) -> bytes:
+            return b"* PREAUTH welcome\r\n"
+
+    with Preauth() as stub:
+        bridge, admin_port = _admin_bridge(tmp_path, stub.port)
+        with bridge:
+            status, body, _ = http_get(admin_port, "/readyz")
+            assert (status, body) == (503, f"upstream 127.0.0.1:{stub.port}: PREAUTH greeting (logins are refused)\n")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import signal
 from pathlib import Path
 
-from bridge.sandbox import Mailbox, numbered_messages
+from bridge.sandbox import DovecotSandbox, Mailbox, numbered_messages
 from tests.harness import RawPop3, SubprocessBridge, free_port
 from tests.integration.ops_support import events_named, wait_for_event
 
@@ -69,3 +69,43 @@ def test_a_broken_file_on_sighup_keeps_the_running_configuration(mailbox: Mailbo
         assert failed["error"].startswith("admin.readiness_cache_seconds: ")
         assert not events_named(bridge, "config_reloaded")
         _retr_and_quit(bridge, mailbox)  # still serving with the old settings
+
+
+def _stat(bridge: SubprocessBridge, user: str, password: str) -> bytes:
+    with RawPop3("127.0.0.1", bridge.port) as client:
+        client.login(user, password)
+        stat = client.command(b"STAT")
+        assert client.command(b"QUIT").startswith(b"+OK")
+        return stat
+
+
+def test_sighup_changing_upstream_retires_parked_connections(
+    mailbox: Mailbox, own_dovecot: DovecotSandbox, tmp_path: Path
+) -> None:
+    """A parked connection to the old upstream must not serve a session after a reload that
+    points the bridge elsewhere (another host, TLS mode, CA, mailbox, ...): here the same
+    user on a second Dovecot, holding other mail."""
+    mailbox.append(numbered_messages(1))
+    moved = own_dovecot.new_mailbox(mailbox.user, mailbox.password)
+    moved.append(numbered_messages(3))
+    bridge = SubprocessBridge(tmp_path, mailbox.imap_port, env={"BRIDGE_UPSTREAM__TLS": "none"})
+    with bridge:
+        assert bridge.process is not None
+        assert _stat(bridge, mailbox.user, mailbox.password).startswith(b"+OK 1 ")
+        wait_for_event(bridge, "session_end")  # its connection is parked
+
+        # A reload that changes nothing upstream keeps it.
+        text = bridge.config_path.read_text().replace("[pop3]\n", '[pop3]\nimplementation = "renamed-bridge"\n')
+        bridge.config_path.write_text(text)
+        bridge.process.send_signal(signal.SIGHUP)
+        wait_for_event(bridge, "config_reloaded", changed=["pop3.implementation"])
+        assert not events_named(bridge, "pool_evicted")
+
+        text = text.replace(f"port = {mailbox.imap_port}\n", f"port = {own_dovecot.imap_port}\n")
+        bridge.config_path.write_text(text)
+        bridge.process.send_signal(signal.SIGHUP)
+        wait_for_event(bridge, "config_reloaded", changed=["upstream.port"])
+        # The next session is served by the new upstream.
+        assert _stat(bridge, mailbox.user, mailbox.password).startswith(b"+OK 3 ")
+        assert wait_for_event(bridge, "pool_evicted")["connections"] == 1
+        assert bridge.process.poll() is None

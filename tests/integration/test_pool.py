@@ -8,6 +8,7 @@ connection is what the bridge logs (`upstream_reused` / `upstream_fresh`).
 
 from __future__ import annotations
 
+import imaplib
 import poplib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -268,3 +269,70 @@ def test_upstream_refusing_connections_is_retried_with_growing_waits_then_sys_te
     assert capped == sorted(capped)
     assert max(waits) <= 0.5
     assert any(e.get("event") == "upstream_retries_exhausted" for e in bridge.events())
+
+
+def dovecot_accepts(mailbox: Mailbox, password: str) -> bool:
+    """Whether Dovecot itself takes `password` for the mailbox's user now."""
+    with imaplib.IMAP4(mailbox.host, mailbox.imap_port, timeout=30) as imap:
+        try:
+            imap.login(mailbox.user, password)
+        except imaplib.IMAP4.error:
+            return False
+        imap.logout()
+        return True
+
+
+def change_password(dovecot: DovecotSandbox, mailbox: Mailbox, password: str) -> None:
+    dovecot.set_password(mailbox.user, password)
+    wait_until(lambda: dovecot_accepts(mailbox, password), "Dovecot to take the new password")
+
+
+def refused(bridge: ThreadedBridge, user: str, password: str) -> bytes | None:
+    """The -ERR of a login, or None if it succeeded."""
+    try:
+        stat(bridge, user, password)
+    except poplib.error_proto as exc:
+        return bytes(exc.args[0])
+    return None
+
+
+def test_an_old_password_stops_working_once_the_connection_reaches_max_age(
+    bridge_factory: BridgeFactory, dovecot: DovecotSandbox, mailbox: Mailbox, engine: str
+) -> None:
+    """The review's reproduction: a device keeps polling with the password that was changed
+    upstream, more often than park_seconds. Each poll used to re-park the connection, and the
+    old password kept working for ever."""
+    mailbox.append(numbered_messages(1))
+    old = mailbox.password
+    bridge = start(bridge_factory, engine, max_age_seconds=2)
+    stat(bridge, mailbox.user, old)
+    sessions_ended(bridge, 1)
+    change_password(dovecot, mailbox, old + "-changed")
+    answer = wait_until(lambda: refused(bridge, mailbox.user, old), "the old password to be refused")
+    assert answer.startswith(b"-ERR [AUTH]")
+    # Refused by Dovecot: the connection that had logged in with it was not handed over.
+    assert pool_events(bridge, mailbox.user)[-1] == "none_parked"
+    assert any(
+        e.get("reason") == "max_age" for e in bridge.events() if e.get("event") == "pool_connection_closed"
+    )
+
+
+def test_a_login_with_the_new_password_retires_the_old_passwords_connection_at_once(
+    bridge_factory: BridgeFactory, dovecot: DovecotSandbox, mailbox: Mailbox, engine: str
+) -> None:
+    mailbox.append(numbered_messages(1))
+    old, new = mailbox.password, mailbox.password + "-changed"
+    bridge = start(bridge_factory, engine)  # the default max_age_seconds, minutes
+    stat(bridge, mailbox.user, old)
+    sessions_ended(bridge, 1)
+    change_password(dovecot, mailbox, new)
+    assert stat(bridge, mailbox.user, new)[0] == 1
+    sessions_ended(bridge, 2)
+    answer = refused(bridge, mailbox.user, old)
+    assert answer is not None and answer.startswith(b"-ERR [AUTH]")
+    assert pool_events(bridge, mailbox.user) == ["none_parked", "password_mismatch", "password_mismatch"]
+    closed = [e for e in bridge.events() if e.get("event") == "pool_connection_closed"]
+    assert [e["reason"] for e in closed] == ["password_changed"]
+    # The new password's connection is the one parked now.
+    assert stat(bridge, mailbox.user, new)[0] == 1
+    assert pool_events(bridge, mailbox.user)[-1] == "reused"

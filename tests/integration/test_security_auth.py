@@ -140,3 +140,44 @@ def test_loopback_clients_may_log_in_without_tls_by_default(
         client.login(mailbox.user, mailbox.password)
     if policy == "always":
         assert wait_for_event(bridge, "plaintext_auth_allowed")["level"] == "warning"
+
+
+def test_parallel_guesses_are_bounded_by_the_block_threshold(
+    bridge_factory: Callable[..., ThreadedBridge], mailbox: Mailbox, dovecot: DovecotSandbox
+) -> None:
+    """The review's reproduction: failures used to be counted only once the mail server had
+    answered, so guesses sent in parallel from one address all reached it, past the 10 per
+    account and address the limits promise. Attempts in progress count now: 30 parallel
+    wrong passwords, and Dovecot sees 10."""
+    bridge = bridge_factory(login_limits={"failure_delay_seconds": 0.05}, pool=NO_PARKING)
+    threshold = bridge.settings.login_limits.account_block_after
+    guesses = 3 * threshold
+    clients = [RawClient(bridge.port) for _ in range(guesses)]
+    try:
+        for client in clients:
+            assert client.command(b"USER " + mailbox.user.encode()).startswith(b"+OK")
+        # Every PASS goes out before any answer comes back.
+        for number, client in enumerate(clients):
+            client.send(b"PASS " + f"{WRONG}{number}".encode() + b"\r\n")
+        answers = [client.status() for client in clients]
+    finally:
+        for client in clients:
+            client.close()
+    refused = answers.count(b"-ERR [AUTH] invalid user name or password\r\n")
+    blocked = answers.count(b"-ERR [SYS/TEMP] too many failed logins, try again later\r\n")
+    assert (refused, blocked) == (threshold, guesses - threshold), answers
+    # What reached the mail server: the bridge's count, and Dovecot's own log (written when
+    # the bridge closes each refused connection, so waited for).
+    failures = [e for e in bridge.events() if e.get("event") == "login_failed" and e.get("reason") == "credentials"]
+    assert len(failures) == threshold
+
+    def dovecot_attempts() -> list[str]:
+        log = dovecot.log_path.read_text(errors="replace")
+        return [line for line in log.splitlines() if f"user=<{mailbox.user}>" in line and "auth failed" in line]
+
+    wait_until(lambda: len(dovecot_attempts()) >= threshold, "Dovecot to log the refused logins")
+    wait_until(
+        lambda: len([e for e in bridge.events() if e.get("event") == "session_end"]) == guesses,
+        "every session to end",
+    )
+    assert len(dovecot_attempts()) == threshold

@@ -152,3 +152,24 @@ def test_total_session_timeout(bridge_factory: Callable[..., ThreadedBridge], ma
                 break
     end = wait_for_event(bridge, "session_end", user=mailbox.user)
     assert end["outcome"] == "session_timeout"
+
+
+def test_a_client_that_does_not_log_in_in_time_is_closed(
+    bridge_factory: Callable[..., ThreadedBridge], mailbox: Mailbox
+) -> None:
+    """Without it, a connection that never logs in held its slot until the 10-minute
+    autologout, busy or not: one IPv6 /56 (256 /64s of 100 connections each) could hold every
+    slot of the service. A client that keeps talking without logging in is closed too."""
+    bridge = bridge_factory(pop3={"login_timeout_seconds": 1})
+    with RawClient(bridge.port) as early, RawClient(bridge.port) as idler:
+        early.login(mailbox.user, mailbox.password)
+        while not idler.closed_by_server():
+            try:
+                _status, body = idler.command_multiline(b"CAPA")  # busy, never logging in
+                assert b"USER\r\n" in body
+            except (ConnectionError, OSError):
+                break
+        end = wait_for_event(bridge, "session_end", outcome="login_timeout")
+        assert wait_for_event(bridge, "login_timeout", session=end["session"])["seconds"] == 1
+        # A session that logged in in time is not affected, however long it lasts.
+        assert early.command(b"STAT") == b"+OK 0 0\r\n"

@@ -156,3 +156,94 @@ async def test_ipv6_neighbours_share_one_budget(autojump_clock: trio.testing.Moc
         lim.record_failure(f"2001:db8:1:2::{host}", f"user{host}")
     assert lim.check("2001:db8:1:2::ffff", "someone").blocked
     assert not lim.check("2001:db8:1:3::1", "someone").blocked
+
+
+# -- attempts in progress ---------------------------------------------------------------------
+
+
+async def guess_in_parallel(lim: LoginLimiter, logins: list[tuple[str, str]], server_seconds: float = 1) -> list[str]:
+    """Every login of `logins` (address, account) tried at once with a wrong password, the
+    mail server taking `server_seconds` to refuse each. Returns, in order of the answers,
+    "failed" (it reached the server) or "blocked"."""
+    outcomes: list[str] = []
+
+    async def guess(address: str, account: str) -> None:
+        attempt = await lim.begin(address, account)
+        if attempt.blocked:
+            outcomes.append("blocked")
+            return
+        with attempt:
+            await trio.sleep(server_seconds)
+            attempt.failed()
+            outcomes.append("failed")
+
+    async with trio.open_nursery() as nursery:
+        for address, account in logins:
+            nursery.start_soon(guess, address, account)
+    return outcomes
+
+
+async def test_parallel_guesses_at_one_account_stop_at_the_pair_threshold(autojump_clock: trio.testing.MockClock) -> None:
+    lim = limiter(account_block_after=10)
+    outcomes = await guess_in_parallel(lim, [(ATTACKER, ACCOUNT)] * 30)
+    assert outcomes.count("failed") == 10 and outcomes.count("blocked") == 20
+    assert lim.check(ATTACKER, ACCOUNT).blocked
+    assert lim.in_progress == 0
+
+
+async def test_parallel_guesses_at_many_accounts_stop_at_the_address_threshold(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    lim = limiter(address_block_after=30)
+    outcomes = await guess_in_parallel(lim, [(ATTACKER, f"user{n}") for n in range(100)])
+    assert outcomes.count("failed") == 30 and outcomes.count("blocked") == 70
+    # Another address is not affected.
+    assert await guess_in_parallel(lim, [(OWNER, "user1")]) == ["failed"]
+
+
+async def test_logins_beyond_the_room_wait_and_a_success_makes_room(autojump_clock: trio.testing.MockClock) -> None:
+    """Many right passwords from one address at once (users behind one NAT): none is refused,
+    they go through a few at a time."""
+    lim = limiter(address_block_after=3, account_block_after=0)
+    started: list[float] = []
+
+    async def login(account: str) -> None:
+        attempt = await lim.begin(ATTACKER, account)
+        assert not attempt.blocked
+        with attempt:
+            started.append(trio.current_time())
+            await trio.sleep(1)  # the server says OK after a second
+
+    start = trio.current_time()
+    async with trio.open_nursery() as nursery:
+        for number in range(7):
+            nursery.start_soon(login, f"user{number}")
+    assert [round(t - start) for t in started] == [0, 0, 0, 1, 1, 1, 2]
+    assert lim.in_progress == 0
+
+
+async def test_an_attempt_that_ends_without_an_answer_counts_nothing(autojump_clock: trio.testing.MockClock) -> None:
+    lim = limiter(account_block_after=1)
+    with await lim.begin(ATTACKER, ACCOUNT):
+        assert lim.in_progress == 1
+        pass  # the mail server was unavailable: no verdict on the password
+    assert lim.in_progress == 0
+    assert not lim.check(ATTACKER, ACCOUNT).blocked
+    with trio.move_on_after(1):  # a session cancelled while it waits for room
+        with await lim.begin(ATTACKER, ACCOUNT):
+            await lim.begin(ATTACKER, ACCOUNT)
+    assert lim.in_progress == 0
+
+
+async def test_after_a_block_ends_guesses_go_one_at_a_time(autojump_clock: trio.testing.MockClock) -> None:
+    lim = limiter(account_block_after=3, block_seconds=300)
+    assert (await guess_in_parallel(lim, [(ATTACKER, ACCOUNT)] * 3)).count("failed") == 3
+    await trio.sleep(301)
+    outcomes = await guess_in_parallel(lim, [(ATTACKER, ACCOUNT)] * 5)
+    assert outcomes.count("failed") == 1 and outcomes.count("blocked") == 4
+
+
+async def test_zero_thresholds_put_no_bound_on_attempts_in_progress(autojump_clock: trio.testing.MockClock) -> None:
+    lim = limiter(address_block_after=0, account_block_after=0)
+    outcomes = await guess_in_parallel(lim, [(ATTACKER, ACCOUNT)] * 50)
+    assert outcomes == ["failed"] * 50

@@ -72,6 +72,7 @@ def test_v1_good(line: bytes, source: tuple[str, int], destination: tuple[str, i
 def test_v1_unknown_carries_no_address(line: bytes) -> None:
     header, length = parse_whole(line)
     assert header.source is None and length == len(line)
+    assert not header.local  # a relayed client, just without an address
 
 
 def test_v1_longest_possible_header() -> None:
@@ -141,17 +142,20 @@ def test_v2_local_ignores_addresses_and_tlvs() -> None:
     data = v2(command=0, family=0x11, addresses=inet(), tlvs=b"\x01garbage")
     header, length = parse_whole(data)
     assert header.source is None and length == len(data)
+    assert header.local
 
 
 def test_v2_local_unspec_empty() -> None:
     header, length = parse_whole(v2(command=0, family=0x00))
     assert header.source is None and length == 16
+    assert header.local
 
 
 def test_v2_unspec_and_unix_carry_no_ip() -> None:
-    assert parse_whole(v2(family=0x00))[0].source is None
-    unix = v2(family=0x31, addresses=b"/run/a".ljust(108, b"\0") + b"/run/b".ljust(108, b"\0"))
-    assert parse_whole(unix)[0].source is None
+    unspec = parse_whole(v2(family=0x00))[0]
+    assert unspec.source is None and not unspec.local
+    unix = parse_whole(v2(family=0x31, addresses=b"/run/a".ljust(108, b"\0") + b"/run/b".ljust(108, b"\0")))[0]
+    assert unix.source is None and not unix.local
 
 
 def test_v2_tlvs_and_ssl_flag() -> None:

@@ -4,10 +4,12 @@ left untouched for the general parser, which the integration tests run against r
 
 from __future__ import annotations
 
+import pytest
 import trio
 import trio.testing
 
-from bridge.upstream.trio_engine import _Wire
+from bridge.upstream.interface import UpstreamImplausible
+from bridge.upstream.trio_engine import _Listing, _uid_ranges, _Wire
 
 
 def answer(number: int, uid: int, body: bytes) -> bytes:
@@ -56,3 +58,23 @@ async def test_other_responses_are_left_for_the_general_parser() -> None:
         await wire.fill()
         assert wire.body_fetch() is False, other
         assert wire.pending == len(other), other  # untouched
+
+
+def test_vanished_ranges_of_any_width_remove_exactly_the_listed_uids() -> None:
+    listing = _Listing()
+    uids = [3, 10, 11, 500, 70_000, 4_000_000_000]
+    listing.exists(len(uids))
+    for number, uid in enumerate(uids, 1):
+        listing.fetched(number, uid, 100, False)
+    # Narrow and wide ranges, written either way round; most UIDs they span never existed.
+    listing.vanish(_uid_ranges(b"11,20:5,600:69999,4294967295:1000000000"))
+    assert listing.by_sequence == [3, 500, 70_000]
+    assert sorted(listing.info) == [3, 500, 70_000]
+
+
+async def test_a_literal_beyond_the_commands_budget_is_refused_before_it_is_read() -> None:
+    wire, _send = await wire_with(b"* 1 FETCH (UID 9 BODY[] {4294967295}\r\nonly the start")
+    await wire.fill()
+    assert wire.body_fetch() is False  # left to the general parser, which refuses it
+    with pytest.raises(UpstreamImplausible, match="4294967295-byte literal"):
+        await wire.response()
