@@ -28,7 +28,7 @@ from typing import Any
 
 from bench import scenarios
 from bench.servers import BenchServers, Target
-from bridge.sandbox import big_message, numbered_messages
+from sandbox import big_message, numbered_messages
 
 MIB = 1024 * 1024
 RESULTS_DIR = Path(__file__).resolve().parent / "results"

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from bench.pop3client import Pop3Client, Pop3Error, poll, session_setup
 from bench.servers import Target
-from bridge.sandbox import DovecotSandbox, Mailbox
+from sandbox import DovecotSandbox, Mailbox
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
-from bridge.sandbox import DovecotSandbox
+from sandbox import DovecotSandbox
 
 # Enough Dovecot processes and per-user connections for 1,000 idle bridge sessions (each holds
 # an IMAP connection) plus the concurrency run.

@@ -1,4 +1,4 @@
-"""Command line: `pop3-imap-bridge serve|check-config|demo` (also `python -m bridge`)."""
+"""Command line: `pop3-imap-bridge serve|check-config` (also `python -m bridge`)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import trio
 
 from bridge import __version__
 from bridge.config import BridgeSettings, ConfigError, environment_overrides, load_settings
-from bridge.observability import configure_logging
+from bridge.ops.logs import configure_logging
 
 
 def _load(path: Path | None) -> BridgeSettings:
@@ -35,8 +35,8 @@ def _tune_gc() -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from bridge.server import run_until_signalled
-    from bridge.workers import run_supervisor, run_worker
+    from bridge.ops.service import run_until_signalled
+    from bridge.ops.workers import run_supervisor, run_worker
 
     settings = _load(args.config)
     configure_logging(settings.logging.level, settings.logging.format)
@@ -60,7 +60,7 @@ def settings_as_toml(settings: BridgeSettings) -> str:
     """The settings in force as TOML that reads back to the same settings (secrets masked)."""
     import tomli_w
 
-    from bridge.lifecycle import mask_secrets
+    from bridge.ops.reload import mask_secrets
 
     return tomli_w.dumps(_without_none(mask_secrets(settings.model_dump())))
 
@@ -78,12 +78,6 @@ def _check_config(args: argparse.Namespace) -> int:
     return 0
 
 
-def _demo(args: argparse.Namespace) -> int:
-    from bridge.demo import run_demo
-
-    return run_demo(args.workdir, args.port)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pop3-imap-bridge", description="POP3 server for IMAP mailboxes")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -91,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
 
     serve = commands.add_parser("serve", help="run the service")
     serve.add_argument("--config", type=Path, help="path to bridge.toml (default: built-in defaults)")
-    # Set by the supervisor when it starts a worker process (bridge.workers), not by hand.
+    # Set by the supervisor when it starts a worker process (bridge.ops.workers), not by hand.
     serve.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)
     serve.add_argument("--notify-fd", type=int, help=argparse.SUPPRESS)
     serve.set_defaults(func=_serve)
@@ -101,14 +95,6 @@ def main(argv: list[str] | None = None) -> int:
     )
     check.add_argument("--config", type=Path, help="path to bridge.toml")
     check.set_defaults(func=_check_config)
-
-    demo = commands.add_parser("demo", help="run the bridge against a local demo Dovecot")
-    demo.add_argument(
-        "--workdir", type=Path, default=None,
-        help="where the demo Dovecot keeps its files (emptied first; default: a new temporary directory, removed at the end)",
-    )
-    demo.add_argument("--port", type=int, default=1110, help="POP3 port on 127.0.0.1")
-    demo.set_defaults(func=_demo)
 
     args = parser.parse_args(argv)
     try:

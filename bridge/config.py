@@ -14,7 +14,6 @@ import os
 import re
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -35,6 +34,8 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
+from bridge.net.addresses import ListenAddress, is_loopback_host, parse_listen_address
+
 
 class ConfigError(Exception):
     """The configuration cannot be used; the message names the key and the reason."""
@@ -47,34 +48,6 @@ SECRET_KEY_PATTERN = re.compile(r"password|passphrase|secret|token|^state_key$",
 MASK = "********"
 
 
-@dataclass(frozen=True)
-class ListenAddress:
-    host: str
-    port: int
-
-    def __str__(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
-
-
-def parse_listen_address(text: str) -> ListenAddress:
-    """Parse `host:port` or `[v6-address]:port`."""
-    if text.startswith("["):
-        host, sep, port_text = text[1:].partition("]:")
-        if not sep:
-            raise ValueError(f"{text!r} is not [IPv6-address]:port")
-        try:
-            ipaddress.IPv6Address(host)
-        except ValueError:
-            raise ValueError(f"{host!r} is not an IPv6 address") from None
-    else:
-        host, sep, port_text = text.rpartition(":")
-        if not sep or not host:
-            raise ValueError(f"{text!r} is not host:port (IPv6 as [::1]:1110)")
-        if ":" in host:
-            raise ValueError(f"{text!r}: write IPv6 addresses in brackets, e.g. [::1]:1110")
-    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
-        raise ValueError(f"{text!r}: port must be a number from 0 to 65535")
-    return ListenAddress(host, int(port_text))
 
 
 class _Section(BaseModel):
@@ -132,7 +105,7 @@ class Pop3Settings(_Section):
         if bool(value) != bool(cert):
             raise ValueError("tls_cert and tls_key must be given together")
         if value:
-            from bridge.tls import TlsConfigError, load_server_context
+            from bridge.net.tls import TlsConfigError, load_server_context
 
             try:
                 load_server_context(cert, value, "TLSv1.2")
@@ -169,10 +142,6 @@ class Pop3Settings(_Section):
         return value
 
     @property
-    def tls_listen_addresses(self) -> list[ListenAddress]:
-        return [parse_listen_address(item) for item in self.tls_listen]
-
-    @property
     def listen_addresses(self) -> list[ListenAddress]:
         return [parse_listen_address(item) for item in self.listen]
 
@@ -200,7 +169,7 @@ class UpstreamSettings(_Section):
     def _ca_file(cls, value: str) -> str:
         _readable_file(value)
         if value:
-            from bridge.tls import TlsConfigError, load_client_context
+            from bridge.net.tls import TlsConfigError, load_client_context
 
             try:
                 load_client_context(value, verify=True)
@@ -226,7 +195,7 @@ DeletePolicy = Literal["expunge", "move", "keep", "per-client"]
 # The whole name must match (re.fullmatch): with "$", "phone\n" would pass as "phone".
 DEVICE_NAME_PATTERN = r"[A-Za-z0-9._-]{1,64}"
 _DEVICE_NAME = re.compile(DEVICE_NAME_PATTERN)
-# Per-client state records are signed with this key (bridge.device_state); shorter keys are
+# Per-client state records are signed with this key (bridge.policy.device_state); shorter keys are
 # refused. 32 characters: e.g. `openssl rand -hex 32` gives 64.
 MIN_STATE_KEY_LENGTH = 32
 
@@ -566,3 +535,22 @@ def _check_state_key(delete: DeleteSettings) -> None:
             f"signs the device state records (at least {MIN_STATE_KEY_LENGTH} characters, the same on "
             "every bridge host serving these mailboxes), or delete.state_key_file naming a file that holds it"
         )
+
+
+def weakened_settings(settings: BridgeSettings) -> list[tuple[str, dict[str, str]]]:
+    """Every security default the configuration switches off, as (log event, its fields):
+    logged as warnings at start-up."""
+    pop3, upstream = settings.pop3, settings.upstream
+    found: list[tuple[str, dict[str, str]]] = []
+    if upstream.tls == "none" and not is_loopback_host(upstream.host):
+        found.append(("upstream_tls_disabled", {"host": upstream.host, "note": "passwords go to the mail server unencrypted"}))
+    if upstream.tls != "none" and not upstream.verify:
+        found.append(("upstream_tls_unverified", {"host": upstream.host, "note": "any certificate is accepted"}))
+    if pop3.allow_plaintext_auth == "always":
+        found.append(("plaintext_auth_allowed", {"note": "clients may send passwords over unencrypted connections"}))
+    if settings.delete.accept_unsigned_state:
+        found.append((
+            "unsigned_state_accepted",
+            {"note": "unsigned per-client state records are read; turn delete.accept_unsigned_state off once every device has polled"},
+        ))
+    return found

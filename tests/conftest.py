@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from bridge.sandbox import DovecotSandbox, Mailbox
-from bridge.sandbox.cyrus import CyrusSandbox
+from sandbox import DovecotSandbox, Mailbox
+from sandbox.cyrus import CyrusSandbox
 
 # poplib rejects lines over 2048 bytes; that is a client-side guard, not a POP3
 # rule, and the test corpus deliberately has 20,000-byte lines.

@@ -18,8 +18,8 @@ from typing import Any
 import trio
 
 from bridge.config import BridgeSettings, load_settings
-from bridge.observability import configure_logging
-from bridge.server import Pop3Service
+from bridge.net.server import Pop3Service
+from bridge.ops.logs import configure_logging
 
 # The key signing per-client state records (delete.state_key). Every bridge a test starts
 # uses it, as every bridge host serving the same mailboxes must share one.

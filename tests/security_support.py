@@ -13,7 +13,7 @@ from pathlib import Path
 
 import trustme
 
-from bridge.proxy_protocol import V2_SIGNATURE
+from bridge.net.proxy_protocol import V2_SIGNATURE
 from tests.harness import RawPop3
 
 
@@ -62,7 +62,7 @@ def bound_port(address: str) -> int:
     return int(address.rsplit(":", 1)[1])
 
 
-# -- PROXY protocol headers, built independently of bridge.proxy_protocol's parser ---------------
+# -- PROXY protocol headers, built independently of bridge.net.proxy_protocol's parser ---------------
 
 
 def proxy_v1(source: str, source_port: int, destination: str | None = None, destination_port: int = 110) -> bytes:

@@ -1,6 +1,6 @@
 """The demo IMAP upstream for deploy/docker-compose.yml (also runs outside a container).
 
-Starts a private Dovecot with the project's sandbox (bridge.sandbox), creates one user and
+Starts a private Dovecot with the project's sandbox (sandbox), creates one user and
 seeds its INBOX with the demo messages, prints one JSON line `demo_upstream_ready`, and runs
 until SIGTERM or SIGINT. Every start begins with a fresh mailbox.
 
@@ -18,7 +18,7 @@ import shutil
 import signal
 from pathlib import Path
 
-from bridge.sandbox import DovecotSandbox, append_messages, demo_messages
+from sandbox import DovecotSandbox, append_messages, demo_messages
 
 
 def main() -> int:

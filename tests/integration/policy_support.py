@@ -11,9 +11,9 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from bridge.device_state import STATE_HEADER
-from bridge.sandbox import ImapObserver, Mailbox
-from bridge.uid_ranges import UidRanges
+from bridge.policy.device_state import STATE_HEADER
+from bridge.policy.uid_ranges import UidRanges
+from sandbox import ImapObserver, Mailbox
 from tests.harness import TEST_STATE_KEY, Pop3Client, poplib_payload
 
 # Both IMAP engines (upstream.engine) must implement every policy the same way.

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from bridge.sandbox import Mailbox, big_message, numbered_messages, tricky_messages
+from sandbox import Mailbox, big_message, numbered_messages, tricky_messages
 from tests.harness import ThreadedBridge, poplib_payload, retr_payload
 from tests.security_support import TlsFiles
 

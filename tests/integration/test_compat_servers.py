@@ -27,15 +27,15 @@ from typing import Protocol
 
 import pytest
 
-from bridge.sandbox import (
+from sandbox import (
     DovecotSandbox,
     ImapObserver,
     big_message,
     numbered_messages,
     tricky_messages,
 )
-from bridge.sandbox.cyrus import CyrusSandbox
-from bridge.sandbox.seeding import AppendResult, SeedingError
+from sandbox.cyrus import CyrusSandbox
+from sandbox.seeding import AppendResult, SeedingError
 from tests.harness import RawPop3, ThreadedBridge, bridge_settings, pop3_unstuff, retr_payload
 
 CLIENT_TIMEOUT = 60.0

@@ -8,7 +8,7 @@ import hashlib
 
 import pytest
 
-from bridge.sandbox import Mailbox, big_message, numbered_messages
+from sandbox import Mailbox, big_message, numbered_messages
 from tests.harness import RawPop3, ThreadedBridge, retr_payload
 
 POP3_TERMINATOR = b"\r\n.\r\n"

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.harness import free_port
-from tests.integration.test_e2e_cli import clean_env
+from tests.integration.test_e2e_cli import REPO, clean_env
 
 
 class DemoProcess:
@@ -25,9 +25,9 @@ class DemoProcess:
 
     def __init__(self, port: int) -> None:
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "bridge", "demo", "--port", str(port)],
+            [sys.executable, "-m", "sandbox.demo", "--port", str(port)],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True,
-            env={**clean_env(), "PYTHONUNBUFFERED": "1"},
+            env={**clean_env(), "PYTHONUNBUFFERED": "1"}, cwd=REPO,
         )
         self.lines: list[str] = []
         self._ready = threading.Event()
@@ -100,8 +100,8 @@ def test_demo_names_cause_and_fix_when_its_port_is_taken() -> None:
         taken.listen()
         port = taken.getsockname()[1]
         result = subprocess.run(
-            [sys.executable, "-m", "bridge", "demo", "--port", str(port)],
-            capture_output=True, text=True, timeout=120, env=clean_env(), stdin=subprocess.DEVNULL,
+            [sys.executable, "-m", "sandbox.demo", "--port", str(port)],
+            capture_output=True, text=True, timeout=120, env=clean_env(), stdin=subprocess.DEVNULL, cwd=REPO,
         )
     assert result.returncode == 1
     assert "Traceback" not in result.stderr + result.stdout

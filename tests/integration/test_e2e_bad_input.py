@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from bridge.sandbox import Mailbox, numbered_messages
+from sandbox import Mailbox, numbered_messages
 from tests.harness import RawPop3, ThreadedBridge, pop3_unstuff
 
 # Lines a client might send before logging in, none of which may be accepted.

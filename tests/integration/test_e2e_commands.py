@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 import pytest
 
-from bridge.sandbox import Mailbox, big_message, numbered_messages, tricky_messages
+from sandbox import Mailbox, big_message, numbered_messages, tricky_messages
 from tests.harness import (
     Pop3Client,
     RawPop3,

@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 import pytest
 
-from bridge.sandbox import Mailbox, numbered_messages
+from sandbox import Mailbox, numbered_messages
 from tests.harness import (
     Pop3Client,
     RawPop3,

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from bridge.sandbox import Mailbox, big_message, numbered_messages, tricky_messages
+from sandbox import Mailbox, big_message, numbered_messages, tricky_messages
 from tests.harness import ThreadedBridge
 
 FETCHMAIL = "/usr/bin/fetchmail"

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from bridge.sandbox import DovecotSandbox, Mailbox, numbered_messages
+from sandbox import DovecotSandbox, Mailbox, numbered_messages
 from tests.harness import (
     Pop3Client,
     RawPop3,

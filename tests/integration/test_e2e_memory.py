@@ -10,7 +10,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from bridge.sandbox import DovecotSandbox, Mailbox, big_message, numbered_messages
+from sandbox import DovecotSandbox, Mailbox, big_message, numbered_messages
 from tests.harness import RawPop3, SubprocessBridge, pop3_unstuff
 
 MESSAGE_SIZE = 20 * 1024 * 1024

@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 import pytest
 
-from bridge.sandbox import Mailbox, numbered_messages, tricky_messages
+from sandbox import Mailbox, numbered_messages, tricky_messages
 from tests.harness import RawPop3, ThreadedBridge, pop3_unstuff, retr_payload
 
 CRLF = b"\r\n"

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from bridge.sandbox import DovecotSandbox, Mailbox, numbered_messages
+from sandbox import DovecotSandbox, Mailbox, numbered_messages
 from tests.faultproxy import Fault, FaultProxy
 from tests.harness import RawPop3, SubprocessBridge, pop3_unstuff, retr_payload
 

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from bridge.sandbox import DovecotSandbox, Mailbox, numbered_messages
+from sandbox import DovecotSandbox, Mailbox, numbered_messages
 from tests.harness import (
     RawPop3,
     ThreadedBridge,

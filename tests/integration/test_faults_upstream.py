@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from bridge.sandbox import DovecotSandbox, ImapObserver, Mailbox, big_message, numbered_messages
+from sandbox import DovecotSandbox, ImapObserver, Mailbox, big_message, numbered_messages
 from tests.faultproxy import Fault, FaultProxy
 from tests.harness import (
     RawPop3,

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import psutil
 
-from bridge.admin import MAX_REQUEST_HEAD
-from bridge.sandbox import DovecotSandbox, Mailbox
+from bridge.ops.admin import MAX_REQUEST_HEAD
+from sandbox import DovecotSandbox, Mailbox
 from tests.harness import SubprocessBridge, free_port
 from tests.imap_stub import StubConnection, StubImapServer
 from tests.integration.ops_support import events_named, http_get, wait_for

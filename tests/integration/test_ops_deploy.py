@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from bridge.sandbox import Mailbox, demo_messages, numbered_messages
+from sandbox import Mailbox, demo_messages, numbered_messages
 from tests.harness import RawPop3, free_port
 from tests.integration.ops_support import wait_for
 from tests.unit.test_deploy_dockerfile import (
@@ -148,6 +148,8 @@ def test_compose_upstream_and_bridge_commands_work_together(tmp_path: Path, proc
             "DEMO_IMAP_PORT": str(imap_port),
             "DEMO_POP3_PORT": str(free_port()),
             "DEMO_WORKDIR": str(workdir),
+            # The image puts the sandbox package on PYTHONPATH the same way.
+            "PYTHONPATH": str(REPO),
         }
         upstream_log = tmp_path / "upstream.log"
         upstream = processes.start(

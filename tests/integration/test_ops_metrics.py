@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from bridge.sandbox import Mailbox, numbered_messages
+from sandbox import Mailbox, numbered_messages
 from tests.harness import RawPop3, SubprocessBridge, free_port
 from tests.integration.ops_support import Samples, events_named, scrape, value, wait_for
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import signal
 from pathlib import Path
 
-from bridge.sandbox import DovecotSandbox, Mailbox, numbered_messages
+from sandbox import DovecotSandbox, Mailbox, numbered_messages
 from tests.harness import RawPop3, SubprocessBridge, free_port
 from tests.integration.ops_support import events_named, wait_for_event
 

@@ -13,7 +13,7 @@ import socket
 import time
 from pathlib import Path
 
-from bridge.sandbox import Mailbox, big_message, numbered_messages
+from sandbox import Mailbox, big_message, numbered_messages
 from tests.harness import RawPop3, SubprocessBridge, free_port, pop3_unstuff
 from tests.integration.ops_support import (
     events_named,

@@ -13,8 +13,8 @@ from pathlib import Path
 import psutil
 
 from bridge.config import load_settings
-from bridge.sandbox import Mailbox, numbered_messages
-from bridge.workers import run_supervisor
+from bridge.ops.workers import run_supervisor
+from sandbox import Mailbox, numbered_messages
 from tests.harness import RawPop3, SubprocessBridge, free_port
 from tests.integration.ops_support import (
     events_named,

@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 import pytest
 
-from bridge.sandbox import Mailbox, numbered_messages
+from sandbox import Mailbox, numbered_messages
 from tests.harness import Pop3Client, RawPop3, ThreadedBridge, wait_for_event
 from tests.integration.policy_support import (
     ENGINES,

@@ -8,7 +8,7 @@ from __future__ import annotations
 import base64
 from collections.abc import Callable
 
-from bridge.sandbox import Mailbox, numbered_messages
+from sandbox import Mailbox, numbered_messages
 from tests.harness import RawPop3, ThreadedBridge, wait_for_event
 from tests.integration.policy_support import poll, visible
 

@@ -11,7 +11,7 @@ from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
-from bridge.sandbox import Mailbox, numbered_messages
+from sandbox import Mailbox, numbered_messages
 from tests.harness import ThreadedBridge
 from tests.integration.policy_support import message_number, poll, visible
 

@@ -8,9 +8,9 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from bridge.device_state import StateSigner, render_state
-from bridge.sandbox import Mailbox, numbered_messages
-from bridge.uid_ranges import UidRanges
+from bridge.policy.device_state import StateSigner, render_state
+from bridge.policy.uid_ranges import UidRanges
+from sandbox import Mailbox, numbered_messages
 from tests.harness import TEST_STATE_KEY, Pop3Client, ThreadedBridge
 from tests.integration.policy_support import (
     MOVE_FOLDER,

@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import trio
 
-from bridge.device_state import DeviceStateStore, StateBackend, StateChanging, StateSigner
-from bridge.sandbox import DovecotSandbox, Mailbox, numbered_messages
-from bridge.uid_ranges import UidRanges
-from bridge.upstream import upstream_runtime
-from bridge.upstream.pool import PoolableMailbox, open_engine_mailbox
+from bridge.imap.engines import engine_runtime, open_mailbox
+from bridge.imap.mailbox import ImapMailbox
+from bridge.policy.device_state import DeviceStateStore, StateBackend, StateChanging, StateSigner
+from bridge.policy.uid_ranges import UidRanges
+from sandbox import DovecotSandbox, Mailbox, numbered_messages
 from tests.harness import (
     TEST_STATE_KEY,
     RawPop3,
@@ -271,7 +271,7 @@ class _SaveBeforeFetch:
     """A real upstream connection during whose reads another bridge saves the same device:
     SEARCH has listed a version that is expunged before FETCH gets to it."""
 
-    def __init__(self, mailbox: PoolableMailbox, interfere: Callable[[], object], times: int) -> None:
+    def __init__(self, mailbox: ImapMailbox, interfere: Callable[[], object], times: int) -> None:
         self._mailbox = mailbox
         self._interfere = interfere
         self.times_left = times
@@ -299,15 +299,15 @@ def _store(backend: StateBackend, box: Mailbox) -> DeviceStateStore:
     return DeviceStateStore(backend, STATE_FOLDER, "INBOX", StateSigner(TEST_STATE_KEY.encode(), box.user))
 
 
-async def _connections(box: Mailbox, count: int, engine: str) -> list[PoolableMailbox]:
+async def _connections(box: Mailbox, count: int, engine: str) -> list[ImapMailbox]:
     settings = bridge_settings(box.imap_port, upstream={"engine": engine}).upstream
-    return [await open_engine_mailbox(settings, box.user, box.password) for _ in range(count)]
+    return [await open_mailbox(settings, box.user, box.password) for _ in range(count)]
 
 
 @pytest.mark.parametrize("engine", ENGINES)
 async def test_store_merges_versions_written_concurrently(mailbox: Mailbox, engine: str) -> None:
     with trio.fail_after(60):
-        async with upstream_runtime():
+        async with engine_runtime(engine):
             one, two = await _connections(mailbox, 2, engine)
             try:
                 first = _store(one, mailbox)
@@ -333,7 +333,7 @@ async def test_store_merges_versions_written_concurrently(mailbox: Mailbox, engi
 @pytest.mark.parametrize("engine", ENGINES)
 async def test_store_reads_again_when_a_version_is_replaced_mid_read(mailbox: Mailbox, engine: str) -> None:
     with trio.fail_after(60):
-        async with upstream_runtime():
+        async with engine_runtime(engine):
             one, two = await _connections(mailbox, 2, engine)
             try:
                 other = _store(two, mailbox)
@@ -387,7 +387,7 @@ async def test_a_state_too_big_for_one_record_is_saved_as_several(mailbox: Mailb
     # read only up to 64 KiB and 10,000 ranges). The parts are read back as one state.
     hidden = UidRanges.of(range(1, 60001, 2))
     with trio.fail_after(60):
-        async with upstream_runtime():
+        async with engine_runtime(engine):
             [connection] = await _connections(mailbox, 1, engine)
             try:
                 store = _store(connection, mailbox)

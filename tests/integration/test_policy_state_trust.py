@@ -12,11 +12,10 @@ from datetime import UTC, datetime, timedelta
 import pytest
 import trio
 
-from bridge.device_state import DeviceStateStore, StateSigner
-from bridge.sandbox import Mailbox, numbered_messages
-from bridge.uid_ranges import UidRanges
-from bridge.upstream import upstream_runtime
-from bridge.upstream.pool import open_engine_mailbox
+from bridge.imap.engines import engine_runtime, open_mailbox
+from bridge.policy.device_state import DeviceStateStore, StateSigner
+from bridge.policy.uid_ranges import UidRanges
+from sandbox import Mailbox, numbered_messages
 from tests.harness import (
     TEST_STATE_KEY,
     Pop3Client,
@@ -273,8 +272,8 @@ async def test_superseded_versions_flagged_deleted_are_not_read(mailbox: Mailbox
     settings = bridge_settings(mailbox.imap_port, upstream={"engine": engine, "ignore_capabilities": ["UIDPLUS"]})
     uidvalidity = 7
     with trio.fail_after(60):
-        async with upstream_runtime():
-            connection = await open_engine_mailbox(settings.upstream, mailbox.user, mailbox.password)
+        async with engine_runtime(engine):
+            connection = await open_mailbox(settings.upstream, mailbox.user, mailbox.password)
             try:
                 assert "UIDPLUS" not in connection.capabilities
                 signer = StateSigner(TEST_STATE_KEY.encode(), mailbox.user)

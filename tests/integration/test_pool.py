@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from bridge.sandbox import DovecotSandbox, Mailbox, numbered_messages
+from sandbox import DovecotSandbox, Mailbox, numbered_messages
 from tests.harness import ThreadedBridge, free_port, wait_until
 
 BridgeFactory = Callable[..., ThreadedBridge]

@@ -17,8 +17,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-import bridge.sandbox.dovecot as dovecot_module
-from bridge.sandbox import (
+import sandbox.dovecot as dovecot_module
+from sandbox import (
     DovecotNotInstalledError,
     DovecotSandbox,
     DovecotStartError,

@@ -8,8 +8,8 @@ from collections.abc import Callable
 
 import pytest
 
-from bridge import metrics
-from bridge.sandbox import DovecotSandbox, Mailbox
+from bridge.ops import metrics
+from sandbox import DovecotSandbox, Mailbox
 from tests.harness import ThreadedBridge, wait_for_event, wait_until
 from tests.security_support import RawClient, plain_initial_response, secret_forms
 

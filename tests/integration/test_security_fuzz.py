@@ -11,7 +11,7 @@ from collections.abc import Callable
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bridge.sandbox import Mailbox
+from sandbox import Mailbox
 from tests.harness import Pop3Client, ThreadedBridge, poplib_payload, wait_until
 from tests.security_support import RawClient
 

@@ -8,7 +8,7 @@ import re
 import socket
 from collections.abc import Callable
 
-from bridge.sandbox import DovecotSandbox, Mailbox
+from sandbox import DovecotSandbox, Mailbox
 from tests.harness import Pop3Client, ThreadedBridge, wait_for_event, wait_until
 from tests.security_support import RawClient
 

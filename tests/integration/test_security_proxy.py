@@ -9,8 +9,8 @@ from collections.abc import Callable
 
 import pytest
 
-from bridge.proxy_protocol import V2_SIGNATURE
-from bridge.sandbox import Mailbox
+from bridge.net.proxy_protocol import V2_SIGNATURE
+from sandbox import Mailbox
 from tests.harness import ThreadedBridge, wait_for_event, wait_until
 from tests.security_support import RawClient, TlsFiles, bound_port, proxy_v1, proxy_v2
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import trustme
 
-from bridge.sandbox import DovecotSandbox, Mailbox
+from sandbox import DovecotSandbox, Mailbox
 from tests.harness import (
     SubprocessBridge,
     ThreadedBridge,

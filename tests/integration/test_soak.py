@@ -23,7 +23,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from bridge.sandbox import DovecotSandbox, Mailbox
+from sandbox import DovecotSandbox, Mailbox
 from tests.harness import RawPop3, SubprocessBridge
 
 SECONDS = float(os.environ.get("BRIDGE_SOAK_SECONDS", "120"))

@@ -1,5 +1,5 @@
-"""The client side of a session (bridge.client_stream) on real connected sockets, with the
-watchdog (bridge.client_timeouts) on Trio's autojump clock: what the peer receives, and which
+"""The client side of a session (bridge.net.client_stream) on real connected sockets, with the
+watchdog (bridge.net.client_timeouts) on Trio's autojump clock: what the peer receives, and which
 timeout ends a wait for a client that does not read or does not write."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ import pytest
 import trio
 import trio.testing
 
-from bridge.client_stream import ClientStream
-from bridge.client_timeouts import ClientWait, ClientWatchdog
+from bridge.net.client_stream import ClientStream
+from bridge.net.client_timeouts import ClientWait, ClientWatchdog
 
 
 async def socket_pair() -> tuple[trio.SocketStream, socket.socket]:

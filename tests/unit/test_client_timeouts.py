@@ -1,5 +1,5 @@
 """The service-wide watchdog that ends sessions' waits for their clients
-(bridge.client_timeouts), on Trio's autojump clock: what a session would see, a wait that
+(bridge.net.client_timeouts), on Trio's autojump clock: what a session would see, a wait that
 ends exactly when its time is up (within one tick), and never before."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ import pytest
 import trio
 import trio.testing
 
-from bridge.client_timeouts import ClientWait, ClientWatchdog, watchdog_tick
 from bridge.config import BridgeSettings
+from bridge.net.client_timeouts import ClientWait, ClientWatchdog, watchdog_tick
 
 
 async def _wait_forever(wait: ClientWait, seconds: float, ended: list[float]) -> None:

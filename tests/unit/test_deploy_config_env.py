@@ -12,7 +12,7 @@ import pytest
 
 from bridge.cli import main
 from bridge.config import BridgeSettings, ConfigError, load_settings
-from bridge.lifecycle import MASK, changed_keys, mask_secrets, plan_reload
+from bridge.ops.reload import MASK, changed_keys, mask_secrets, plan_reload
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -1,4 +1,4 @@
-"""Log format selection (bridge.observability): JSON lines when stdout is not a terminal (a
+"""Log format selection (bridge.ops.logs): JSON lines when stdout is not a terminal (a
 container, systemd, a pipe), readable console output on a terminal, either forced by config."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import pytest
 import structlog
 
-from bridge.observability import configure_logging, get_logger
+from bridge.ops.logs import configure_logging, get_logger
 
 
 @pytest.fixture(autouse=True)

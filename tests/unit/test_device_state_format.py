@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from bridge.device_state import (
+from bridge.policy.device_state import (
     MAX_RANGES_PER_RECORD,
     MAX_RECORD_TEXT,
     STATE_FORMAT,
@@ -28,7 +28,7 @@ from bridge.device_state import (
     render_state,
     render_versions,
 )
-from bridge.uid_ranges import UidRanges
+from bridge.policy.uid_ranges import UidRanges
 
 MOMENT = datetime(2025, 3, 4, 5, 6, 7, tzinfo=UTC)
 KEY = b"unit-test state key, 32 bytes or more"

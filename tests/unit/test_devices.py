@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from bridge.config import ConfigError, DeleteSettings, load_settings
-from bridge.devices import InvalidLogin, LoginIdentity, account_key, resolve_login
+from bridge.policy.identity import InvalidLogin, LoginIdentity, account_key, resolve_login
 
 KEY = "k" * 32
 

@@ -7,7 +7,7 @@ import trio
 import trio.testing
 
 from bridge.config import LoginLimitSettings
-from bridge.login_limiter import LoginLimiter, address_key
+from bridge.net.login_limiter import LoginLimiter, address_key
 
 ATTACKER = "198.51.100.66"
 OWNER = "203.0.113.10"

@@ -17,8 +17,8 @@ import trio
 import trio.testing
 
 from bridge.config import BridgeSettings, UpstreamSettings, load_settings
-from bridge.upstream.interface import AuthenticationFailed, UpstreamUnavailable
-from bridge.upstream.pool import PooledMailbox, UpstreamPool
+from bridge.imap.errors import AuthenticationFailed, UpstreamUnavailable
+from bridge.imap.pool import Lease, UpstreamPool
 
 ACCOUNT = "alice@example.com"
 OLD, NEW = "old password", "new password"
@@ -83,7 +83,7 @@ class Rig:
         """One session: check a connection out, hand it back."""
         lease = await self.pool.checkout(ACCOUNT, password)
         connection = lease.mailbox
-        await lease.aclose()
+        await lease.release()
         await trio.testing.wait_all_tasks_blocked()
         return connection  # type: ignore[return-value]
 
@@ -139,7 +139,7 @@ async def test_a_connection_past_its_age_is_not_parked_again(autojump_clock: tri
     async def test(rig: Rig) -> None:
         lease = await rig.pool.checkout(ACCOUNT, OLD)
         await trio.sleep(400)  # a long session
-        await lease.aclose()
+        await lease.release()
         assert lease.mailbox.closed and rig.pool.parked == 0  # type: ignore[attr-defined]
 
     await with_pool(test)
@@ -153,7 +153,7 @@ async def test_a_login_with_a_new_password_retires_the_old_passwords_connections
         in_use = await rig.pool.checkout(ACCOUNT, OLD)  # a session takes the parked one...
         assert in_use.mailbox is first
         other = await rig.pool.checkout(ACCOUNT, OLD)  # ...another opens a second connection
-        await other.aclose()
+        await other.release()
         await trio.testing.wait_all_tasks_blocked()
         assert rig.pool.parked == 1
         rig.upstream.password = NEW  # changed upstream
@@ -162,7 +162,7 @@ async def test_a_login_with_a_new_password_retires_the_old_passwords_connections
         assert other.mailbox.closed  # type: ignore[attr-defined]
         # ...the one in use serves its session to the end, then is logged out, not parked.
         assert not first.closed
-        await in_use.aclose()
+        await in_use.release()
         await trio.testing.wait_all_tasks_blocked()
         assert first.closed
         assert rig.pool.parked == 1 and await rig.poll(NEW) is newest
@@ -182,11 +182,11 @@ async def test_two_sessions_never_get_the_same_connection(autojump_clock: trio.t
         older = await rig.pool.checkout(ACCOUNT, OLD)
         rig.upstream.break_next_when_claimed = True
         newer = await rig.pool.checkout(ACCOUNT, OLD)
-        await older.aclose()
-        await newer.aclose()
+        await older.release()
+        await newer.release()
         await trio.testing.wait_all_tasks_blocked()
         assert rig.pool.parked == 2
-        got: dict[str, PooledMailbox] = {}
+        got: dict[str, Lease] = {}
 
         async def session(name: str) -> None:
             got[name] = await rig.pool.checkout(ACCOUNT, OLD)
@@ -199,7 +199,7 @@ async def test_two_sessions_never_get_the_same_connection(autojump_clock: trio.t
         assert got["second"].mailbox is older.mailbox
         assert got["first"].mailbox is rig.upstream.opened[-1]  # a fresh one
         for lease in got.values():
-            await lease.aclose()
+            await lease.release()
         await trio.testing.wait_all_tasks_blocked()
         assert rig.pool.parked == 2
 
@@ -224,7 +224,7 @@ async def test_a_reload_changing_upstream_retires_every_connection(autojump_cloc
         assert second.closed
         # The session in progress keeps its connection; it is not parked afterwards.
         assert not parked.closed
-        await in_use.aclose()
+        await in_use.release()
         assert parked.closed and rig.pool.parked == 0
         # New connections are parked as before.
         fresh = await rig.poll(OLD)

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bridge.proxy_protocol import (
+from bridge.net.proxy_protocol import (
     V1_MAX_LENGTH,
     V2_SIGNATURE,
     ProxyHeader,

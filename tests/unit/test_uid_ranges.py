@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from bridge.uid_ranges import UidRanges
+from bridge.policy.uid_ranges import UidRanges
 
 uid_sets = st.sets(st.integers(min_value=1, max_value=300), max_size=60)
 

@@ -1,0 +1,119 @@
+"""The primitive each IMAP engine provides: one connection that runs commands.
+
+`bridge.imap.mailbox.ImapMailbox` writes the mailbox operations once over an `ImapChannel`;
+an engine (`bridge.imap.trio`, `bridge.imap.aioimaplib`) only connects, frames commands and
+reads their answers. A command is given as its name and arguments (already in IMAP syntax:
+quoted strings, folder arguments, UID sets), so an engine built on a library that wants them
+apart can have them apart.
+
+Every method runs within upstream.timeout_seconds; whatever goes wrong half-way (timeout,
+cancellation, lost connection, an implausible answer) leaves the channel marked unusable,
+never half-read, and is raised as an UpstreamError naming `what` was being done.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import trio
+
+from bridge.imap.errors import UpstreamError
+from bridge.imap.interface import RangeReader
+from bridge.imap.limits import MAX_OTHER_LITERAL_BYTES
+from bridge.imap.untagged import ServerView
+from bridge.imap.wire import Response
+
+
+@dataclass(slots=True)
+class Reply:
+    """A command's answer: its tagged status text (`OK ...`, `NO ...`, `BAD ...`, the tag
+    taken off) and the untagged responses read on the way."""
+
+    status: bytes
+    responses: list[Response] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.status[:2].upper() == b"OK"
+
+    @property
+    def result(self) -> str:
+        """OK, NO or BAD."""
+        return self.status.split(b" ", 1)[0].decode("ascii", "replace").upper()
+
+    @property
+    def text(self) -> bytes:
+        """The status text after OK/NO/BAD (with its response code, if any)."""
+        parts = self.status.split(b" ", 1)
+        return parts[1] if len(parts) > 1 else b""
+
+    def require(self, what: str) -> Reply:
+        """This reply if it is OK; else UpstreamError naming `what` and the result."""
+        if not self.ok:
+            raise UpstreamError(f"{what}: server answered {self.result}")
+        return self
+
+
+@dataclass(frozen=True, slots=True)
+class Command:
+    """`[UID ]NAME arg arg ...`: arguments already in IMAP syntax."""
+
+    name: bytes
+    args: tuple[bytes, ...] = ()
+    uid: bool = False
+
+    def line(self) -> bytes:
+        return b" ".join((b"UID", self.name, *self.args) if self.uid else (self.name, *self.args))
+
+
+class ImapChannel(Protocol):
+    # What this connection has learnt of the server (capabilities, the selected folder),
+    # kept up to date from every response the engine reads.
+    view: ServerView
+    # The engine follows untagged responses between commands and can pipeline, so a warm
+    # listing of the maildrop can be kept (and parked connections IDLE).
+    keeps_listing: bool
+    # stream_body hands out a literal as it arrives (else the mailbox reads it in chunks).
+    streams_bodies: bool
+
+    @property
+    def usable(self) -> bool: ...
+
+    async def run(
+        self, what: str, command: Command, *, literal: bytes | None = None,
+        literal_budget: int = MAX_OTHER_LITERAL_BYTES, collect: bool = False, secret: bool = False,
+    ) -> Reply:
+        """Send one command (with `literal` appended as its last argument, if given) and
+        read up to its tagged answer; every untagged response goes to `view` (and, with
+        `collect`, into the reply). `literal_budget`: the literal bytes the answer may bring
+        back (bridge.imap.limits). `secret`: the command carries a password."""
+        ...
+
+    async def pipeline(self, what: str, commands: Sequence[Command]) -> list[Reply]:
+        """Several commands in one write, all their answers read (one round trip); the
+        replies carry the status only (the untagged responses went to `view`)."""
+        ...
+
+    async def fetch_bodies(self, what: str, command: Command, literal_budget: int) -> tuple[Reply, dict[int, bytes]]:
+        """A UID FETCH of BODY sections: the reply, and each body by UID."""
+        ...
+
+    def stream_body(self, uid: int, offset: int, length: int) -> AbstractAsyncContextManager[RangeReader]:
+        """One partial FETCH of the selected folder's message `uid`, its literal handed out
+        as it arrives (streams_bodies only)."""
+        ...
+
+    async def idle(self, stop: trio.Event, interval: float) -> None:
+        """IDLE (RFC 2177) until `stop` is set or `interval` has passed (keeps_listing only)."""
+        ...
+
+    async def logout(self) -> None:
+        """LOGOUT, best effort and bounded in time; the connection is closed either way."""
+        ...
+
+    def close(self) -> None:
+        """Close at once; the channel is unusable from now on."""
+        ...

@@ -1,0 +1,68 @@
+"""The IMAP engines, by `upstream.engine`: how each opens a channel, and what it needs running.
+
+"trio", the bridge's own (the default, chosen on the benchmark's evidence: docs/performance.md),
+needs nothing; "aioimaplib" needs an asyncio loop inside Trio (trio-asyncio). An engine's
+modules, and the libraries they use, are imported only when that engine is configured: a
+bridge serving with "trio" never imports aioimaplib or trio_asyncio.
+
+Adding an engine: a module with `open_channel(settings) -> ImapChannel` (and a `runtime()`
+context if it needs one), and one entry in `_ENGINES`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from dataclasses import dataclass
+from typing import Any, cast
+
+from bridge.config import UpstreamSettings
+from bridge.imap.channel import ImapChannel
+from bridge.imap.mailbox import ImapMailbox
+
+# engine name -> the module with its open_channel (and runtime, if it has one)
+_ENGINES = {
+    "trio": "bridge.imap.trio_engine.connect",
+    "aioimaplib": "bridge.imap.aioimaplib_engine.channel",
+}
+
+
+@dataclass(frozen=True)
+class Engine:
+    name: str
+    open_channel: Callable[[UpstreamSettings], Awaitable[ImapChannel]]
+    runtime: Callable[[], AbstractAsyncContextManager[None]]
+
+
+@asynccontextmanager
+async def _nothing_to_run() -> AsyncIterator[None]:
+    yield
+
+
+def engine(name: str) -> Engine:
+    """The engine `upstream.engine` names (its module imported now, not before)."""
+    module: Any = importlib.import_module(_ENGINES[name])
+    return Engine(
+        name,
+        cast(Callable[[UpstreamSettings], Awaitable[ImapChannel]], module.open_channel),
+        getattr(module, "runtime", _nothing_to_run),
+    )
+
+
+def engine_runtime(name: str) -> AbstractAsyncContextManager[None]:
+    """What the engine needs running around the service (a null context for "trio")."""
+    return engine(name).runtime()
+
+
+async def open_mailbox(settings: UpstreamSettings, username: str, password: str) -> ImapMailbox:
+    """A fresh connection from the configured engine, logged in as the POP3 user. Raises
+    AuthenticationFailed, UpstreamNotListening, UpstreamUnavailable or UpstreamError."""
+    channel = await engine(settings.engine).open_channel(settings)
+    mailbox = ImapMailbox(channel, settings)
+    try:
+        await mailbox.log_in(username, password)
+    except BaseException:
+        channel.close()
+        raise
+    return mailbox

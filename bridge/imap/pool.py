@@ -1,0 +1,348 @@
+"""Parked upstream connections: a finished POP3 session's IMAP connection, kept for the same
+account's next session.
+
+Devices poll every few minutes; each poll would otherwise pay connect + login + SELECT + a
+full listing. When a session ends, its connection (still logged in) is parked here for
+`pool.park_seconds`; the account's next session takes it over after its password has been
+checked against the one that opened the connection. The pool keeps a salted digest of that
+password only (HMAC-SHA256, random salt per connection, compared in constant time); the clear
+password is never stored here: a parked connection that breaks is simply dropped, and the
+next session opens a fresh one with its own password.
+
+Handing a connection over on a password match means the server is not asked again, so a
+password changed (or revoked, or an account disabled) upstream keeps working on a parked
+connection. Two rules bound that:
+
+- `pool.max_age_seconds`, counted from the connection's upstream LOGIN and never refreshed:
+  an older connection is logged out instead of being handed over or parked again. It is the
+  longest an old password can keep working after it changed upstream.
+- a fresh login that succeeds for an account retires every connection of that account opened
+  with another password: parked ones are logged out at once, ones in use by a session are
+  logged out when that session ends.
+
+A configuration reload that changes any `[upstream]` key retires every connection opened
+under the old settings the same way (`retire_stale`).
+
+While parked, a connection is held by a keeper task (`keep_alive`: IDLE, re-issued every
+`pool.keepalive_seconds`, or NOOP), which also keeps the engine's maildrop listing warm. A
+connection that breaks (server restart, `doveadm kick`, network) leaves the pool at once.
+Caps: `pool.max_per_account` and `pool.max_connections`, the least recently parked logged out
+first.
+
+Opening a connection retries a server that is not listening (refused: restarting, say) with
+capped exponential backoff and jitter, within `upstream.timeout_seconds` in all, so a POP3
+client never waits longer; a server that accepts and then fails is reported at once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import random
+import secrets
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+import trio
+
+from bridge.config import BridgeSettings, UpstreamSettings, account_key
+from bridge.imap.engines import open_mailbox
+from bridge.imap.errors import UpstreamError, UpstreamNotListening, UpstreamUnavailable
+from bridge.imap.mailbox import ImapMailbox
+from bridge.ops import metrics
+from bridge.ops.logs import get_logger
+
+_log = get_logger(component="pool")
+_SHUTDOWN_GRACE_SECONDS = 3.0
+
+
+Opener = Callable[[UpstreamSettings, str, str], Awaitable[ImapMailbox]]
+
+
+def _digest(salt: bytes, password: str) -> bytes:
+    return hmac.new(salt, password.encode("utf-8", "surrogateescape"), hashlib.sha256).digest()
+
+
+@dataclass(eq=False)
+class _Parked:
+    account: str  # its account_key
+    salt: bytes
+    digest: bytes
+    mailbox: ImapMailbox
+    # Trio time of the connection's upstream LOGIN, and the settings it was opened with.
+    logged_in_at: float
+    upstream: UpstreamSettings
+    stop: trio.Event = field(default_factory=trio.Event)
+    done: trio.Event = field(default_factory=trio.Event)
+    claimed: bool = False
+    evicted: str | None = None
+
+    def matches(self, password: str) -> bool:
+        return hmac.compare_digest(self.digest, _digest(self.salt, password))
+
+
+class UpstreamPool:
+    """Checks out upstream connections (parked or fresh) and takes them back."""
+
+    def __init__(self, settings: Callable[[], BridgeSettings], opener: Opener = open_mailbox) -> None:
+        self._settings = settings
+        self._opener = opener
+        # Least recently parked first.
+        self._parked: OrderedDict[int, _Parked] = OrderedDict()
+        # Connections checked out by sessions now (retired in place when they must not be
+        # parked again).
+        self._leases: set[Lease] = set()
+        self._nursery: trio.Nursery | None = None
+
+    # -- running ------------------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def running(self) -> AsyncIterator[UpstreamPool]:
+        """Host the keeper tasks of parked connections for the block's duration; on the way
+        out every parked connection is logged out (bounded by a short grace). Connections
+        returned while the pool is not running are logged out instead of parked."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            try:
+                yield self
+            finally:
+                self._nursery = None
+                for entry in list(self._parked.values()):
+                    self._evict(entry, "shutdown")
+                nursery.cancel_scope.deadline = trio.current_time() + _SHUTDOWN_GRACE_SECONDS
+
+    @property
+    def parked(self) -> int:
+        return len(self._parked)
+
+    # -- checking out -------------------------------------------------------------------------
+
+    async def checkout(self, account: str, password: str) -> Lease:
+        """A logged-in connection for `account`: a parked one whose password matches, else a
+        fresh one. Raises AuthenticationFailed, UpstreamUnavailable or UpstreamError."""
+        settings = self._settings()
+        salt = secrets.token_bytes(16)
+        digest = _digest(salt, password)
+        # Connections are the account's however its name is spelt (the upstream folds case).
+        key = account_key(account)
+        mismatch = False
+        for entry in reversed(list(self._parked.values())):
+            if entry.account != key:
+                continue
+            if not entry.matches(password):
+                # Maybe the password changed upstream, maybe it is wrong: a fresh login
+                # decides (and if it succeeds, retires the connection opened with the other).
+                mismatch = True
+                continue
+            if self._parked.get(id(entry)) is not entry:
+                # Claimed by another session (or dropped) while this one waited on a claim
+                # that failed: the list walked here is a copy.
+                continue
+            unfit = self._unfit(entry.logged_in_at, entry.upstream, settings)
+            if unfit is not None:
+                self._evict(entry, unfit)
+                continue
+            mailbox = await self._claim(entry, settings.upstream.timeout_seconds)
+            if mailbox is not None:
+                metrics.UPSTREAM_REUSES.inc()
+                _log.info("upstream_reused")
+                return self._lease(mailbox, key, salt, digest, entry.logged_in_at, entry.upstream)
+        _log.info("upstream_fresh", reason="password_mismatch" if mismatch else "none_parked")
+        logged_in_at = trio.current_time()
+        mailbox = await self._open(settings.upstream, account, password)
+        self._retire_other_passwords(key, password)
+        return self._lease(mailbox, key, salt, digest, logged_in_at, settings.upstream)
+
+    def _lease(
+        self, mailbox: ImapMailbox, account: str, salt: bytes, digest: bytes,
+        logged_in_at: float, upstream: UpstreamSettings,
+    ) -> Lease:
+        lease = Lease(self, mailbox, account, salt, digest, logged_in_at, upstream)
+        self._leases.add(lease)
+        return lease
+
+    @staticmethod
+    def _unfit(logged_in_at: float, upstream: UpstreamSettings, settings: BridgeSettings) -> str | None:
+        """Why a connection must not be handed over or parked again, if it must not."""
+        if trio.current_time() - logged_in_at >= settings.pool.max_age_seconds:
+            return "max_age"
+        if upstream != settings.upstream:
+            return "upstream_changed"
+        return None
+
+    def _retire_other_passwords(self, account: str, password: str) -> None:
+        """`password` just logged `account` (an account_key) in upstream: connections opened
+        with any other password of it must serve no further session (the other one may be an
+        old password, changed since)."""
+        for entry in list(self._parked.values()):
+            if entry.account == account and not entry.matches(password):
+                self._evict(entry, "password_changed")
+        for lease in self._leases:
+            if lease.account == account and lease.retired is None and not lease.matches(password):
+                lease.retired = "password_changed"
+
+    def retire_stale(self) -> int:
+        """After a configuration reload: log out every parked connection opened under other
+        `[upstream]` settings than the current ones, and retire those in use (their sessions
+        keep them to the end). Returns how many parked connections were logged out."""
+        settings = self._settings()
+        stale = [entry for entry in self._parked.values() if entry.upstream != settings.upstream]
+        for entry in stale:
+            self._evict(entry, "upstream_changed")
+        for lease in self._leases:
+            if lease.retired is None and lease.upstream != settings.upstream:
+                lease.retired = "upstream_changed"
+        return len(stale)
+
+    async def _claim(self, entry: _Parked, wait_seconds: float) -> ImapMailbox | None:
+        if entry.claimed:
+            return None  # never hand one connection to two sessions
+        entry.claimed = True
+        self._forget(entry)
+        entry.stop.set()
+        # The keeper ends its IDLE (DONE, tagged OK) and hands the connection over.
+        with trio.move_on_after(wait_seconds):
+            await entry.done.wait()
+        if entry.done.is_set() and entry.mailbox.usable:
+            return entry.mailbox
+        _log.info("pool_connection_dropped", reason="broken")
+        await entry.mailbox.aclose()
+        return None
+
+    async def _open(self, upstream: UpstreamSettings, account: str, password: str) -> ImapMailbox:
+        deadline = trio.current_time() + upstream.timeout_seconds
+        delay = upstream.reconnect_initial_seconds
+        attempt = 1
+        while True:
+            try:
+                with trio.fail_at(deadline):
+                    return await self._opener(upstream, account, password)
+            except trio.TooSlowError:
+                if attempt > 1:
+                    # The deadline fell during a retry rather than between two: the same
+                    # giving up as below, and logged the same way.
+                    _log.warning("upstream_retries_exhausted", attempts=attempt)
+                raise UpstreamUnavailable(f"connect: no answer within {upstream.timeout_seconds:g} s") from None
+            except UpstreamNotListening:
+                # Nothing listening (a restart?): worth another try. A server that answers
+                # and then refuses is reported at once.
+                # Full jitter on the upper half: sessions that failed together retry apart.
+                wait = min(delay, upstream.reconnect_max_seconds) * random.uniform(0.5, 1.0)
+                if trio.current_time() + wait >= deadline:
+                    _log.warning("upstream_retries_exhausted", attempts=attempt)
+                    raise
+                _log.info("upstream_retry", attempt=attempt, wait_seconds=round(wait, 3))
+                await trio.sleep(wait)
+                delay = min(delay * 2, upstream.reconnect_max_seconds)
+                attempt += 1
+
+    # -- taking back --------------------------------------------------------------------------
+
+    async def checkin(self, lease: Lease) -> None:
+        self._leases.discard(lease)
+        mailbox = lease.mailbox
+        bridge_settings = self._settings()
+        settings = bridge_settings.pool
+        if self._nursery is None or not mailbox.usable or settings.park_seconds <= 0 or settings.max_connections <= 0:
+            await mailbox.aclose()
+            return
+        retired = lease.retired or self._unfit(lease.logged_in_at, lease.upstream, bridge_settings)
+        if retired is not None:
+            _log.log(_level(retired), "pool_connection_closed", reason=retired)
+            await mailbox.aclose()
+            return
+        entry = _Parked(lease.account, lease.salt, lease.digest, mailbox, lease.logged_in_at, lease.upstream)
+        self._parked[id(entry)] = entry
+        metrics.UPSTREAM_POOLED.inc()
+        # Parked for park_seconds, or until the connection reaches its maximum age.
+        age_left = settings.max_age_seconds - (trio.current_time() - lease.logged_in_at)
+        expiry = (settings.park_seconds, "expired") if settings.park_seconds <= age_left else (age_left, "max_age")
+        self._nursery.start_soon(self._keep, entry, expiry, settings.keepalive_seconds)
+        same_account = [e for e in self._parked.values() if e.account == lease.account]
+        for old in same_account[: max(0, len(same_account) - settings.max_per_account)]:
+            self._evict(old, "account_cap")
+        while len(self._parked) > settings.max_connections:
+            self._evict(next(iter(self._parked.values())), "total_cap")
+        _log.debug("pool_parked", parked=len(self._parked))
+
+    def _forget(self, entry: _Parked) -> None:
+        if self._parked.pop(id(entry), None) is not None:
+            metrics.UPSTREAM_POOLED.dec()
+
+    def _evict(self, entry: _Parked, reason: str) -> None:
+        self._forget(entry)
+        entry.evicted = reason
+        entry.stop.set()
+
+    async def _keep(self, entry: _Parked, expiry: tuple[float, str], keepalive_seconds: float) -> None:
+        error: str | None = None
+        try:
+            async with trio.open_nursery() as nursery:
+
+                async def expire() -> None:
+                    seconds, reason = expiry
+                    await trio.sleep(seconds)
+                    if not entry.claimed and entry.evicted is None:
+                        self._evict(entry, reason)
+
+                nursery.start_soon(expire)
+                try:
+                    await entry.mailbox.keep_alive(entry.stop, keepalive_seconds)
+                except UpstreamError as exc:
+                    # Caught inside the nursery: escaping it, the error would arrive wrapped in
+                    # an ExceptionGroup, which the handlers below do not match (and during a
+                    # shutdown, grouped with Cancelled, it took the whole service down).
+                    error = str(exc)
+                finally:
+                    nursery.cancel_scope.cancel()
+        except UpstreamError as exc:
+            error = str(exc)
+        except Exception:  # a keeper must never take the service down
+            _log.exception("pool_keeper_crashed")
+            error = "keeper crashed"
+        finally:
+            if entry.claimed:
+                entry.done.set()
+            else:
+                self._forget(entry)
+                if error is not None:
+                    _log.info("pool_connection_dropped", reason="broken", error=error)
+                else:
+                    _log.log(_level(entry.evicted), "pool_connection_closed", reason=entry.evicted)
+                await entry.mailbox.aclose()
+                entry.done.set()
+
+
+def _level(reason: str | None) -> int:
+    # Retirements for security reasons are worth an operator's eye; routine ones are not.
+    return logging.INFO if reason in ("password_changed", "upstream_changed") else logging.DEBUG
+
+
+class Lease:
+    """A connection checked out by one session: `mailbox` serves the session; `release()`
+    hands it back to the pool (parked if still fit) instead of logging out."""
+
+    def __init__(
+        self, pool: UpstreamPool, mailbox: ImapMailbox, account: str, salt: bytes, digest: bytes,
+        logged_in_at: float, upstream: UpstreamSettings,
+    ) -> None:
+        self.mailbox = mailbox
+        self.account = account  # its account_key: how the pool compares accounts
+        self.salt = salt
+        self.digest = digest
+        self.logged_in_at = logged_in_at
+        self.upstream = upstream
+        # Why this connection must not be parked again (None: it may be).
+        self.retired: str | None = None
+        self._pool: UpstreamPool | None = pool
+
+    def matches(self, password: str) -> bool:
+        return hmac.compare_digest(self.digest, _digest(self.salt, password))
+
+    async def release(self) -> None:
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            await pool.checkin(self)

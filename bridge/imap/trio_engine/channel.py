@@ -1,0 +1,407 @@
+"""The trio engine's channel: IMAP commands over a Trio stream, answers read with the sans-IO
+`bridge.imap.wire.ResponseReader`.
+
+Why the bridge has its own engine (docs/design.md, "The IMAP engines"): it reads responses
+straight off the socket into one buffer, so a 5,000-message listing is one regex pass per
+line, a body literal goes from the socket to the POP3 client without being copied, a batch of
+small messages is taken out of the buffer in one match each, and untagged responses between
+commands keep the warm listing up to date (`keeps_listing`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
+from typing import Any, TypeVar
+
+import trio
+
+from bridge.config import UpstreamSettings
+from bridge.imap import syntax
+from bridge.imap.channel import Command, Reply
+from bridge.imap.errors import MessageGone, UpstreamError, UpstreamImplausible, UpstreamUnavailable
+from bridge.imap.interface import RangeReader
+from bridge.imap.limits import MAX_OTHER_LITERAL_BYTES
+from bridge.imap.untagged import ServerView
+from bridge.imap.wire import (
+    NEED_DATA,
+    BodyFetch,
+    Line,
+    LiteralPiece,
+    Response,
+    ResponseReader,
+    ResponseTooLarge,
+)
+
+_T = TypeVar("_T")
+
+_RECEIVE_SIZE = 1 << 20
+# The stream is closed, or sent something that cannot be followed.
+_BROKEN = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
+
+
+class ConnectionBroken(Exception):
+    """Internal: the connection is unusable (closed by the server, or a response we cannot follow)."""
+
+
+class TrioChannel:
+    keeps_listing = True
+    streams_bodies = True
+
+    def __init__(self, stream: trio.abc.Stream, settings: UpstreamSettings) -> None:
+        self.stream = stream
+        self.view = ServerView()
+        self.reader = ResponseReader()
+        self._timeout = settings.timeout_seconds
+        self._tag = 0
+        self._broken = False
+
+    @property
+    def usable(self) -> bool:
+        return not self._broken
+
+    def close(self) -> None:
+        self._broken = True
+        self.view.listing = None
+        stream = self.stream
+        if isinstance(stream, trio.SSLStream):
+            stream = stream.transport_stream
+        if isinstance(stream, trio.SocketStream):
+            # Closing the socket is synchronous (trio notifies any waiter); no await needed.
+            stream.socket.close()
+
+    # -- the guard every exchange runs under ------------------------------------------------------
+
+    async def guarded(
+        self, what: str, exchange: Callable[..., Awaitable[_T]], *args: Any, limit_seconds: float | None = None
+    ) -> _T:
+        """One exchange within the upstream timeout. Never lets an error out with the
+        connection half-way through a command: the connection is closed first, and what
+        went wrong is raised as an UpstreamError naming `what`."""
+        if self._broken:
+            raise UpstreamUnavailable(f"{what}: upstream connection is closed")
+        limit = self._timeout if limit_seconds is None else limit_seconds
+        try:
+            with trio.fail_after(limit):
+                return await exchange(*args)
+        except BaseException as error:
+            self.close()
+            raise _upstream_error(what, error, limit) from None
+
+    # -- reading -------------------------------------------------------------------------------------
+
+    async def fill(self) -> None:
+        data = await self.stream.receive_some(_RECEIVE_SIZE)
+        if not data:
+            raise ConnectionBroken("server closed the connection")
+        self.reader.receive_data(data)
+
+    async def response(self, first: Line | None = None) -> Response:
+        """The next whole response (or the rest of the one `first` began)."""
+        response = self.reader.next_response(first)
+        while response is NEED_DATA:
+            await self.fill()
+            response = self.reader.next_response()
+        assert isinstance(response, Response)
+        self._spent(response)
+        return response
+
+    async def event(self) -> Line | LiteralPiece:
+        event = self.reader.next_event()
+        while event is NEED_DATA:
+            await self.fill()
+            event = self.reader.next_event()
+        assert isinstance(event, (Line, LiteralPiece))
+        return event
+
+    def _spent(self, response: Response) -> None:
+        # The literals a command may bring back are budgeted (bridge.imap.limits); the reader
+        # refuses the next literal beyond what is left, before any of it is held.
+        for literal in response.literals:
+            self.reader.max_literal -= len(literal)
+
+    async def to_tagged(self, tag: bytes, collected: list[Response] | None = None) -> bytes:
+        """Reads up to the tagged answer of `tag` and returns its status; untagged responses
+        on the way go to the view (and into `collected`, if given)."""
+        prefix = tag + b" "
+        while True:
+            response = await self.response()
+            text = response.text
+            if text.startswith(b"* "):
+                self.view.untagged(text)
+                if collected is not None:
+                    collected.append(response)
+            elif text.startswith(prefix):
+                status = text[len(prefix) :]
+                self.view.status(status)
+                return status
+            # A continuation request we did not ask for: ignore it.
+
+    def next_tag(self, literal_budget: int = MAX_OTHER_LITERAL_BYTES) -> bytes:
+        """The tag of a new command, which may bring back `literal_budget` literal bytes."""
+        self._tag += 1
+        self.reader.max_literal = literal_budget
+        return b"B%d" % self._tag
+
+    # -- commands ------------------------------------------------------------------------------------
+
+    async def run(
+        self, what: str, command: Command, *, literal: bytes | None = None,
+        literal_budget: int = MAX_OTHER_LITERAL_BYTES, collect: bool = False, secret: bool = False,
+    ) -> Reply:
+        return await self.guarded(what, self._exchange, command, literal, literal_budget, collect)
+
+    async def _exchange(self, command: Command, literal: bytes | None, literal_budget: int, collect: bool) -> Reply:
+        tag = self.next_tag(literal_budget)
+        line = tag + b" " + command.line()
+        if literal is None:
+            await self.stream.send_all(line + b"\r\n")
+        elif "LITERAL+" in self.view.capabilities:
+            await self.stream.send_all(line + b" {%d+}\r\n" % len(literal) + literal + b"\r\n")
+        else:
+            await self.stream.send_all(line + b" {%d}\r\n" % len(literal))
+            while True:
+                response = await self.response()
+                if response.text.startswith(b"+"):
+                    break
+                if response.text.startswith(tag + b" "):
+                    return Reply(response.text[len(tag) + 1 :])
+                self.view.untagged(response.text)
+            await self.stream.send_all(literal + b"\r\n")
+        collected: list[Response] = []
+        status = await self.to_tagged(tag, collected if collect else None)
+        return Reply(status, collected)
+
+    async def pipeline(self, what: str, commands: Sequence[Command]) -> list[Reply]:
+        return await self.guarded(what, self._exchange_pipelined, commands)
+
+    async def _exchange_pipelined(self, commands: Sequence[Command]) -> list[Reply]:
+        tags = [self.next_tag() for _ in commands]
+        # One budget for all of them: next_tag set it per command, the last one wins.
+        self.reader.max_literal = MAX_OTHER_LITERAL_BYTES * len(commands)
+        await self.stream.send_all(b"".join(tag + b" " + command.line() + b"\r\n" for tag, command in zip(tags, commands, strict=True)))
+        # Servers may finish pipelined commands in any order (Dovecot answers a STATUS
+        # before a long FETCH).
+        statuses: dict[bytes, bytes] = {}
+        while len(statuses) < len(tags):
+            response = await self.response()
+            if response.text.startswith(b"* "):
+                self.view.untagged(response.text)
+                continue
+            tag, _, status = response.text.partition(b" ")
+            if tag in tags:
+                self.view.status(status)
+                statuses[tag] = status
+        return [Reply(statuses[tag]) for tag in tags]
+
+    async def fetch_bodies(self, what: str, command: Command, literal_budget: int) -> tuple[Reply, dict[int, bytes]]:
+        found: dict[int, bytes] = {}
+        reply = await self.guarded(what, self._exchange_bodies, command, literal_budget, found)
+        return reply, found
+
+    async def _exchange_bodies(self, command: Command, literal_budget: int, found: dict[int, bytes]) -> Reply:
+        """Answers in the usual shape are taken straight out of the buffer
+        (`ResponseReader.take_body_fetch`: one match and one copy per message, no await),
+        anything else the general way."""
+        tag = self.next_tag(literal_budget)
+        await self.stream.send_all(tag + b" " + command.line() + b"\r\n")
+        prefix = tag + b" "
+        reader, view = self.reader, self.view
+        while True:
+            taken = reader.take_body_fetch()
+            if taken is NEED_DATA:
+                await self.fill()
+                continue
+            if isinstance(taken, BodyFetch):
+                reader.max_literal -= len(taken.body)
+                found[taken.uid] = taken.body
+                view.body_fetched(taken.number, taken.uid)
+                continue
+            response = await self.response()
+            text = response.text
+            if text.startswith(b"* "):
+                view.untagged(text)
+                found.update(syntax.bodies_by_uid((response,)))
+            elif text.startswith(prefix):
+                status = text[len(prefix) :]
+                view.status(status)
+                return Reply(status)
+
+    @asynccontextmanager
+    async def stream_body(self, uid: int, offset: int, length: int) -> AsyncIterator[RangeReader]:
+        reader = _StreamedBody(self, uid, offset, length)
+        try:
+            yield reader
+        finally:
+            if not reader.settled:
+                # Part of the literal or the tagged answer is still on its way: nothing else
+                # can be read on this connection.
+                self.close()
+
+    async def idle(self, stop: trio.Event, interval: float) -> None:
+        await self.guarded("idle", self._idle_once, stop, interval, limit_seconds=interval + self._timeout)
+
+    async def _idle_once(self, stop: trio.Event, interval: float) -> None:
+        tag = self.next_tag()
+        await self.stream.send_all(tag + b" IDLE\r\n")
+        while True:
+            response = await self.response()
+            if response.text.startswith(b"+"):
+                break
+            if response.text.startswith(tag + b" "):
+                raise ConnectionBroken("IDLE refused")
+            self.view.untagged(response.text)
+
+        async with trio.open_nursery() as nursery:
+
+            async def done_when_told() -> None:
+                with trio.move_on_after(interval):
+                    await stop.wait()
+                await self.stream.send_all(b"DONE\r\n")
+
+            nursery.start_soon(done_when_told)
+            # Reading goes on until the server ends the IDLE (after DONE, or by itself), so a
+            # response is never cut in half.
+            while True:
+                response = await self.response()
+                if response.text.startswith(tag + b" "):
+                    nursery.cancel_scope.cancel()
+                    if response.text[len(tag) + 1 : len(tag) + 3].upper() != b"OK":
+                        raise ConnectionBroken("IDLE ended with an error")
+                    return
+                if response.text.startswith(b"* "):
+                    self.view.untagged(response.text)
+                    if response.text[2:5].upper() == b"BYE":
+                        raise ConnectionBroken("server said BYE")
+
+    async def logout(self) -> None:
+        try:
+            await self.stream.send_all(self.next_tag() + b" LOGOUT\r\n")
+            # Wait for the server to close its side, so it logs a clean logout.
+            while True:
+                await self.response()
+        except (ConnectionBroken, ResponseTooLarge, UpstreamImplausible, *_BROKEN):
+            pass
+
+
+class _StreamedBody:
+    """One `UID FETCH uid (UID BODY.PEEK[]<offset.length>)` whose literal is handed out piece
+    by piece as the socket delivers it. Each read waits at most upstream.timeout_seconds:
+    the whole transfer may take as long as the POP3 client takes to read it."""
+
+    def __init__(self, channel: TrioChannel, uid: int, offset: int, length: int) -> None:
+        self._channel = channel
+        self._command = Command(b"FETCH", (b"%d" % uid, b"(UID BODY.PEEK[]<%d.%d>)" % (offset, length)), uid=True)
+        self._uid = uid
+        self._length = length
+        self._tag = b""  # set when the command is sent
+        self._head = b""  # the FETCH response up to the body literal
+        self._whole: bytes | None = None  # the body, when the server sent it in a way we do not stream
+        self._status = b""
+        # True while nothing of this command is left on the wire (before it is sent, and
+        # after its tagged answer).
+        self.settled = True
+
+    async def next_piece(self) -> bytes:
+        guarded = self._channel.guarded
+        if not self._tag:
+            if not await guarded("fetch", self._start):
+                if self._status[:2].upper() in (b"OK", b"NO"):
+                    raise MessageGone(f"UID {self._uid} no longer exists")
+                raise UpstreamError("fetch: server answered BAD")
+            data = self._whole if self._whole is not None else await guarded("fetch", self._piece)
+        elif self.settled:
+            return b""
+        else:
+            data = await guarded("fetch", self._piece)
+        if self.settled and self._status[:2].upper() != b"OK":
+            raise UpstreamError("fetch: server answered NO with the message")
+        return data
+
+    async def _start(self) -> bool:
+        """Sends the command and reads up to the body literal; False if there is none."""
+        channel = self._channel
+        # The body may also come whole, in an order we do not stream (`_whole`).
+        self._tag = channel.next_tag(self._length + MAX_OTHER_LITERAL_BYTES)
+        self.settled = False
+        await channel.stream.send_all(self._tag + b" " + self._command.line() + b"\r\n")
+        while True:
+            event = await channel.event()
+            assert isinstance(event, Line)
+            line = event.text
+            if line.startswith(b"* ") and event.literal is not None and self._ours(line):
+                if event.literal > self._length:
+                    # Streamed, never held; but more than we asked for is no answer to us.
+                    raise UpstreamImplausible(f"a {event.literal}-byte literal for a FETCH of {self._length} bytes")
+                self._head = line
+                return True
+            if line.startswith(self._tag + b" "):
+                self._settle(line)
+                return False
+            response = await channel.response(event)
+            if line.startswith(b"* "):
+                channel.view.untagged(response.text)
+                # Our body after all, in an order we do not stream (or empty): whole.
+                if (body := syntax.body_section([response], self._uid)) is not None:
+                    self._whole = body
+                    await self._to_tagged()
+                    return True
+
+    def _ours(self, line: bytes) -> bool:
+        """`line` ends with our UID's body literal (UID asked for first, so it comes before)."""
+        literal = syntax.BODY_LITERAL.search(line)
+        if literal is None or literal.end() != len(line):
+            return False
+        uid = syntax.FETCH_UID.search(line, 0, literal.start())
+        return uid is not None and int(uid.group(1)) == self._uid
+
+    async def _piece(self) -> bytes:
+        channel = self._channel
+        if not channel.reader.in_literal:
+            return await self._finish()
+        event = await channel.event()
+        assert isinstance(event, LiteralPiece)
+        if not event.remaining:
+            await self._finish()
+        return event.data
+
+    async def _finish(self) -> bytes:
+        """The rest of the FETCH response (its closing parenthesis), then the tagged answer."""
+        channel = self._channel
+        rest = await channel.response()
+        channel.view.untagged(self._head + rest.text)
+        await self._to_tagged()
+        return b""
+
+    async def _to_tagged(self) -> None:
+        self._status = await self._channel.to_tagged(self._tag)
+        self.settled = True
+
+    def _settle(self, tagged: bytes) -> None:
+        self._status = tagged[len(self._tag) + 1 :]
+        self._channel.view.status(self._status)
+        self.settled = True
+
+
+def _upstream_error(what: str, error: BaseException, timeout: float) -> BaseException:
+    """What a failed exchange is reported as (the connection is closed already). A broken
+    connection inside a nursery (IDLE) arrives as an exception group."""
+    if isinstance(error, BaseExceptionGroup):
+        implausible, rest = error.split((UpstreamImplausible, ResponseTooLarge))
+        if rest is not None:
+            _broken, rest = rest.split((ConnectionBroken, *_BROKEN))
+        if rest is not None:
+            return rest  # e.g. a shutdown's cancellation: unwinds as it is
+        if implausible is not None:
+            error = implausible
+            while isinstance(error, BaseExceptionGroup):
+                error = error.exceptions[0]
+        else:
+            return UpstreamUnavailable(f"{what}: connection broken")
+    if isinstance(error, trio.TooSlowError):
+        return UpstreamUnavailable(f"{what}: no answer within {timeout:g} s")
+    if isinstance(error, (ConnectionBroken, *_BROKEN)):
+        return UpstreamUnavailable(f"{what}: {type(error).__name__}")
+    if isinstance(error, (UpstreamImplausible, ResponseTooLarge)):
+        return UpstreamImplausible(f"{what}: {error}")
+    return error

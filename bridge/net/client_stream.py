@@ -1,0 +1,123 @@
+"""The POP3 client's connection as a session reads and writes it, with the timeouts of every
+wait for the client (bridge.net.client_timeouts).
+
+A TLS connection (or any other Trio stream) goes through the stream's own `receive_some` and
+`send_all`. A plain TCP connection is read and written on its file descriptor with Trio's
+low-level waits: `wait_readable` then one `os.read`, and `os.write` first, waiting for
+`wait_writable` only if the kernel took less than everything.
+
+Why: a POP3 client downloading its mail sends one command and waits for its reply, 1,000
+times for 1,000 messages. `SocketStream.receive_some` first tries a read that fails (the
+command is not there yet) before it waits, and `send_all` yields to the scheduler after a
+write that succeeded at once; on the 2-core benchmark machine the two cost about 28 µs of
+CPU per command (a Trio echo server: 84 µs per request and reply, 56 µs this way), a
+quarter of what the bridge spent on a small RETR. A reply the kernel takes at once sets no
+timeout at all: only real waits do.
+
+Every wait is a Trio wait inside the session's cancel scope, which the watchdog cancels
+when the wait's time is up; errors come out as Trio's stream errors.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import trio
+
+from bridge.net.client_timeouts import ClientWait
+
+# A stream without a file descriptor (TLS) sends in pieces of this size, each within the
+# send timeout: the timeout measures a client that stops reading, not a slow link taking
+# long over a big message (256 KiB take 2 s at 1 Mbit/s). On a plain socket each wait for
+# room in the kernel's buffer gets the timeout, which measures the same more closely.
+SEND_PIECE = 256 * 1024
+
+# A send that needs no wait does not yield to the scheduler; after this many in a row (a
+# client that pipelines many commands) one send does, so other sessions get their turn.
+_SENDS_BETWEEN_YIELDS = 16
+
+
+class ClientStream:
+    """`stream` with the session's `wait` kept up to date: `deadline` (Trio time) is when the
+    session must end, for `deadline_reason` (pop3.session_timeout_seconds after it started, or
+    before login pop3.login_timeout_seconds if that comes first)."""
+
+    def __init__(
+        self, stream: trio.abc.Stream, wait: ClientWait, deadline: float = math.inf,
+        deadline_reason: str = "session_timeout",
+    ) -> None:
+        self.stream = stream
+        self.wait = wait
+        self.deadline = deadline
+        self.deadline_reason = deadline_reason
+        self._fd = stream.socket.fileno() if type(stream) is trio.SocketStream else -1
+        self._sends_without_yield = 0
+
+    def _waiting(self, seconds: float, reason: str) -> None:
+        wait = self.wait
+        due = trio.current_time() + seconds
+        if due < self.deadline:
+            wait.due, wait.reason = due, reason
+        else:
+            wait.due, wait.reason = self.deadline, self.deadline_reason
+
+    async def receive(self, max_bytes: int, allowed_seconds: float) -> bytes:
+        """Up to `max_bytes`; b"" when the client closed its side. Ends as "autologout" after
+        `allowed_seconds` without a byte."""
+        self._waiting(allowed_seconds, "autologout")
+        try:
+            if self._fd < 0:
+                return await self.stream.receive_some(max_bytes)
+            self._sends_without_yield = 0
+            while True:
+                await trio.lowlevel.wait_readable(self._fd)
+                try:
+                    return os.read(self._fd, max_bytes)
+                except BlockingIOError:
+                    continue  # woken without data after all
+                except OSError as exc:
+                    raise _stream_error(exc) from exc
+        finally:
+            self.wait.due = math.inf
+
+    async def send(self, data: bytes | memoryview, allowed_seconds: float) -> None:
+        """All of `data`; ends as "send_timeout" when the client takes nothing for
+        `allowed_seconds`."""
+        view = memoryview(data)
+        if self._fd < 0:
+            for start in range(0, len(view), SEND_PIECE):
+                self._waiting(allowed_seconds, "send_timeout")
+                try:
+                    await self.stream.send_all(view[start : start + SEND_PIECE])
+                finally:
+                    self.wait.due = math.inf
+            return
+        sent = self._write(view)
+        if sent < len(view):
+            self._sends_without_yield = 0
+            while sent < len(view):
+                self._waiting(allowed_seconds, "send_timeout")
+                try:
+                    await trio.lowlevel.wait_writable(self._fd)
+                finally:
+                    self.wait.due = math.inf
+                sent += self._write(view[sent:])
+            return
+        self._sends_without_yield += 1
+        if self._sends_without_yield >= _SENDS_BETWEEN_YIELDS:
+            self._sends_without_yield = 0
+            await trio.lowlevel.checkpoint()
+
+    def _write(self, view: memoryview) -> int:
+        try:
+            return os.write(self._fd, view)
+        except BlockingIOError:
+            return 0
+        except OSError as exc:
+            raise _stream_error(exc) from exc
+
+
+def _stream_error(exc: OSError) -> trio.BrokenResourceError:
+    # What SocketStream would raise: the session ends with outcome "client_gone".
+    return trio.BrokenResourceError(f"client connection lost: {exc.strerror}")

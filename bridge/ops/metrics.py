@@ -1,0 +1,146 @@
+"""Prometheus metrics of the service, served by the admin listener (`bridge.ops.admin`).
+
+The metrics live in prometheus_client's default registry. With `[server] workers` > 1 the
+supervisor starts every worker with PROMETHEUS_MULTIPROC_DIR set, so prometheus_client keeps
+the values in per-process files that the supervisor adds up on /metrics (`aggregated_registry`);
+gauges say how to combine the workers (`multiprocess_mode`), and are ignored in one process.
+
+Label values come from small closed sets (command names, outcomes, policies, reasons), never
+from user names or peers: a label per user would grow without bound.
+"""
+
+from __future__ import annotations
+
+import time
+from functools import cache
+from typing import Any
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
+from prometheus_client import multiprocess as _multiprocess
+
+# The *_created timestamp series double the output and no dashboard here uses them.
+disable_created_metrics()
+
+SESSIONS_ACTIVE = Gauge(
+    "bridge_sessions_active", "POP3 sessions open now.", multiprocess_mode="livesum"
+)
+SESSIONS = Counter(
+    "bridge_sessions", "POP3 sessions ended, by outcome (quit, autologout, client_gone, shutdown, ...).",
+    ["outcome"],
+)
+LOGINS = Counter("bridge_logins", "Login attempts by result (ok, failed).", ["result"])
+LOGIN_FAILURES = Counter(
+    "bridge_login_failures", "Failed logins by reason (credentials, upstream, in_use, ...).", ["reason"]
+)
+COMMANDS = Counter(
+    "bridge_commands",
+    "Commands that need the upstream (RETR, TOP, QUIT), by result (ok, err, error).",
+    ["command", "result"],
+)
+BYTES_SENT = Counter("bridge_bytes_sent", "Bytes sent to POP3 clients.")
+RETRIEVE_SECONDS = Histogram(
+    "bridge_retrieve_seconds",
+    "Time to send one message (RETR) or its top (TOP), first upstream FETCH to terminator.",
+    ["command"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
+)
+UPSTREAM_CONNECTS = Counter(
+    "bridge_upstream_connects", "IMAP connections opened (TCP connect and greeting received)."
+)
+UPSTREAM_CONNECT_FAILURES = Counter(
+    "bridge_upstream_connect_failures",
+    "IMAP connections that could not be opened, by reason (timeout, refused, greeting).",
+    ["reason"],
+)
+UPSTREAM_REUSES = Counter(
+    "bridge_upstream_connection_reuses", "Sessions served by an already open, pooled IMAP connection."
+)
+UPSTREAM_POOLED = Gauge(
+    "bridge_upstream_pooled_connections", "Idle IMAP connections held in the pool.",
+    multiprocess_mode="livesum",
+)
+DELETIONS_APPLIED = Counter(
+    "bridge_deletions_applied", "Messages deleted, moved, kept or hidden at QUIT, by delete policy.",
+    ["policy"],
+)
+
+# Login failure reasons known in advance, so a dashboard sees a 0 instead of no series.
+for _reason in ("credentials", "upstream", "in_use"):
+    LOGIN_FAILURES.labels(_reason)
+for _result in ("ok", "failed"):
+    LOGINS.labels(_result)
+
+
+# `labels()` validates and looks up its arguments under a lock on every call (about 4 µs);
+# sessions count every command, so they keep the children.
+@cache
+def command_count(command: str, result: str) -> Any:
+    """The COMMANDS child for this command and result."""
+    return COMMANDS.labels(command, result)
+
+
+@cache
+def retrieve_time(command: str) -> Any:
+    """The RETRIEVE_SECONDS child for RETR or TOP."""
+    return RETRIEVE_SECONDS.labels(command)
+
+
+def supervisor_metrics(registry: CollectorRegistry) -> Counter:
+    """The supervisor's own metric, next to the workers' sums: worker restarts."""
+    return Counter("bridge_worker_restarts", "Worker processes restarted after exiting unexpectedly.", registry=registry)
+
+
+def aggregated_registry(multiprocess_dir: str) -> CollectorRegistry:
+    """A registry adding up what the worker processes wrote to `multiprocess_dir`."""
+    registry = CollectorRegistry()
+    _multiprocess.MultiProcessCollector(registry, path=multiprocess_dir)
+    return registry
+
+
+def forget_process(pid: int, multiprocess_dir: str) -> None:
+    """Drop a dead worker's live gauges (its counters keep counting towards the totals)."""
+    _multiprocess.mark_process_dead(pid, multiprocess_dir)
+
+
+def render(registry: CollectorRegistry | None = None) -> bytes:
+    """The Prometheus text exposition of `registry` (default: this process's metrics)."""
+    if registry is None:
+        from prometheus_client import REGISTRY
+
+        registry = REGISTRY
+    return generate_latest(registry)
+
+
+class CommandTimer:
+    """Counts and times one RETR, TOP or QUIT (metrics, and with `log` a debug log event). A
+    class, not a generator context manager: a download runs it once per message."""
+
+    __slots__ = ("command", "log", "started", "value")
+
+    def __init__(self, command: str, log: Any) -> None:
+        self.command = command
+        self.log = log
+        self.value = "ok"  # "err" once the command is answered -ERR
+
+    def __enter__(self) -> CommandTimer:
+        self.started = time.monotonic()
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
+        command = self.command
+        if exc_type is not None:
+            command_count(command, "error").inc()
+            return
+        seconds = time.monotonic() - self.started
+        command_count(command, self.value).inc()
+        if command != "QUIT" and self.value == "ok":
+            retrieve_time(command).observe(seconds)
+        if self.log is not None:
+            self.log.debug("command", command=command, ms=round(seconds * 1000, 2))

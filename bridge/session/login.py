@@ -1,0 +1,110 @@
+"""Logging a POP3 client in: who it is (account and device, bridge.policy.identity), the
+failed-login limits (bridge.net.login_limiter), the upstream login (a parked connection or a
+fresh one, bridge.imap.pool), the [IN-USE] lock, and the maildrop the device sees
+(bridge.policy.deletion). Every refusal is a `LoginRefused`, which the conversation turns into
+a log event, a metric and an -ERR in one place (`refuse`)."""
+
+from __future__ import annotations
+
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+
+import structlog
+import trio
+
+from bridge.config import BridgeSettings
+from bridge.imap.errors import AuthenticationFailed, UpstreamError
+from bridge.imap.pool import Lease
+from bridge.net.maildrop_locks import MaildropInUse
+from bridge.ops import metrics
+from bridge.ops.logs import get_logger
+from bridge.policy.deletion import MaildropView, open_maildrop
+from bridge.policy.identity import InvalidLogin, LoginIdentity, resolve_login
+from bridge.pop3 import LoginRequest, ResponseCode
+from bridge.session.services import SharedServices
+
+_log = get_logger()
+_UNAVAILABLE = "mail server unavailable, try again later"
+
+
+@dataclass(eq=False)
+class LoginRefused(Exception):
+    """A login the client is refused: `reason` (the log's and the metric's), `text` and
+    `code` (its -ERR), how long to hold the answer back, and what else the log says."""
+
+    reason: str
+    text: str
+    code: ResponseCode | None
+    event: str = "login_failed"
+    warning: bool = False
+    delay: float = 0.0
+    fields: dict[str, object] = field(default_factory=dict)
+
+
+@dataclass
+class LoggedIn:
+    identity: LoginIdentity
+    lease: Lease
+    view: MaildropView
+
+
+async def log_in(
+    request: LoginRequest, services: SharedServices, settings: BridgeSettings, address: str, exits: ExitStack
+) -> LoggedIn:
+    """Log `request` in for a client at `address`; the maildrop lock goes into `exits` (held
+    for the rest of the session). Raises LoginRefused."""
+    structlog.contextvars.bind_contextvars(user=request.username)
+    try:
+        identity = resolve_login(request.username, settings.delete)
+    except InvalidLogin as exc:
+        raise LoginRefused("device_name", f"invalid login: {exc}", ResponseCode.AUTH) from None
+    structlog.contextvars.bind_contextvars(account=identity.account, device=identity.device)
+    limiter = services.login_limiter
+    # Limited by the account as the upstream compares it: "Alice" and "alice" are one.
+    # Counted as in progress until the mail server has answered; may wait for other attempts
+    # from this address to end first.
+    account = identity.account_key
+    attempt = await limiter.begin(address, account)
+    if attempt.blocked:
+        # Refused without asking the mail server; not counted, so the block does not grow.
+        raise LoginRefused(
+            "blocked", "too many failed logins, try again later", ResponseCode.SYS_TEMP, event="login_blocked",
+            warning=True, delay=limiter.blocked_delay(address, account), fields={"retry_after": round(attempt.retry_after, 1)},
+        )
+    try:
+        lease = await services.pool.checkout(identity.account, request.password)
+    except AuthenticationFailed:
+        delay = attempt.failed()
+        raise LoginRefused(
+            "credentials", "invalid user name or password", ResponseCode.AUTH, delay=delay,
+            fields={"mechanism": request.mechanism, "delay": delay},
+        ) from None
+    except UpstreamError as exc:
+        raise LoginRefused("upstream", _UNAVAILABLE, ResponseCode.SYS_TEMP, warning=True, fields={"error": str(exc)}) from None
+    finally:
+        attempt.end()
+    with ExitStack() as held:
+        try:
+            held.enter_context(services.locks.hold(identity.lock_key))
+        except MaildropInUse:
+            await lease.release()
+            raise LoginRefused("in_use", "maildrop already in use by another session", ResponseCode.IN_USE) from None
+        try:
+            view = await open_maildrop(lease.mailbox, identity, settings)
+        except UpstreamError as exc:
+            await lease.release()
+            raise LoginRefused("snapshot", _UNAVAILABLE, ResponseCode.SYS_TEMP, warning=True, fields={"error": str(exc)}) from None
+        exits.enter_context(held.pop_all())
+    limiter.record_success(address, account)
+    metrics.LOGINS.labels("ok").inc()
+    return LoggedIn(identity, lease, view)
+
+
+async def refuse(refusal: LoginRefused) -> None:
+    """Log and count a refused login, then hold its answer back as long as it says."""
+    log = _log.warning if refusal.warning else _log.info
+    log(refusal.event, reason=refusal.reason, **refusal.fields)
+    metrics.LOGINS.labels("failed").inc()
+    metrics.LOGIN_FAILURES.labels(refusal.reason).inc()
+    if refusal.delay:
+        await trio.sleep(refusal.delay)

@@ -1,0 +1,162 @@
+"""RETR and TOP: a message from the upstream to the POP3 client, dot-stuffed by the core.
+
+How the first piece is found decides the cost:
+- a client downloading in order (1, 2, 3, ...) gets the next small messages read ahead, up to
+  `READAHEAD_MESSAGES` of them and `upstream.fetch_chunk` bytes in one FETCH: a download of
+  1,000 small messages waits for the upstream a few times instead of 1,000;
+- any other RETR is one partial FETCH of the whole message whose literal is passed on as it
+  arrives (memory stays flat however big the message);
+- TOP reads `fetch_chunk` pieces (it usually ends within the first).
+
+A message in hand goes out with its status line and terminator in one write. If the upstream
+fails after part of a body went out, the connection is dropped (`EndSession`): a terminator
+would pass a truncated message off as whole.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from bridge.config import UpstreamSettings
+from bridge.imap import ChunkedRangeReader, MaildropStore, MessageGone, RangeReader, UpstreamError
+from bridge.net.client_stream import SEND_PIECE
+from bridge.ops import metrics
+from bridge.ops.logs import get_logger
+from bridge.pop3 import Maildrop, MaildropEntry, Pop3Server, ResponseCode, RetrieveRequest
+from bridge.session.errors import EndSession
+
+_log = get_logger()
+# At most this many messages are fetched in one read-ahead round trip (and at most
+# upstream.fetch_chunk bytes of them).
+READAHEAD_MESSAGES = 256
+
+
+class Retriever:
+    def __init__(
+        self, core: Pop3Server, store: MaildropStore, maildrop: Maildrop, settings: UpstreamSettings,
+        send: Callable[[bytes], Awaitable[None]], command_log: Any,
+    ) -> None:
+        self._core = core
+        self._store = store
+        self._maildrop = maildrop
+        self._chunk = settings.fetch_chunk
+        self._send = send
+        # A logger for the per-command debug event, or None below debug level.
+        self._command_log = command_log
+        # Read ahead for a client downloading small messages in order: UID -> whole message,
+        # at most upstream.fetch_chunk bytes in all.
+        self._readahead: dict[int, bytes] = {}
+        self._last_retrieved = 0
+
+    async def retrieve(self, request: RetrieveRequest) -> None:
+        entry = request.entry
+        command = "RETR" if request.body_lines is None else "TOP"
+        with metrics.CommandTimer(command, self._command_log) as timing:
+            try:
+                data = await self._first_piece(request)
+                if data is not None and len(data) >= entry.size:
+                    await self._send_whole(data)
+                elif data is not None:
+                    rest = ChunkedRangeReader(self._store, entry.ref, len(data), entry.size - len(data), self._chunk)
+                    await self._send_message(request, data, rest)
+                else:
+                    async with self._store.open_range(entry.ref, 0, entry.size) as reader:
+                        await self._send_message(request, await reader.next_piece(), reader)
+            except MessageGone:
+                _log.info("message_gone", uid=entry.ref, number=request.number)
+                timing.value = "err"
+                await self._send(self._core.refuse_message(f"message {request.number} was removed from the mailbox"))
+            except UpstreamError as exc:
+                _log.warning("upstream_error", command=command, error=str(exc))
+                timing.value = "err"
+                await self._send(self._core.refuse_message("mail server unavailable, try again later", ResponseCode.SYS_TEMP))
+
+    def _readahead_batch(self, number: int) -> list[MaildropEntry]:
+        """This message and the next small, not deleted ones: at most READAHEAD_MESSAGES of
+        them and upstream.fetch_chunk bytes."""
+        maildrop = self._maildrop
+        budget = self._chunk
+        small = budget // 4
+        batch: list[MaildropEntry] = []
+        while len(batch) < READAHEAD_MESSAGES:
+            found = maildrop.lookup(number)
+            number += 1
+            if not isinstance(found, MaildropEntry):
+                if number > len(maildrop):
+                    break
+                continue
+            if found.size > small or found.size > budget:
+                break
+            budget -= found.size
+            batch.append(found)
+        return batch
+
+    async def _first_piece(self, request: RetrieveRequest) -> bytes | None:
+        """The first piece of a message: from the read-ahead, or one batched FETCH of this
+        and the following small messages when the client reads them in order, or for TOP a
+        partial FETCH of the first chunk. None: a RETR to stream. Raises MessageGone."""
+        entry = request.entry
+        sequential = request.number == self._last_retrieved + 1
+        self._last_retrieved = request.number
+        if not entry.size:
+            return b""
+        cached = self._readahead.pop(entry.ref, None)
+        if cached is not None:
+            return cached
+        if request.body_lines is not None:
+            return await self._store.fetch_range(entry.ref, 0, min(self._chunk, entry.size))
+        if sequential:
+            batch = self._readahead_batch(request.number)
+            if len(batch) > 1 and batch[0] is entry:
+                found = await self._store.fetch_messages([e.ref for e in batch])
+                self._readahead = {e.ref: found[e.ref] for e in batch[1:] if len(found.get(e.ref, b"")) == e.size}
+                if entry.ref not in found:
+                    raise MessageGone(f"UID {entry.ref} no longer exists")
+                return found[entry.ref]
+        return None
+
+    async def _send_whole(self, data: bytes) -> None:
+        """The +OK line, the body and the terminator in one write: the message is in hand (a
+        client downloading hundreds of small messages gets each in one piece)."""
+        core = self._core
+        status_line = core.start_message()
+        encoder = core.message_body_encoder()
+        await self._send(b"".join((status_line, encoder.feed(data), encoder.finish())))
+        core.end_message()
+
+    async def _send_message(self, request: RetrieveRequest, data: bytes, rest: RangeReader) -> None:
+        """The +OK line, the body (starting with `data`, which is in hand, then what `rest`
+        reads) and the terminator."""
+        core, entry = self._core, request.entry
+        pending = [core.start_message()]
+        encoder = core.message_body_encoder()
+        offset = 0
+        while True:
+            pending.append(encoder.feed(data))
+            offset += len(data)
+            if encoder.done or offset >= entry.size or not data:
+                break
+            # More to fetch: what we have goes out first, so the client is never kept
+            # waiting on the upstream for bytes we already hold.
+            await self._send_pieces(pending)
+            pending.clear()
+            try:
+                data = await rest.next_piece()
+            except (MessageGone, UpstreamError) as exc:
+                core.abort_message()
+                _log.warning("retrieve_aborted", uid=entry.ref, offset=offset, error=type(exc).__name__)
+                raise EndSession("upstream_failed_mid_message") from None
+        pending.append(encoder.finish())
+        await self._send_pieces(pending)
+        core.end_message()
+
+    async def _send_pieces(self, pieces: list[bytes]) -> None:
+        # Small pieces are joined into one write; a big chunk of a message goes out as it
+        # is rather than being copied once more only to sit next to a status line.
+        if sum(len(piece) for piece in pieces) <= SEND_PIECE:
+            await self._send(b"".join(pieces))
+            return
+        for piece in pieces:
+            if piece:
+                await self._send(piece)

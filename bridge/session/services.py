@@ -1,0 +1,35 @@
+"""What the sessions of one service share."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from bridge.config import BridgeSettings
+from bridge.imap.pool import UpstreamPool
+from bridge.net.client_timeouts import ClientWatchdog
+from bridge.net.login_limiter import LoginLimiter
+from bridge.net.maildrop_locks import MaildropLocks
+from bridge.net.tls import ServerTls
+
+
+@dataclass
+class SharedServices:
+    # The settings new sessions start with (a reload replaces them; sessions in progress
+    # keep the ones they started with).
+    settings: BridgeSettings
+    # One session per account and device in this process ([IN-USE]).
+    locks: MaildropLocks = field(default_factory=MaildropLocks)
+    active_sessions: int = 0
+    # Ends the sessions' waits for their clients that run out of time (autologout, a client
+    # not reading, the session and login limits); the service runs its task.
+    watchdog: ClientWatchdog = field(default_factory=ClientWatchdog)
+    # Parked connections for the next session of the same account (bridge.imap.pool).
+    pool: UpstreamPool = field(init=False)
+    # Failed-login delays and blocks (bridge.net.login_limiter).
+    login_limiter: LoginLimiter = field(init=False)
+    # The POP3 side's certificate, if one is configured (bridge.net.tls).
+    server_tls: ServerTls | None = None
+
+    def __post_init__(self) -> None:
+        self.pool = UpstreamPool(lambda: self.settings)
+        self.login_limiter = LoginLimiter(self.settings.login_limits)
