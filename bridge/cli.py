@@ -60,7 +60,7 @@ def settings_as_toml(settings: BridgeSettings) -> str:
     """The settings in force as TOML that reads back to the same settings (secrets masked)."""
     import tomli_w
 
-    from bridge.ops.reload import mask_secrets
+    from bridge.ops.secrets import mask_secrets
 
     return tomli_w.dumps(_without_none(mask_secrets(settings.model_dump())))
 

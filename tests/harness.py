@@ -130,8 +130,10 @@ class SubprocessBridge:
     """`python -m bridge serve --config FILE` as a child process."""
 
     def __init__(
-        self, workdir: Path, imap_port: int, extra_toml: str = "", env: dict[str, str] | None = None
+        self, workdir: Path, imap_port: int, extra_toml: str = "", env: dict[str, str] | None = None,
+        interpreter_options: tuple[str, ...] = (),
     ) -> None:
+        self.interpreter_options = interpreter_options  # e.g. ("-X", "importtime")
         # e.g. BRIDGE_<SECTION>__<KEY> overrides
         self.env = {"BRIDGE_DELETE__STATE_KEY": TEST_STATE_KEY, **(env or {})}
         self.port = free_port()
@@ -147,7 +149,7 @@ class SubprocessBridge:
     def start(self) -> SubprocessBridge:
         log = open(self.log_path, "wb")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "bridge", "serve", "--config", str(self.config_path)],
+            [sys.executable, *self.interpreter_options, "-m", "bridge", "serve", "--config", str(self.config_path)],
             stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1", **self.env},
         )
         log.close()

@@ -193,6 +193,15 @@ class ResponseReader:
         while True:
             assembly = self._assembly
             if assembly is None:
+                if not self._literal_remaining:
+                    # The common case, a response of one line, without the events between.
+                    buffer = self._buffer
+                    end = buffer.find(b"\r\n", self._searched)
+                    if 0 <= end <= self.max_line and buffer[end - 1 : end] != b"}":
+                        text = bytes(memoryview(buffer)[:end])
+                        del buffer[: end + 2]
+                        self._searched = 0
+                        return Response(text)
                 event = self.next_event()
                 if isinstance(event, NeedData):
                     return NEED_DATA

@@ -21,7 +21,8 @@ from collections.abc import Awaitable, Callable
 import h11
 import trio
 
-from bridge.config import BridgeSettings, ListenAddress
+from bridge.config import BridgeSettings
+from bridge.net.addresses import ListenAddress
 from bridge.ops.logs import get_logger
 
 _log = get_logger(component="admin")

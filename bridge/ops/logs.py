@@ -13,13 +13,14 @@ from typing import Any, TextIO
 
 import structlog
 
-_SECRET_KEYS = frozenset({"password", "pass", "secret", "token", "credentials", "state_key"})
+from bridge.ops.secrets import MASK, is_secret_name
 
 
 def _drop_secrets(_logger: Any, _method: str, event_dict: dict[str, Any]) -> dict[str, Any]:
     # Belt and braces: nothing should log a password, but if a key ever carries one it is masked.
-    for key in _SECRET_KEYS.intersection(event_dict):
-        event_dict[key] = "***"
+    for key in event_dict:
+        if is_secret_name(key):
+            event_dict[key] = MASK
     return event_dict
 
 

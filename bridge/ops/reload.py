@@ -1,4 +1,4 @@
-"""Configuration at run time: what a SIGHUP reload may change live, and masking secrets.
+"""Configuration at run time: what a SIGHUP reload may change live.
 
 A reload re-reads `bridge.toml` and the environment. Keys that only take effect when a socket
 is opened or a process started (any `listen` key, `server.workers`) keep their running value
@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from bridge.config import MASK, SECRET_KEY_PATTERN, BridgeSettings, ConfigError
+from bridge.config import BridgeSettings, ConfigError
 from bridge.ops.logs import configure_logging, get_logger
 
 _log = get_logger()
@@ -22,7 +22,9 @@ _log = get_logger()
 ReloadHook = Callable[[BridgeSettings], Awaitable[None]]
 
 # Keys bound to a socket or a process count; a reload cannot change them in place.
-RESTART_ONLY_KEYS = frozenset({"server.workers"})
+# upstream.engine: the engine's runtime (trio-asyncio's loop for aioimaplib) is opened at start
+# for the configured engine only.
+RESTART_ONLY_KEYS = frozenset({"server.workers", "upstream.engine"})
 
 
 def needs_restart(dotted_key: str) -> bool:
@@ -42,21 +44,6 @@ def flatten(settings: BridgeSettings) -> dict[str, Any]:
 def changed_keys(old: BridgeSettings, new: BridgeSettings) -> list[str]:
     before, after = flatten(old), flatten(new)
     return sorted(key for key in before.keys() | after.keys() if before.get(key) != after.get(key))
-
-
-def mask_secrets(value: Any, key: str = "") -> Any:
-    """A copy of a dumped configuration with the value of every secret-looking key masked.
-
-    Generic on purpose: any key whose name contains password, passphrase, secret or token
-    (e.g. a future `tls.key_password`), and `state_key`, is masked wherever it sits, even in
-    nested tables."""
-    if isinstance(value, dict):
-        return {k: mask_secrets(v, str(k)) for k, v in value.items()}
-    if key and SECRET_KEY_PATTERN.search(key) and value not in (None, "", [], {}):
-        return MASK
-    if isinstance(value, list):
-        return [mask_secrets(item) for item in value]
-    return value
 
 
 @dataclass(frozen=True)

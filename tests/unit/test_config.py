@@ -4,7 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from bridge.config import ConfigError, ListenAddress, load_settings, parse_listen_address
+from bridge.config import ConfigError, load_settings
+from bridge.net.addresses import ListenAddress, parse_listen_address
 
 REPO = Path(__file__).resolve().parents[2]
 

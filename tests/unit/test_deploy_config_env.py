@@ -12,7 +12,8 @@ import pytest
 
 from bridge.cli import main
 from bridge.config import BridgeSettings, ConfigError, load_settings
-from bridge.ops.reload import MASK, changed_keys, mask_secrets, plan_reload
+from bridge.ops.reload import changed_keys, plan_reload
+from bridge.ops.secrets import MASK, mask_secrets
 
 REPO = Path(__file__).resolve().parents[2]
 

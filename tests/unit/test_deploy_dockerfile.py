@@ -19,7 +19,8 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from bridge.config import load_settings, parse_listen_address
+from bridge.config import load_settings
+from bridge.net.addresses import parse_listen_address
 
 REPO = Path(__file__).resolve().parents[2]
 DOCKERFILE = REPO / "deploy" / "Dockerfile"

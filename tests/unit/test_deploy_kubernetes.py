@@ -18,7 +18,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from bridge.config import load_settings, parse_listen_address
+from bridge.config import load_settings
+from bridge.net.addresses import parse_listen_address
 
 REPO = Path(__file__).resolve().parents[2]
 K8S = REPO / "deploy" / "kubernetes"

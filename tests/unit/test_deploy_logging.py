@@ -11,6 +11,7 @@ import pytest
 import structlog
 
 from bridge.ops.logs import configure_logging, get_logger
+from bridge.ops.secrets import MASK
 
 
 @pytest.fixture(autouse=True)
@@ -39,7 +40,7 @@ def test_auto_writes_json_lines_when_not_on_a_terminal() -> None:
     event = json.loads(out.getvalue())
     assert event["event"] == "config_reloaded" and event["changed"] == ["logging.level"]
     assert event["level"] == "info" and "timestamp" in event
-    assert event["password"] == "***"
+    assert event["password"] == MASK
 
 
 def test_auto_writes_readable_lines_on_a_terminal() -> None:
@@ -64,4 +65,4 @@ def test_a_state_key_in_an_event_is_masked() -> None:
     out = _Capture(tty=False)
     configure_logging("info", "json", stream=out)  # type: ignore[arg-type]
     get_logger().info("config_loaded", state_key="0123456789abcdef0123456789abcdef")
-    assert json.loads(out.getvalue())["state_key"] == "***"
+    assert json.loads(out.getvalue())["state_key"] == MASK
