@@ -8,6 +8,7 @@ naming the Debian packages (scripts/install-deps installs them).
 from __future__ import annotations
 
 import contextlib
+import os
 import poplib
 import shutil
 import tempfile
@@ -69,6 +70,28 @@ def cyrus() -> Iterator[CyrusSandbox]:
     tests that re-run against every supported upstream (tests/integration/test_compat_*)."""
     with running_sandbox(CyrusSandbox, "bridge-cyrus-") as sandbox:
         yield sandbox
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--engine", choices=("trio", "aioimaplib"), default="trio",
+        help="the IMAP engine the bridges of the suite use, unless a test names one (default: trio)",
+    )
+
+
+@pytest.fixture(autouse=True)
+def clean_environment(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test starts without BRIDGE_* variables (they would override what it configures:
+    the environment wins over a configuration), on the engine --engine names, expecting the
+    error-level bridge events its bridge_errors marker declares and no other."""
+    for name in list(os.environ):
+        if name.upper().startswith("BRIDGE_"):
+            monkeypatch.delenv(name)
+    import tests.harness as harness
+
+    monkeypatch.setattr(harness, "DEFAULT_ENGINE", request.config.getoption("engine"))
+    marker = request.node.get_closest_marker("bridge_errors")
+    monkeypatch.setattr(harness, "EXPECTED_ERRORS", frozenset(marker.args) if marker else frozenset())
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:

@@ -25,11 +25,38 @@ from bridge.ops.logs import configure_logging
 # uses it, as every bridge host serving the same mailboxes must share one.
 TEST_STATE_KEY = "tests-only state key, at least 32 characters long"
 
+# Set for each test by tests/conftest.py: the engine the suite runs on (`pytest --engine`;
+# a test that names an engine itself keeps it), and the error-level log events the test
+# declared it expects (@pytest.mark.bridge_errors). Any other error event a bridge logs fails
+# the test when the bridge stops: a session that crashes must never pass unnoticed.
+DEFAULT_ENGINE = "trio"
+EXPECTED_ERRORS: frozenset[str] = frozenset()
+
+
+def unexpected_errors(events: list[dict[str, Any]]) -> list[str]:
+    """The error-level events the running test did not declare, as short descriptions."""
+    return [
+        f"{event.get('event')}: {str(event.get('error') or event.get('exception') or '')[-300:]}"
+        for event in events
+        if event.get("level") in ("error", "critical") and event.get("event") not in EXPECTED_ERRORS
+    ]
+
+
+def _check_errors(events: list[dict[str, Any]]) -> None:
+    problems = unexpected_errors(events)
+    if problems:
+        raise AssertionError(
+            "the bridge logged error events this test does not expect "
+            "(declare expected ones with @pytest.mark.bridge_errors(...)):\n" + "\n".join(problems)
+        )
+
 
 def bridge_settings(imap_port: int, **sections: dict[str, Any]) -> BridgeSettings:
     overrides: dict[str, dict[str, Any]] = {
         "pop3": {"listen": ["127.0.0.1:0"]},
-        "upstream": {"host": "127.0.0.1", "port": imap_port, "timeout_seconds": 10, "tls": "none"},
+        "upstream": {
+            "host": "127.0.0.1", "port": imap_port, "timeout_seconds": 10, "tls": "none", "engine": DEFAULT_ENGINE,
+        },
         "logging": {"level": "debug", "format": "json"},
     }
     for section, values in sections.items():
@@ -105,6 +132,7 @@ class ThreadedBridge:
             raise RuntimeError("bridge thread did not stop within 30 s")
         if self._error is not None:
             raise RuntimeError("bridge crashed") from self._error
+        _check_errors(self.events())
 
     def events(self) -> list[dict[str, Any]]:
         return [json.loads(line) for line in self.log.getvalue().splitlines() if line.startswith("{")]
@@ -135,7 +163,7 @@ class SubprocessBridge:
     ) -> None:
         self.interpreter_options = interpreter_options  # e.g. ("-X", "importtime")
         # e.g. BRIDGE_<SECTION>__<KEY> overrides
-        self.env = {"BRIDGE_DELETE__STATE_KEY": TEST_STATE_KEY, **(env or {})}
+        self.env = {"BRIDGE_DELETE__STATE_KEY": TEST_STATE_KEY, "BRIDGE_UPSTREAM__ENGINE": DEFAULT_ENGINE, **(env or {})}
         self.port = free_port()
         self.config_path = workdir / "bridge.toml"
         self.config_path.write_text(
@@ -173,6 +201,8 @@ class SubprocessBridge:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait(5)
+        if self.log_path.exists():
+            _check_errors(self.events())
 
     def events(self) -> list[dict[str, Any]]:
         """The JSON log events written so far."""

@@ -150,7 +150,7 @@ class UpstreamPool:
                 metrics.UPSTREAM_REUSES.inc()
                 _log.info("upstream_reused")
                 return self._lease(mailbox, key, salt, digest, entry.logged_in_at, entry.upstream)
-        _log.info("upstream_fresh", reason="password_mismatch" if mismatch else "none_parked")
+        _log.info("upstream_fresh", reason="password_mismatch" if mismatch else "none_parked", engine=settings.upstream.engine)
         logged_in_at = trio.current_time()
         mailbox = await self._open(settings.upstream, account, password)
         self._retire_other_passwords(key, password)

@@ -10,6 +10,8 @@ from __future__ import annotations
 import signal
 from pathlib import Path
 
+import pytest
+
 from sandbox import DovecotSandbox, Mailbox, numbered_messages
 from tests.harness import RawPop3, SubprocessBridge, free_port
 from tests.integration.ops_support import events_named, wait_for_event
@@ -58,6 +60,7 @@ def test_sighup_applies_live_settings_and_names_those_needing_a_restart(mailbox:
         assert bridge.process.poll() is None
 
 
+@pytest.mark.bridge_errors("config_reload_failed")
 def test_a_broken_file_on_sighup_keeps_the_running_configuration(mailbox: Mailbox, tmp_path: Path) -> None:
     mailbox.append(numbered_messages(1))
     bridge = SubprocessBridge(tmp_path, mailbox.imap_port, env={"BRIDGE_UPSTREAM__TLS": "none"})

@@ -187,6 +187,7 @@ def test_tls_1_0_when_lowered_for_legacy_devices(
         pop.close()
 
 
+@pytest.mark.bridge_errors("config_reload_failed")
 def test_sighup_reloads_the_certificate_without_dropping_sessions(
     tmp_path: Path, tls_files: TlsFiles, mailbox: Mailbox, dovecot: DovecotSandbox
 ) -> None:
