@@ -19,6 +19,7 @@ import pytest
 
 from sandbox import DovecotSandbox, Mailbox
 from sandbox.cyrus import CyrusSandbox
+from tests.harness import ENGINES
 
 # poplib rejects lines over 2048 bytes; that is a client-side guard, not a POP3
 # rule, and the test corpus deliberately has 20,000-byte lines.
@@ -92,6 +93,17 @@ def clean_environment(request: pytest.FixtureRequest, monkeypatch: pytest.Monkey
     monkeypatch.setattr(harness, "DEFAULT_ENGINE", request.config.getoption("engine"))
     marker = request.node.get_closest_marker("bridge_errors")
     monkeypatch.setattr(harness, "EXPECTED_ERRORS", frozenset(marker.args) if marker else frozenset())
+
+
+@pytest.fixture(params=ENGINES)
+def on_every_engine(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The test runs once per engine; the bridges it starts use that one (the guarantees of
+    docs/operators.md hold on both). Use it as `pytestmark = pytest.mark.usefixtures(...)`,
+    or as an argument where a test needs the engine's name."""
+    import tests.harness as harness
+
+    monkeypatch.setattr(harness, "DEFAULT_ENGINE", request.param)
+    return str(request.param)
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:

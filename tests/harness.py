@@ -29,6 +29,7 @@ TEST_STATE_KEY = "tests-only state key, at least 32 characters long"
 # a test that names an engine itself keeps it), and the error-level log events the test
 # declared it expects (@pytest.mark.bridge_errors). Any other error event a bridge logs fails
 # the test when the bridge stops: a session that crashes must never pass unnoticed.
+ENGINES = ("trio", "aioimaplib")  # upstream.engine: both IMAP client engines the bridge ships
 DEFAULT_ENGINE = "trio"
 EXPECTED_ERRORS: frozenset[str] = frozenset()
 

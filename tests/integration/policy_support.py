@@ -17,7 +17,6 @@ from sandbox import ImapObserver, Mailbox
 from tests.harness import TEST_STATE_KEY, Pop3Client, poplib_payload
 
 # Both IMAP engines (upstream.engine) must implement every policy the same way.
-ENGINES = ["trio", "aioimaplib"]
 STATE_FOLDER = "POP3 Bridge State"
 MOVE_FOLDER = "POP Downloaded"
 _SUBJECT = re.compile(rb"^Subject: message (\d+)\r?$", re.MULTILINE)

@@ -12,6 +12,7 @@ import pytest
 
 from sandbox import Mailbox, big_message, numbered_messages, tricky_messages
 from tests.harness import (
+    ENGINES,
     Pop3Client,
     RawPop3,
     ThreadedBridge,
@@ -218,7 +219,6 @@ def test_20_mb_message(bridge: ThreadedBridge, mailbox: Mailbox) -> None:
         assert ours_body == theirs_body
 
 
-ENGINES = ["trio", "aioimaplib"]  # upstream.engine: both IMAP client engines the bridge ships
 
 
 @pytest.fixture(params=ENGINES)

@@ -11,7 +11,7 @@ from collections.abc import Callable
 import pytest
 
 from sandbox import Mailbox, numbered_messages, tricky_messages
-from tests.harness import RawPop3, ThreadedBridge, pop3_unstuff, retr_payload
+from tests.harness import ENGINES, RawPop3, ThreadedBridge, pop3_unstuff, retr_payload
 
 CRLF = b"\r\n"
 SMALL_CHUNK = 4096  # the smallest fetch_chunk the configuration accepts
@@ -87,7 +87,6 @@ def comparable(command: bytes, status: bytes, rest: bytes) -> tuple[bytes, ...]:
     return (command, words[0], rest)
 
 
-ENGINES = ["trio", "aioimaplib"]  # upstream.engine: both IMAP client engines the bridge ships
 
 
 @pytest.fixture(

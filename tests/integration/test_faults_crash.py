@@ -23,6 +23,9 @@ from tests.harness import RawPop3, SubprocessBridge, pop3_unstuff, retr_payload
 STATE_FOLDER = "POP3 Bridge State"
 CLIENT_TIMEOUT = 60.0
 
+# The guarantees hold on both engines: every test here runs on each.
+pytestmark = pytest.mark.usefixtures("on_every_engine")
+
 
 @pytest.fixture
 def stack() -> Iterator[ExitStack]:

@@ -25,6 +25,9 @@ from tests.harness import (
 TEMP = b"-ERR [SYS/TEMP]"
 CLIENT_TIMEOUT = 60.0
 
+# The guarantees hold on both engines: every test here runs on each.
+pytestmark = pytest.mark.usefixtures("on_every_engine")
+
 
 @pytest.fixture
 def restart_bridge(own_dovecot: DovecotSandbox) -> Iterator[ThreadedBridge]:

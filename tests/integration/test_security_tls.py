@@ -17,6 +17,7 @@ import trustme
 
 from sandbox import DovecotSandbox, Mailbox
 from tests.harness import (
+    ENGINES,
     SubprocessBridge,
     ThreadedBridge,
     bridge_settings,
@@ -254,7 +255,6 @@ def _dovecot_login_lines(sandbox: DovecotSandbox, user: str) -> list[str]:
 
 
 # Both IMAP engines implement upstream TLS; "trio" is the default engine.
-ENGINES = ["trio", "aioimaplib"]
 
 
 @pytest.mark.parametrize("engine", ENGINES)
