@@ -4,8 +4,9 @@ faults). Afterwards every appended message was delivered exactly once to each de
 polls it (by policy), or is still there for it; the bridge's memory and open file
 descriptors are flat; and its log holds no errors.
 
-Not part of the default run (pyproject's addopts deselect `soak`): `./scripts/test -m soak`.
-BRIDGE_SOAK_SECONDS (default 120) and BRIDGE_SOAK_CLIENTS (default 200) size it.
+Two sizes: a CI-sized run (20 s, 40 clients) in the default suite, and the long one
+(`./scripts/test -m soak`, deselected by default), sized by SOAK_SECONDS (default 120) and
+SOAK_CLIENTS (default 200).
 """
 
 from __future__ import annotations
@@ -26,8 +27,8 @@ import pytest
 from sandbox import DovecotSandbox, Mailbox
 from tests.harness import RawPop3, SubprocessBridge
 
-SECONDS = float(os.environ.get("BRIDGE_SOAK_SECONDS", "120"))
-CLIENTS = int(os.environ.get("BRIDGE_SOAK_CLIENTS", "200"))
+LONG_SECONDS = float(os.environ.get("SOAK_SECONDS", "120"))
+LONG_CLIENTS = int(os.environ.get("SOAK_CLIENTS", "200"))
 EXPUNGE_ACCOUNTS = 12
 PER_CLIENT_ACCOUNTS = 6
 DEVICES = ("phone", "laptop", "printer")
@@ -110,15 +111,20 @@ def bridge_usage(process: psutil.Process) -> tuple[int, int]:
     return sum(p.memory_info().rss for p in procs), sum(p.num_fds() for p in procs)
 
 
-@pytest.mark.soak
-def test_soak(dovecot: DovecotSandbox, mailbox_factory: Callable[[], Mailbox], tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("seconds", "clients"),
+    [pytest.param(20.0, 40, id="ci-sized"), pytest.param(LONG_SECONDS, LONG_CLIENTS, id="long", marks=pytest.mark.soak)],
+)
+def test_soak(
+    dovecot: DovecotSandbox, mailbox_factory: Callable[[], Mailbox], tmp_path: Path, seconds: float, clients: int
+) -> None:
     expunge_boxes = [mailbox_factory() for _ in range(EXPUNGE_ACCOUNTS)]
     per_client_boxes = [mailbox_factory() for _ in range(PER_CLIENT_ACCOUNTS)]
     boxes = expunge_boxes + per_client_boxes
     overrides = "".join(f'[delete.accounts."{box.user}"]\npolicy = "per-client"\n' for box in per_client_boxes)
     # Every client comes from 127.0.0.1 and all start at once: the per-address cap (100 by
     # default) must not be what the soak measures.
-    cap = {"BRIDGE_POP3__MAX_CONNECTIONS_PER_ADDRESS": str(CLIENTS + 50)}
+    cap = {"BRIDGE_POP3__MAX_CONNECTIONS_PER_ADDRESS": str(clients + 50)}
     bridge = SubprocessBridge(tmp_path, dovecot.imap_port, extra_toml=overrides, env=cap).start()
     ledger = Ledger()
     try:
@@ -126,7 +132,7 @@ def test_soak(dovecot: DovecotSandbox, mailbox_factory: Callable[[], Mailbox], t
         process = psutil.Process(bridge.process.pid)
         # Who polls what: every account has clients; per-client accounts one per device.
         pollers: list[tuple[int, str, tuple[int, str]]] = []
-        for i in range(CLIENTS):
+        for i in range(clients):
             account = i % len(boxes)
             box = boxes[account]
             if account < EXPUNGE_ACCOUNTS:
@@ -161,20 +167,20 @@ def test_soak(dovecot: DovecotSandbox, mailbox_factory: Callable[[], Mailbox], t
 
         appender = threading.Thread(target=append_forever, name="soak-appender")
         appender.start()
-        clients = [
+        threads = [
             threading.Thread(target=poll_forever, args=(i, *poller), name=f"soak-{i}") for i, poller in enumerate(pollers)
         ]
-        for thread in clients:
+        for thread in threads:
             thread.start()
-        time.sleep(SECONDS / 4)
+        time.sleep(seconds / 4)
         warm = bridge_usage(process)
-        time.sleep(SECONDS * 3 / 4)
+        time.sleep(seconds * 3 / 4)
         late = bridge_usage(process)
         stop.set()
         appender.join(120)
-        for thread in clients:
+        for thread in threads:
             thread.join(300)
-        assert not any(thread.is_alive() for thread in (appender, *clients)), "a soak client hung"
+        assert not any(thread.is_alive() for thread in (appender, *threads)), "a soak client hung"
         assert ledger.failures == []
 
         # Quiet again: what the bridge holds now is what it holds at rest (parked
@@ -210,10 +216,10 @@ def test_soak(dovecot: DovecotSandbox, mailbox_factory: Callable[[], Mailbox], t
         assert bad == [], bad[:3]
         warnings = Counter(e.get("event") for e in events if e.get("level") == "warning")
         assert warnings == Counter(), warnings
-        assert ledger.sessions["committed"] > CLIENTS  # it did soak
+        assert ledger.sessions["committed"] > clients  # it did soak
     finally:
         bridge.stop()
         print(
-            f"soak: {SECONDS:g} s, {CLIENTS} clients, sessions {dict(ledger.sessions)}, "
+            f"soak: {seconds:g} s, {clients} clients, sessions {dict(ledger.sessions)}, "
             f"appended {sum(len(s) for s in ledger.appended.values())}"
         )
