@@ -7,7 +7,7 @@ One run starts a store Dovecot (maildir; native POP3 + IMAP), an imapc Dovecot i
 it and the bridge (subprocess) in front of it, seeds the mailboxes over IMAP, then drives
 all three with the same client. Rounds are interleaved and the order rotates per round, so
 drift of the machine hits all three alike. Prints medians and the ratios bridge/native and
-bridge/imapc as a Markdown table (pasted into README, "Performance") and writes every raw
+bridge/imapc as a Markdown table (pasted into docs/performance.md) and writes every raw
 sample to bench/results/ (not in git).
 """
 

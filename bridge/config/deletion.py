@@ -55,7 +55,7 @@ class DeleteSettings(Section):
     policy: DeletePolicy = "expunge"
     folder: str = Field(default="POP Downloaded", min_length=1)
     state_folder: str = Field(default="POP3 Bridge State", min_length=1)
-    # The server key that signs per-client state records (README, "The state folder"):
+    # The server key that signs per-client state records (docs/design.md, "Signed records"):
     # secret, the same on every bridge host serving the same mailboxes.
     state_key: str = ""
     state_key_file: str = ""

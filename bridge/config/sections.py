@@ -20,7 +20,7 @@ class Pop3Settings(Section):
     max_connections: int = Field(default=1000, ge=1)
     implementation: str = "pop3-imap-bridge"
     shutdown_grace_seconds: float = Field(default=30.0, ge=0, le=3600)
-    # Security (README, "Security"). A validator may only look at fields above its own.
+    # Security (docs/operators.md, "Security"). A validator may only look at fields above its own.
     tls_cert: str = ""
     tls_key: str = ""
     minimum_tls_version: Literal["TLSv1", "TLSv1.1", "TLSv1.2", "TLSv1.3"] = "TLSv1.2"
