@@ -135,7 +135,7 @@ class PoolSettings(Section):
 
     park_seconds: float = Field(default=1200.0, ge=0, le=86400)
     # From the connection's upstream LOGIN, never refreshed: the longest an old password keeps
-    # working on a parked connection after it changed upstream (bridge/upstream/pool.py).
+    # working on a parked connection after it changed upstream (bridge/imap/pool.py).
     max_age_seconds: float = Field(default=300.0, gt=0, le=86400)
     max_connections: int = Field(default=500, ge=0)
     max_per_account: int = Field(default=2, ge=1, le=64)
@@ -145,7 +145,7 @@ class PoolSettings(Section):
 
 # The whole name must match (re.fullmatch): with "$", "phone\n" would pass as "phone".
 class LoginLimitSettings(Section):
-    """Failed-login slow-down and blocking (bridge/login_limiter.py explains the design)."""
+    """Failed-login slow-down and blocking (bridge/net/login_limiter.py explains the design)."""
 
     failure_delay_seconds: float = Field(default=1.0, ge=0, le=60)
     max_delay_seconds: float = Field(default=15.0, ge=0, le=60)

@@ -1,7 +1,7 @@
 """The primitive each IMAP engine provides: one connection that runs commands.
 
 `bridge.imap.mailbox.ImapMailbox` writes the mailbox operations once over an `ImapChannel`;
-an engine (`bridge.imap.trio`, `bridge.imap.aioimaplib`) only connects, frames commands and
+an engine (`bridge.imap.trio_engine`, `bridge.imap.aioimaplib_engine`) only connects, frames commands and
 reads their answers. A command is given as its name and arguments (already in IMAP syntax:
 quoted strings, folder arguments, UID sets), so an engine built on a library that wants them
 apart can have them apart.

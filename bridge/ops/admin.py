@@ -42,7 +42,7 @@ Readiness = Callable[[], Awaitable[tuple[bool, str]]]
 class UpstreamProbe:
     """Is the upstream IMAP server there? A TCP connect and an IMAP greeting (`* OK`) within a
     few seconds; the answer is reused for `readiness_cache_seconds`. A `* PREAUTH` greeting
-    is not ready: the engines refuse it (`bridge.upstream.interface.PreauthGreeting`)."""
+    is not ready: the engines refuse it (`bridge.imap.errors.PreauthGreeting`)."""
 
     def __init__(self, settings: Callable[[], BridgeSettings]) -> None:
         self._settings = settings

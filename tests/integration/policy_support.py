@@ -149,7 +149,7 @@ def state_body(
 
 
 def signed(fields: dict[str, Any], account: str, key: str = TEST_STATE_KEY) -> dict[str, Any]:
-    """`fields` with the MAC the README documents, computed here independently of the bridge:
+    """`fields` with the MAC docs/design.md documents, computed here independently of the bridge:
     HMAC-SHA256 under the key over the JSON array [label, format, account lower-cased,
     mailbox, uidvalidity, device, hidden, hidden_unsigned, last_seen]."""
     signed_text = json.dumps(

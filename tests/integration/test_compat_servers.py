@@ -1,8 +1,8 @@
 """The core POP3 conformance tests, re-run against every upstream IMAP server the bridge
 supports (Twisted's POP3 suite does the same over its mailbox variants): Dovecot 2.3 and
-Cyrus IMAP 3.6, each a private instance started by the fixtures (bridge/sandbox/).
+Cyrus IMAP 3.6, each a private instance started by the fixtures (sandbox/).
 
-What differs between the two servers, and how each test copes (README, "Compatibility"):
+What differs between the two servers, and how each test copes (docs/compatibility.md):
 - Cyrus refuses to store a message that has header text but no header/body separator and
   no line end at all (`NO Message contains invalid header`); Dovecot stores it. The corpus
   for Cyrus leaves it out, and a test pins the refusal down.

@@ -105,7 +105,7 @@ def test_killed_between_flagging_and_expunging(
         assert observer.fetch(uid) == original  # every message intact
 
     restarted = start_bridge(stack, tmp_path / "second", dovecot.imap_port, "expunge")
-    # The flagged messages are hidden (README "Deletion, exactly"); the rest is served whole.
+    # The flagged messages are hidden (docs/design.md, "Deletion, exactly"); the rest is served whole.
     assert listing(restarted, mailbox) == [retr_payload(messages[0]), retr_payload(messages[3])]
     delete_and_quit(restarted, mailbox, [1])
     assert mailbox.observer().uids() == uids[1:]

@@ -1,6 +1,6 @@
 """The IMAP server restarts (Dovecot stopped and started on the same ports) between POP3
 sessions, while a session is open, and while the bridge holds a parked connection
-(bridge.upstream.pool). The bridge must reconnect by itself, answer every command (or close)
+(bridge.imap.pool). The bridge must reconnect by itself, answer every command (or close)
 within its timeout, and lose nothing.
 
 These tests own their Dovecot: stopping the session-wide one would break every other test.

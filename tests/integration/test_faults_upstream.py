@@ -3,7 +3,7 @@ Dovecot): cut, reset or stalled in the middle of RETR, QUIT, or a move. The clie
 never take a truncated message for a whole one, no message may be lost, nothing unmarked
 may be deleted, and the next session must work.
 
-What state each interruption leaves is the one README "Guarantees" states; these tests are
+What state each interruption leaves is the one docs/operators.md, "Guarantees", states; these tests are
 its proof.
 """
 
@@ -226,7 +226,7 @@ def test_upstream_lost_during_quit_deletes_nothing_unmarked(
         assert raw.command(b"QUIT").startswith(b"+OK")
 
     if expected == "flagged":
-        # README: a message left flagged \Deleted goes when the owner (or the server's
+        # docs/design.md: a message left flagged \Deleted goes when the owner (or the server's
         # clean-up) expunges the folder; the bridge itself never sends a plain EXPUNGE.
         assert not any(line.split(b" ", 2)[1:2] == [b"EXPUNGE"] for line in rig.proxy.lines_to_server())
         owner = fresh_observer(mailbox)
@@ -444,7 +444,7 @@ def test_refused_connections_get_sys_temp_and_the_next_login_works(
         assert raw.command(b"STAT").startswith(b"+OK 1 ")
 
 
-# -- parked connections (bridge.upstream.pool) ----------------------------------------------
+# -- parked connections (bridge.imap.pool) ----------------------------------------------
 
 
 @pytest.mark.parametrize("action", ["cut", "reset"])

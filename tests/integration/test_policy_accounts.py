@@ -1,7 +1,7 @@
 """Account names are compared case-insensitively, as the upstream compares them: Dovecot folds
 logins to lower case (auth_username_format = %Lu), so `Alice@example.com` opens alice's
 mailbox and must get alice's policy, her devices' locks and her login limits. Device names
-must be exactly the allowed characters. README: "Device names"."""
+must be exactly the allowed characters. docs/devices.md, "User names and devices"."""
 
 from __future__ import annotations
 

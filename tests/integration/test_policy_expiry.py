@@ -1,5 +1,5 @@
 """Retention for the per-client policy (`delete.expire_after_days`): what is removed, when,
-and what CAPA's EXPIRE tells clients. README: "Several devices on one mailbox", "Expiry"."""
+and what CAPA's EXPIRE tells clients. docs/devices.md, "Delete policies" and "Expiry"."""
 
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 (the mailbox owner, a shared-folder writer, `+detail` delivery, a Sieve rule) can plant one;
 only records signed with the server key (`delete.state_key`) for this account are trusted, and
 no record, signed or not, can make the bridge delete mail it may not delete, hide mail that
-arrives later, crash a session or hold up other sessions. README: "The state folder"."""
+arrives later, crash a session or hold up other sessions. docs/design.md, "Signed records"."""
 
 from __future__ import annotations
 
@@ -295,7 +295,7 @@ async def test_superseded_versions_flagged_deleted_are_not_read(mailbox: Mailbox
 def test_a_record_flagged_deleted_by_the_owner_no_longer_hides_mail(
     bridge_factory: BridgeFactory, mailbox: Mailbox
 ) -> None:
-    # An IMAP client that "deletes" by flagging (and expunges later, or never): the README
+    # An IMAP client that "deletes" by flagging (and expunges later, or never): docs/design.md
     # says deleting a device's record makes the device download everything again.
     seed(mailbox, 2)
     bridge = bridge_factory(delete={"policy": "per-client"}, upstream={"ignore_capabilities": ["UIDPLUS"]})

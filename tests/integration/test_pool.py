@@ -1,4 +1,4 @@
-"""Parked upstream connections (bridge.upstream.pool) against the real Dovecot, with both
+"""Parked upstream connections (bridge.imap.pool) against the real Dovecot, with both
 IMAP engines: reuse, password checks, a listing kept fresh while parked, a connection killed
 server-side, caps and eviction, and retries against an upstream that refuses connections.
 

@@ -1,4 +1,4 @@
-"""The benchmark (bench/, README "Performance") runs end to end in its tiny mode: three real
+"""The benchmark (bench/, docs/performance.md) runs end to end in its tiny mode: three real
 servers, the same client against each, a table and the raw JSON. Nothing here looks at the
 timings; they belong to the benchmark, not to tests."""
 

@@ -15,7 +15,7 @@ from tests.security_support import RawClient, plain_initial_response, secret_for
 
 WRONG = "definitely-Wrong-1"
 # These tests log the same account in several times in a row; parking its IMAP connection in
-# between (bridge.upstream.pool) is not what they are about.
+# between (bridge.imap.pool) is not what they are about.
 NO_PARKING = {"park_seconds": 0}
 
 

@@ -107,3 +107,51 @@ def test_modules_stay_short_enough_to_read_in_one_sitting(name: str) -> None:
         assert relative in DEVELOPMENT_PAGE.read_text()
         return
     assert lines <= MAX_LINES, f"{relative} has {lines} lines; split it (docs/development.md, Layout)"
+
+
+SANS_IO = ["bridge.pop3", "bridge.imap.wire", "bridge.imap.untagged", "bridge.imap.listing", "bridge.imap.syntax",
+           "bridge.imap.snapshot", "bridge.imap.limits", "bridge.imap.errors"]
+_IO_LIBRARIES = {"trio", "socket", "ssl", "asyncio", "selectors", "aioimaplib", "trio_asyncio"}
+
+
+def _all_imports(path: Path) -> set[str]:
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            found.add(node.module)
+    return found
+
+
+@pytest.mark.parametrize("name", [n for n in sorted(modules()) if any(n == s or n.startswith(s + ".") for s in SANS_IO)])
+def test_the_protocol_cores_do_no_io(name: str) -> None:
+    """The POP3 core and the IMAP response layer are bytes in, events out: no network, no
+    event loop (docs/development.md, "Dependency rules")."""
+    imported = {module.split(".")[0] for module in _all_imports(modules()[name])}
+    assert not imported & _IO_LIBRARIES, f"{name} imports {sorted(imported & _IO_LIBRARIES)}"
+
+
+@pytest.mark.parametrize(
+    ("name", "allowed"),
+    [
+        ("bridge.ops.logs", {"bridge.ops.secrets"}),
+        ("bridge.ops.metrics", set()),
+        ("bridge.ops.secrets", set()),
+        ("bridge.net.addresses", set()),
+    ],
+)
+def test_leaf_modules_import_no_more_of_the_bridge(name: str, allowed: set[str]) -> None:
+    """What everything imports must import (almost) nothing of the bridge itself."""
+    ours = {module for module in _all_imports(modules()[name]) if module.split(".")[0] == "bridge"}
+    assert ours <= allowed, f"{name} imports {sorted(ours - allowed)}"
+
+
+def test_the_configuration_depends_on_nothing_that_reads_it() -> None:
+    """config is read by everything; it may use only addresses, the secret-name rule and
+    (inside validators) the TLS loaders."""
+    allowed = {"bridge.net.addresses", "bridge.ops.secrets", "bridge.net.tls"}
+    for name, path in modules().items():
+        if name == "bridge.config" or name.startswith("bridge.config."):
+            ours = {m for m in _all_imports(path) if m.split(".")[0] == "bridge" and not m.startswith("bridge.config")}
+            assert ours <= allowed, f"{name} imports {sorted(ours - allowed)}"
