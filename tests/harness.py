@@ -135,6 +135,12 @@ class ThreadedBridge:
             raise RuntimeError("bridge crashed") from self._error
         _check_errors(self.events())
 
+    @property
+    def trio_token(self) -> trio.lowlevel.TrioToken:
+        """For running a function on the bridge's loop (trio.from_thread.run)."""
+        assert self._token is not None, "the bridge is not running"
+        return self._token
+
     def events(self) -> list[dict[str, Any]]:
         return [json.loads(line) for line in self.log.getvalue().splitlines() if line.startswith("{")]
 

@@ -13,7 +13,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import trio
 import trustme
+from cryptography import x509
 
 from sandbox import DovecotSandbox, Mailbox
 from tests.harness import (
@@ -231,10 +233,49 @@ def test_sighup_reloads_the_certificate_without_dropping_sessions(
             wait_until(lambda: b'"config_reload_failed"' in bridge.log_path.read_bytes(), "the failed reload")
             assert b"pop3.tls_key" in bridge.log_path.read_bytes()
             again = poplib.POP3_SSL("127.0.0.1", port, timeout=30, context=context)
-            again.close()
+            try:
+                # The renewed certificate, which the failed reload left in service.
+                assert int(again.sock.getpeercert()["serialNumber"], 16) == renewed_serial(renewed)
+            finally:
+                again.close()
             assert established.noop().startswith(b"+OK")
         finally:
             established.close()
+
+
+def renewed_serial(cert: trustme.LeafCert) -> int:
+    return x509.load_pem_x509_certificate(cert.cert_chain_pems[0].bytes()).serial_number
+
+
+@pytest.mark.bridge_errors("tls_reload_failed")
+def test_a_certificate_reload_that_fails_keeps_the_certificate_in_service(
+    tmp_path: Path, tls_bridge_factory: Callable[..., ThreadedBridge], tls_files: TlsFiles, mailbox: Mailbox
+) -> None:
+    """The reload hook itself failing (files valid when the configuration was checked, broken
+    by the time the hook reads them): tls_reload_failed, and new connections still get the
+    certificate that was in service."""
+    bridge = tls_bridge_factory()
+    context = tls_files.client_context()
+    before = poplib.POP3_SSL("127.0.0.1", tls_port(bridge), timeout=30, context=context)
+    serial = before.sock.getpeercert()["serialNumber"]
+    before.close()
+    broken = tmp_path / "broken.pem"
+    broken.write_text("not a certificate")
+    assert bridge.service is not None
+    service = bridge.service
+    settings = service.settings
+    reloaded = settings.model_copy(
+        update={"pop3": settings.pop3.model_copy(update={"tls_cert": str(broken), "tls_key": str(broken)})}
+    )
+    trio.from_thread.run(service.reload_hooks[0], reloaded, trio_token=bridge.trio_token)
+    assert [e["event"] for e in bridge.events() if e["event"] in ("tls_reload_failed", "tls_reloaded")] == ["tls_reload_failed"]
+    after = poplib.POP3_SSL("127.0.0.1", tls_port(bridge), timeout=30, context=context)
+    try:
+        assert after.sock.getpeercert()["serialNumber"] == serial
+        after.user(mailbox.user)
+        after.pass_(mailbox.password)
+    finally:
+        after.close()
 
 
 def _free_port() -> int:
