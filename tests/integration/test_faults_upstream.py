@@ -151,6 +151,8 @@ def test_upstream_lost_mid_retr_never_passes_off_a_truncated_message(
             assert b"\r\n.\r\n" not in rest
             # What did arrive is the message's beginning, stuffed as it should be.
             assert big.startswith(rest.replace(b"\n..", b"\n."))
+            aborted = [e for e in rig.bridge.events() if e["event"] == "retrieve_aborted"]
+            assert [(e["level"], e["uid"]) for e in aborted] == [("warning", uids[0])]
         else:
             # The first piece never arrived: a plain temporary error, the session goes on
             # (but its upstream connection is gone, so QUIT cannot apply the DELE).
@@ -201,6 +203,9 @@ def test_upstream_lost_during_quit_deletes_nothing_unmarked(
         assert raw.command(b"DELE 2").startswith(b"+OK")
         assert raw.command(b"QUIT").startswith(TEMP)
     assert fault.fired.is_set()
+    # What an operator sees (docs/operators.md, "Logs"): the deletions that failed.
+    failed = [e for e in rig.bridge.events() if e["event"] == "deletions_failed"]
+    assert [(e["level"], e["count"], e["policy"]) for e in failed] == [("warning", 2, "expunge")]
 
     flags = flags_by_uid(mailbox)
     # The unmarked message is always there, unflagged and intact.
@@ -269,6 +274,9 @@ def test_upstream_lost_between_the_halves_of_a_move(
         assert raw.command(b"DELE 2").startswith(b"+OK")
         assert raw.command(b"QUIT").startswith(TEMP)
     assert fault.fired.is_set()
+    # What an operator sees (docs/operators.md, "Logs"): the deletions that failed.
+    failed = [e for e in rig.bridge.events() if e["event"] == "deletions_failed"]
+    assert [(e["level"], e["count"], e["policy"]) for e in failed] == [("warning", 2, "expunge")]
     assert not any(b"UID MOVE" in line for line in rig.proxy.lines_to_server())
 
     flags = flags_by_uid(mailbox)
@@ -470,8 +478,11 @@ def test_parked_connection_broken_by_the_network(
     # raises if the bridge crashed), even when the break and the shutdown coincide.
     rig.proxy.cut_all()
     rig.bridge.stop()
-    # A parked connection that breaks is routine, not an error.
-    assert [e["event"] for e in rig.bridge.events() if e.get("level") in ("error", "critical")] == []
+    # A parked connection that breaks is routine, not an error: logged at info.
+    events = rig.bridge.events()
+    assert [e["event"] for e in events if e.get("level") in ("error", "critical")] == []
+    dropped = [e for e in events if e["event"] == "pool_connection_dropped"]
+    assert len(dropped) >= 2 and {(e["level"], e["reason"]) for e in dropped} == {("info", "broken")}
 
 
 def test_mail_arriving_while_the_maildrop_is_listed(rig_factory: Callable[..., Rig], mailbox: Mailbox) -> None:

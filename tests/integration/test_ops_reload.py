@@ -112,3 +112,31 @@ def test_sighup_changing_upstream_retires_parked_connections(
         assert _stat(bridge, mailbox.user, mailbox.password).startswith(b"+OK 3 ")
         assert wait_for_event(bridge, "pool_evicted")["connections"] == 1
         assert bridge.process.poll() is None
+
+
+def test_a_session_open_across_a_policy_change_keeps_the_policy_it_started_with(
+    mailbox: Mailbox, tmp_path: Path
+) -> None:
+    """docs/operators.md ("Signals"): a reload applies to sessions that start after it; one in
+    progress finishes with the settings it started with."""
+    uids = mailbox.append(numbered_messages(2)).uids
+    bridge = SubprocessBridge(tmp_path, mailbox.imap_port, extra_toml='[delete]\npolicy = "keep"\n')
+    with bridge:
+        assert bridge.process is not None
+        with RawPop3("127.0.0.1", bridge.port) as before:
+            before.login(mailbox.user, mailbox.password)
+            assert before.command(b"DELE 1").startswith(b"+OK")
+            bridge.config_path.write_text(bridge.config_path.read_text().replace('policy = "keep"', 'policy = "expunge"'))
+            bridge.process.send_signal(signal.SIGHUP)
+            wait_for_event(bridge, "config_reloaded", changed=["delete.policy"])
+            # Quit after the reload: still "keep", so message 1 stays, marked \Seen.
+            assert before.command(b"QUIT").startswith(b"+OK")
+        observer = mailbox.observer()
+        assert observer.uids() == uids
+        assert "\\Seen" in observer.flags(uids[0])
+        # A session that starts after the reload expunges.
+        with RawPop3("127.0.0.1", bridge.port) as after:
+            after.login(mailbox.user, mailbox.password)
+            assert after.command(b"DELE 2").startswith(b"+OK")
+            assert after.command(b"QUIT").startswith(b"+OK")
+        assert mailbox.observer().uids() == [uids[0]]

@@ -10,9 +10,8 @@ from collections.abc import Callable
 import pytest
 
 from sandbox import Mailbox, numbered_messages
-from tests.harness import Pop3Client, RawPop3, ThreadedBridge, wait_for_event
+from tests.harness import ENGINES, Pop3Client, RawPop3, ThreadedBridge, wait_for_event
 from tests.integration.policy_support import (
-    ENGINES,
     MOVE_FOLDER,
     STATE_FOLDER,
     folder_names,

@@ -8,14 +8,18 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
+import structlog
 import trio
 
 from bridge.imap.engines import engine_runtime, open_mailbox
 from bridge.imap.mailbox import ImapMailbox
+from bridge.policy.deletion import MaildropView, apply_deletions
 from bridge.policy.device_state import DeviceStateStore, StateBackend, StateChanging, StateSigner
+from bridge.policy.identity import resolve_login
 from bridge.policy.uid_ranges import UidRanges
 from sandbox import DovecotSandbox, Mailbox, numbered_messages
 from tests.harness import (
+    ENGINES,
     TEST_STATE_KEY,
     RawPop3,
     SubprocessBridge,
@@ -24,7 +28,6 @@ from tests.harness import (
     wait_for_event,
 )
 from tests.integration.policy_support import (
-    ENGINES,
     STATE_FOLDER,
     create_folder,
     folder_names,
@@ -363,6 +366,42 @@ async def test_store_reads_again_when_a_version_is_replaced_mid_read(mailbox: Ma
             finally:
                 for connection in (one, two):
                     await connection.aclose()
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+async def test_expiry_waits_for_a_calmer_quit_when_states_keep_changing(mailbox: Mailbox, engine: str) -> None:
+    """Expiry reads every device's state; when other bridges keep replacing versions while it
+    reads, it is skipped (expiry_skipped), the device's own deletions are saved anyway, and
+    nothing is removed on a guess."""
+    seed(mailbox, 3)
+    settings = bridge_settings(mailbox.imap_port, upstream={"engine": engine}, delete={**PER_CLIENT, "expire_after_days": 1})
+    with trio.fail_after(60):
+        async with engine_runtime(engine):
+            one, two = await _connections(mailbox, 2, engine)
+            try:
+                other = _store(two, mailbox)
+
+                async def another_bridge_saves_laptop() -> None:
+                    state = await other.load("laptop", snapshot.uidvalidity)
+                    state.hidden = state.hidden.union(UidRanges.of([3]))
+                    await other.save(state, snapshot.uidvalidity)
+
+                snapshot = await one.snapshot()
+                await another_bridge_saves_laptop()
+                backend = _SaveBeforeFetch(one, another_bridge_saves_laptop, times=0)
+                store = _store(backend, mailbox)
+                identity = resolve_login(f"{mailbox.user}#phone", settings.delete)
+                view = MaildropView(identity, snapshot, snapshot.uids, await store.load("phone", snapshot.uidvalidity), store)
+                backend.times_left = 100  # from now on every read races another save
+                with structlog.testing.capture_logs() as logged:
+                    await apply_deletions(one, view, [snapshot.uids[0]], settings)
+                assert [e["reason"] for e in logged if e["event"] == "expiry_skipped"] == ["state_changing"]
+                assert not [e for e in logged if e["event"] == "messages_expired"]
+            finally:
+                for connection in (one, two):
+                    await connection.aclose()
+    assert len(mailbox.observer().uids()) == 3
+    assert hidden_for(mailbox, "phone") == UidRanges.of([snapshot.uids[0]])
 
 
 def test_records_of_other_maildrops_are_kept_apart(bridge_factory: BridgeFactory, mailbox: Mailbox) -> None:

@@ -17,6 +17,7 @@ from bridge.policy.device_state import DeviceStateStore, StateSigner
 from bridge.policy.uid_ranges import UidRanges
 from sandbox import Mailbox, numbered_messages
 from tests.harness import (
+    ENGINES,
     TEST_STATE_KEY,
     Pop3Client,
     ThreadedBridge,
@@ -24,7 +25,6 @@ from tests.harness import (
     wait_for_event,
 )
 from tests.integration.policy_support import (
-    ENGINES,
     STATE_FOLDER,
     json_body,
     plant_state,
