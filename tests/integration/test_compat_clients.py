@@ -113,6 +113,13 @@ def test_poplib(tls_bridge: tuple[int, int], mailbox: Mailbox, tls_files: TlsFil
 # -- getmail6 ----------------------------------------------------------------------------------
 
 
+_MDA = (
+    "cat > $(mktemp DIR/msg.XXXXXXXX); i=0; "
+    "while [ $i -lt 3000 ] && [ $(( 0x$(awk '/^SigCgt/ {print $2}' /proc/$PPID/status) & 0x10000 )) -eq 0 ]; "
+    "do sleep 0.01; i=$((i + 1)); done"
+)
+
+
 def run_getmail(home: Path, port: int, box: Mailbox, *, tls: bool, ca_file: str, delete: bool) -> list[bytes]:
     getmail = shutil.which("getmail")
     assert getmail is not None, "getmail is missing; install the Debian package getmail6 (scripts/install-deps)"
@@ -125,11 +132,12 @@ def run_getmail(home: Path, port: int, box: Mailbox, *, tls: bool, ca_file: str,
         f"username = {box.user}\npassword = {box.password}\n{tls_lines}"
         # An external MDA writes each message to its own file; getmail refuses to deliver to a
         # Maildir as root, and allow_root_commands lets the MDA run in CI (root). getmail 6.18
-        # installs its SIGCHLD handler only after fork(), so a delivery child that exits before
-        # the parent gets there is never noticed (getmail then fails after its 180 s timeout):
-        # the MDA lingers a moment after writing to close that window on a loaded machine.
+        # installs its SIGCHLD handler only after fork() (getmailcore.baseclasses.forkchild), so
+        # a delivery child that exits before the parent gets there is never noticed (getmail
+        # then fails after its timeout): the MDA exits only once its parent catches SIGCHLD
+        # (signal 17: bit 0x10000 of SigCgt in /proc/PID/status), at most 30 s later.
         f"[destination]\ntype = MDA_external\npath = /bin/sh\n"
-        f'arguments = ("-c", "cat > $(mktemp {delivered}/msg.XXXXXXXX); sleep 0.2")\n'
+        f'arguments = ("-c", "{_MDA.replace("DIR", str(delivered))}")\n'
         f"allow_root_commands = true\n"
         f"[options]\ndelete = {str(delete).lower()}\nread_all = true\ndelivered_to = false\n"
         f"received = false\nverbose = 0\n"

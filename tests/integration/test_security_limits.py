@@ -72,7 +72,9 @@ def test_pipelining_flood_is_held_back_by_flow_control(
         chunk = command * (1 << 14)
         offered_limit = 256 << 20
         accepted = 0
-        flood.settimeout(2.0)  # a stall this long means the bridge stopped reading
+        # A bridge that kept reading would take the next chunk within moments; one that stopped
+        # never will. Ten seconds tells the two apart even on a loaded machine.
+        flood.settimeout(10.0)
         while accepted < offered_limit:
             try:
                 accepted += flood.send(chunk)
@@ -99,7 +101,9 @@ def test_pipelining_flood_is_held_back_by_flow_control(
 def test_client_that_stops_reading_mid_retr(
     bridge_factory: Callable[..., ThreadedBridge], mailbox: Mailbox, dovecot: DovecotSandbox
 ) -> None:
-    size = 16 << 20
+    # Far more than every socket buffer on the way (client, bridge, Dovecot; autotuned, a few
+    # MiB each) can hold together: what the bridge fetched is bounded by them, not by luck.
+    size = 96 << 20
     body = b"".join(b"%07d " % n + b"x" * 60 + b"\r\n" for n in range(size // 70))
     mailbox.append([b"Subject: big\r\n\r\n" + body])
     bridge = bridge_factory(

@@ -8,6 +8,7 @@ import os
 import poplib
 import re
 import signal
+import socket
 import ssl
 from collections.abc import Callable
 from pathlib import Path
@@ -405,3 +406,64 @@ def test_bad_certificate_files_are_config_errors(tmp_path: Path, tls_files: TlsF
         assert str(caught.value).startswith(message), str(caught.value)
     with pytest.raises(ConfigError, match="upstream.ca_file:"):
         load_settings(None, {"upstream": {"ca_file": tls_files.key}})
+
+
+# -- the limits on TLS listeners ----------------------------------------------------------------
+
+
+def _stalled_tls_client(port: int, source: str = "127.0.0.1") -> socket.socket:
+    """A client on the implicit-TLS listener that connects and never starts its handshake."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=30, source_address=(source, 0))
+    return sock
+
+
+def test_an_implicit_tls_handshake_that_never_comes_is_cut_off(tls_bridge_factory: Callable[..., ThreadedBridge]) -> None:
+    bridge = tls_bridge_factory(pop3={"handshake_timeout_seconds": 1})
+    with _stalled_tls_client(tls_port(bridge)) as silent:
+        dropped = wait_for_event(bridge, "connection_dropped", reason="handshake_timeout")
+        assert dropped["peer"].startswith("127.0.0.1:")
+        assert silent.recv(100) == b""  # closed, without a word in the clear
+
+
+def test_a_full_bridge_closes_new_tls_connections_without_a_handshake(
+    tls_bridge_factory: Callable[..., ThreadedBridge], tls_files: TlsFiles
+) -> None:
+    bridge = tls_bridge_factory(pop3={"max_connections": 1})
+    context = tls_files.client_context()
+    with RawClient(tls_port(bridge), tls=context):
+        with socket.create_connection(("127.0.0.1", tls_port(bridge)), timeout=30) as refused:
+            # Nothing in the clear (it would only be a TLS error to the client): just closed.
+            assert refused.recv(100) == b""
+        assert wait_for_event(bridge, "connection_refused")["reason"] == "max_connections"
+
+
+def test_handshakes_in_progress_count_towards_the_per_address_cap(
+    tls_bridge_factory: Callable[..., ThreadedBridge], tls_files: TlsFiles
+) -> None:
+    bridge = tls_bridge_factory(pop3={"max_connections_per_address": 1})
+    with _stalled_tls_client(tls_port(bridge), "127.0.0.2"):
+        wait_until(lambda: bridge.service is not None and bridge.service.state.active_sessions == 1, "the stalled handshake")
+        with socket.create_connection(("127.0.0.1", tls_port(bridge)), timeout=30, source_address=("127.0.0.2", 0)) as second:
+            assert second.recv(100) == b""
+        assert wait_for_event(bridge, "connection_refused")["reason"] == "max_connections_per_address"
+        # Another address is not affected.
+        with RawClient(tls_port(bridge), tls=tls_files.client_context(), source="127.0.0.3") as other:
+            assert other.greeting.startswith(b"+OK")
+
+
+def test_a_tls_client_that_stops_reading_is_disconnected(
+    tls_bridge_factory: Callable[..., ThreadedBridge], tls_files: TlsFiles, mailbox: Mailbox
+) -> None:
+    # Far more than the socket buffers between the bridge and the client can hold.
+    mailbox.append([b"Subject: big\r\n\r\n" + (b"x" * 70 + b"\r\n") * ((32 << 20) // 72)])
+    bridge = tls_bridge_factory(pop3={"send_timeout_seconds": 1})
+    client = RawClient(tls_port(bridge), tls=tls_files.client_context())
+    try:
+        client.login(mailbox.user, mailbox.password)
+        client.send(b"RETR 1\r\n")
+        # ...and never reads again.
+        end = wait_for_event(bridge, "session_end", user=mailbox.user)
+        assert end["outcome"] == "send_timeout"
+        assert wait_for_event(bridge, "client_not_reading")["seconds"] == 1
+    finally:
+        client.sock.close()
