@@ -276,7 +276,7 @@ def test_upstream_lost_between_the_halves_of_a_move(
     assert fault.fired.is_set()
     # What an operator sees (docs/operators.md, "Logs"): the deletions that failed.
     failed = [e for e in rig.bridge.events() if e["event"] == "deletions_failed"]
-    assert [(e["level"], e["count"], e["policy"]) for e in failed] == [("warning", 2, "expunge")]
+    assert [(e["level"], e["count"], e["policy"]) for e in failed] == [("warning", 2, "move")]
     assert not any(b"UID MOVE" in line for line in rig.proxy.lines_to_server())
 
     flags = flags_by_uid(mailbox)
