@@ -22,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from tests.harness import SubprocessBridge, free_port
+from tests.harness import SubprocessBridge, free_port, wait_until
 
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy"
@@ -298,7 +298,8 @@ class Haproxy:
         self.command = [haproxy_binary(), "-db", "-n", str(maxconn), "-f", str(config)]
         self.process: subprocess.Popen[bytes] | None = None
 
-    def start(self, ready: Callable[[], bool], wait: Callable[[Callable[[], bool], str], object]) -> Haproxy:
+    def start(self, ready: Callable[[], bool]) -> Haproxy:
+        """Start it, and wait until ``ready()`` (e.g. a client through it got a greeting)."""
         with open(self.log_path, "wb") as out:
             self.process = subprocess.Popen(self.command, stdout=out, stderr=subprocess.STDOUT)
 
@@ -308,7 +309,7 @@ class Haproxy:
                 raise AssertionError(f"haproxy exited ({self.process.returncode}): {self.log_path.read_text()}")
             return ready()
 
-        wait(serving, "haproxy to pass a session to the bridge")
+        wait_until(serving, "haproxy to pass a session to the bridge", timeout=60)
         return self
 
     def stop(self) -> None:

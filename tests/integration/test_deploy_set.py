@@ -41,7 +41,7 @@ from tests.deploy_support import (
     of_kind,
 )
 from tests.harness import free_port
-from tests.integration.ops_support import http_get, wait_for, wait_for_event
+from tests.integration.ops_support import http_get, wait_for_event
 from tests.security_support import RawClient, TlsFiles, proxy_v2
 
 BALANCER = "127.0.0.1"  # where the test's balancers (haproxy, or the test itself) connect from
@@ -127,7 +127,8 @@ def test_every_service_and_haproxy_port_reaches_a_listener_expecting_what_is_sen
         assert not [name for name in annotations if "proxy-protocol" in name], annotations
         for service_port in service["spec"]["ports"]:
             where = f"Service {service['metadata']['name']} port {service_port['port']}"
-            protocol = PROTOCOL_OF_PORT[service_port["port"]]
+            protocol = PROTOCOL_OF_PORT.get(service_port["port"], "")
+            assert protocol, f"{where}: which protocol do clients speak there? (tests/deploy_support.py)"
             target = ports[service_port["targetPort"]]
             assert target in pod.ports, f"{where} -> container port {target}: the bridge does not listen there"
             if protocol == HTTP:
@@ -140,7 +141,8 @@ def test_every_service_and_haproxy_port_reaches_a_listener_expecting_what_is_sen
 
     source_ports = itertools.count(40001)
     for route in haproxy_routes(HAPROXY_CONFIG.read_text()):
-        protocol = PROTOCOL_OF_PORT[route.bind_port]
+        protocol = PROTOCOL_OF_PORT.get(route.bind_port, "")
+        assert protocol, f"haproxy frontend {route.frontend}: which protocol do clients speak on {route.bind_port}?"
         for target, sends_proxy in sorted(set(route.servers)):
             where = f"haproxy frontend {route.frontend} (:{route.bind_port}) -> port {target}"
             assert target in pod.ports, f"{where}: the bridge does not listen there"
@@ -177,7 +179,7 @@ def start_haproxy(tmp_path: Path) -> Iterator[HaproxyStarter]:
         config.write_text(loopback_haproxy_config(text, pod, frontends))
         haproxy = Haproxy(config, tmp_path / "haproxy.log", HAPROXY_MAXCONN)
         started.append(haproxy)
-        haproxy.start(lambda: _greets(frontends[110]), wait_for)
+        haproxy.start(lambda: _greets(frontends[110]))
         return frontends
 
     try:

@@ -1,4 +1,5 @@
-"""The deployment artefacts' commands, run for real outside containers (no Docker engine here).
+"""The deployment artefacts' commands, run for real outside containers (scripts/check-image, a
+CI step, builds the images with podman and runs them).
 
 - deploy/Dockerfile: ENTRYPOINT + CMD with the image's environment serve POP3, the
   HEALTHCHECK command succeeds against it, and STOPSIGNAL ends it with status 0.
