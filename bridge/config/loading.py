@@ -28,6 +28,7 @@ from bridge.config.deletion import (
     check_delete_names,
     check_state_key,
 )
+from bridge.config.routing import RouteSettings, RoutingSettings, admin_login_problems, check_routes
 from bridge.config.sections import (
     AdminSettings,
     LoggingSettings,
@@ -80,6 +81,9 @@ class BridgeSettings(BaseSettings):
     login_limits: LoginLimitSettings = Field(default_factory=LoginLimitSettings)
     admin: AdminSettings = Field(default_factory=AdminSettings)
     server: ServerSettings = Field(default_factory=ServerSettings)
+    routing: RoutingSettings = Field(default_factory=RoutingSettings)
+    # [[routes]]: the first whose `match` fits an account decides its back end.
+    routes: list[RouteSettings] = Field(default_factory=list)  # type: ignore[valid-type]
 
     @classmethod
     def settings_customise_sources(
@@ -136,12 +140,26 @@ def _shown_value(key: str, value: Any) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
-def _describe(error: ValidationError, path: Path | None, environ: Mapping[str, str]) -> str:
+def _key_of(loc: tuple[str, ...], data: Mapping[str, Any]) -> str:
+    """`upstream.port`; a route's key as `routes[1] (legacy).port`, naming the route."""
+    if len(loc) >= 2 and loc[0] == "routes" and loc[1].isdigit():
+        routes = data.get("routes")
+        index = int(loc[1])
+        name = ""
+        if isinstance(routes, list) and index < len(routes) and isinstance(routes[index], dict):
+            name = str(routes[index].get("name") or "")
+        return f"routes[{index}]" + (f" ({name})" if name else "") + "".join(f".{part}" for part in loc[2:])
+    return ".".join(loc) or "(top level)"
+
+
+def _describe(
+    error: ValidationError, path: Path | None, environ: Mapping[str, str], data: Mapping[str, Any] | None = None
+) -> str:
     by_setting = {_setting_of(name): name for name in environ}
     lines = []
     for item in error.errors():
         loc = tuple(str(part) for part in item["loc"])
-        key = ".".join(loc) or "(top level)"
+        key = _key_of(loc, data or {})
         reason = item["msg"].removeprefix("Value error, ")
         if item["type"] == "extra_forbidden":
             reason = "unknown key"
@@ -173,15 +191,40 @@ def load_settings(path: Path | None = None, overrides: dict[str, Any] | None = N
             raise ConfigError(f"{path}: not valid TOML: {exc}") from None
     if overrides:
         for section, values in overrides.items():
-            data.setdefault(section, {}).update(values)
+            if isinstance(values, list):  # [[routes]]: replaced as a whole
+                data[section] = values
+            else:
+                data.setdefault(section, {}).update(values)
     try:
         settings = BridgeSettings(**data)
     except ValidationError as exc:
-        raise ConfigError(_describe(exc, path, variables)) from None
+        raise ConfigError(_describe(exc, path, variables, data)) from None
     check_delete_folders(settings.delete, settings.upstream.mailbox)
+    check_routes(
+        settings.routes, settings.upstream, settings.routing,
+        lambda maildrop: check_delete_folders(settings.delete, maildrop),
+    )
+    check_admin(settings)
     check_delete_names(settings.delete)
     check_state_key(settings.delete)
     return settings
+
+
+def check_admin(settings: BridgeSettings) -> None:
+    """The admin API answers only requests with the token; on a listener other machines can
+    reach, a configuration without one is refused rather than started."""
+    admin = settings.admin
+    problems = [f"upstream.{problem}" for problem in admin_login_problems(settings.upstream)]
+    if admin.token and admin.token_file:
+        problems.append("admin.token: give admin.token or admin.token_file, not both")
+    address = admin.listen_address
+    if admin.api and not admin.api_token and address is not None and not is_loopback_host(address.host):
+        problems.append(
+            f"admin.api: on a listener other machines can reach ({admin.listen}) the admin API needs "
+            "a token: admin.token_file, or the environment variable BRIDGE_ADMIN__TOKEN"
+        )
+    if problems:
+        raise ConfigError("\n".join(problems))
 
 
 def weakened_settings(settings: BridgeSettings) -> list[tuple[str, dict[str, str]]]:

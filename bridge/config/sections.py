@@ -5,9 +5,10 @@ with it in the example bridge.toml."""
 from __future__ import annotations
 
 import ipaddress
-from typing import Literal
+from pathlib import Path
+from typing import Any, Literal
 
-from pydantic import Field, ValidationInfo, field_validator
+from pydantic import Field, PrivateAttr, ValidationInfo, field_validator
 
 from bridge.config.base import Section, readable_file
 from bridge.net.addresses import ListenAddress, parse_listen_address
@@ -111,6 +112,11 @@ class UpstreamSettings(Section):
     engine: Literal["trio", "aioimaplib"] = "trio"
     reconnect_initial_seconds: float = Field(default=0.2, gt=0, le=60)
     reconnect_max_seconds: float = Field(default=5.0, gt=0, le=300)
+    # The server's admin (a Dovecot master user, a Cyrus admin), for `pop3-imap-bridge admin
+    # devices|device-reset`, which read and write an account's device state without its
+    # owner's password: SASL PLAIN as `admin_login`, authorized as the account.
+    admin_login: str = ""
+    admin_password_file: str = ""
 
     @property
     def ignore_capabilities_set(self) -> frozenset[str]:
@@ -128,6 +134,11 @@ class UpstreamSettings(Section):
             except TlsConfigError as exc:
                 raise ValueError(str(exc)) from None
         return value
+
+    @field_validator("admin_password_file")
+    @classmethod
+    def _admin_password_file(cls, value: str) -> str:
+        return readable_file(value)
 
 
 class PoolSettings(Section):
@@ -165,6 +176,12 @@ class AdminSettings(Section):
     listen: str = ""
     readiness_cache_seconds: float = Field(default=5.0, ge=0, le=300)
     max_connections: int = Field(default=64, ge=1)
+    # The admin API (/admin/...: sessions, kick, devices, device-reset) on this listener,
+    # for requests carrying `Authorization: Bearer <token>`.
+    api: bool = False
+    token: str = ""
+    token_file: str = ""
+    _token_value: str = PrivateAttr("")
 
     @field_validator("listen")
     @classmethod
@@ -173,9 +190,26 @@ class AdminSettings(Section):
             parse_listen_address(value)
         return value
 
+    @field_validator("token_file")
+    @classmethod
+    def _token_file(cls, value: str) -> str:
+        return readable_file(value)
+
+    def model_post_init(self, context: Any) -> None:
+        # Surrounding whitespace (an editor's newline) is not part of the token.
+        if self.token:
+            self._token_value = self.token.strip()
+        elif self.token_file:
+            self._token_value = Path(self.token_file).read_text().strip()
+
     @property
     def listen_address(self) -> ListenAddress | None:
         return parse_listen_address(self.listen) if self.listen else None
+
+    @property
+    def api_token(self) -> str:
+        """The bearer token of `token` or `token_file` ("" when neither is set)."""
+        return self._token_value
 
 
 class ServerSettings(Section):

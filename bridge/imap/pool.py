@@ -20,8 +20,12 @@ connection. Two rules bound that:
   with another password: parked ones are logged out at once, ones in use by a session are
   logged out when that session ends.
 
-A configuration reload that changes any `[upstream]` key retires every connection opened
-under the old settings the same way (`retire_stale`).
+Connections are parked by back end and account (bridge.routing): a session takes only a
+connection of its own back end, opened with exactly the settings and upstream login its route
+gives now. When an account's route changes (a lookup answer naming another server), its
+connections to the old back end are retired (`route_changed`). A configuration reload retires
+every connection its back end's new settings no longer match (`retire_stale`): a reload that
+changes one route retires only that back end's connections.
 
 While parked, a connection is held by a keeper task (`keep_alive`: IDLE, re-issued every
 `pool.keepalive_seconds`, or NOOP), which also keeps the engine's maildrop listing warm. A
@@ -54,6 +58,7 @@ from bridge.imap.errors import UpstreamError, UpstreamNotListening, UpstreamUnav
 from bridge.imap.mailbox import ImapMailbox
 from bridge.ops import metrics
 from bridge.ops.logs import get_logger
+from bridge.routing.routes import Backend
 
 _log = get_logger(component="pool")
 _SHUTDOWN_GRACE_SECONDS = 3.0
@@ -72,9 +77,9 @@ class _Parked:
     salt: bytes
     digest: bytes
     mailbox: ImapMailbox
-    # Trio time of the connection's upstream LOGIN, and the settings it was opened with.
+    # Trio time of the connection's upstream LOGIN, and where and as whom it was opened.
     logged_in_at: float
-    upstream: UpstreamSettings
+    backend: Backend
     stop: trio.Event = field(default_factory=trio.Event)
     done: trio.Event = field(default_factory=trio.Event)
     claimed: bool = False
@@ -96,6 +101,9 @@ class UpstreamPool:
         # parked again).
         self._leases: set[Lease] = set()
         self._nursery: trio.Nursery | None = None
+        # May a connection opened for this back end still serve it? (bridge.routing.router
+        # answers for the routes; without routes, [upstream] as it is now.)
+        self.is_current: Callable[[Backend], bool] = lambda backend: backend.upstream == self._settings().upstream
 
     # -- running ------------------------------------------------------------------------------
 
@@ -120,17 +128,24 @@ class UpstreamPool:
 
     # -- checking out -------------------------------------------------------------------------
 
-    async def checkout(self, account: str, password: str) -> Lease:
-        """A logged-in connection for `account`: a parked one whose password matches, else a
-        fresh one. Raises AuthenticationFailed, UpstreamUnavailable or UpstreamError."""
+    def default_backend(self, account: str) -> Backend:
+        """[upstream] as it is now, logged in as the account itself (no routes)."""
+        return Backend("default", self._settings().upstream, account)
+
+    async def checkout(self, account: str, password: str, *, backend: Backend | None = None) -> Lease:
+        """A logged-in connection for `account` on `backend` (default: [upstream]): a parked
+        one of that back end whose password matches, else a fresh one. Raises
+        AuthenticationFailed, UpstreamUnavailable or UpstreamError."""
         settings = self._settings()
+        backend = backend or self.default_backend(account)
         salt = secrets.token_bytes(16)
         digest = _digest(salt, password)
         # Connections are the account's however its name is spelt (the upstream folds case).
         key = account_key(account)
+        self._retire_other_routes(key, backend)
         mismatch = False
         for entry in reversed(list(self._parked.values())):
-            if entry.account != key:
+            if entry.account != key or entry.backend.name != backend.name:
                 continue
             if not entry.matches(password):
                 # Maybe the password changed upstream, maybe it is wrong: a fresh login
@@ -141,37 +156,53 @@ class UpstreamPool:
                 # Claimed by another session (or dropped) while this one waited on a claim
                 # that failed: the list walked here is a copy.
                 continue
-            unfit = self._unfit(entry.logged_in_at, entry.upstream, settings)
+            unfit = self._unfit(entry.logged_in_at, entry.backend, settings, backend)
             if unfit is not None:
                 self._evict(entry, unfit)
                 continue
-            mailbox = await self._claim(entry, settings.upstream.timeout_seconds)
+            mailbox = await self._claim(entry, backend.upstream.timeout_seconds)
             if mailbox is not None:
                 metrics.UPSTREAM_REUSES.inc()
-                _log.info("upstream_reused")
-                return self._lease(mailbox, key, salt, digest, entry.logged_in_at, entry.upstream)
-        _log.info("upstream_fresh", reason="password_mismatch" if mismatch else "none_parked", engine=settings.upstream.engine)
+                _log.info("upstream_reused", backend=backend.name)
+                return self._lease(mailbox, key, salt, digest, entry.logged_in_at, entry.backend)
+        _log.info(
+            "upstream_fresh", reason="password_mismatch" if mismatch else "none_parked", engine=backend.upstream.engine,
+            backend=backend.name,
+        )
         logged_in_at = trio.current_time()
-        mailbox = await self._open(settings.upstream, account, password)
+        mailbox = await self._open(backend, password)
         self._retire_other_passwords(key, password)
-        return self._lease(mailbox, key, salt, digest, logged_in_at, settings.upstream)
+        return self._lease(mailbox, key, salt, digest, logged_in_at, backend)
 
     def _lease(
-        self, mailbox: ImapMailbox, account: str, salt: bytes, digest: bytes,
-        logged_in_at: float, upstream: UpstreamSettings,
+        self, mailbox: ImapMailbox, account: str, salt: bytes, digest: bytes, logged_in_at: float, backend: Backend
     ) -> Lease:
-        lease = Lease(self, mailbox, account, salt, digest, logged_in_at, upstream)
+        lease = Lease(self, mailbox, account, salt, digest, logged_in_at, backend)
         self._leases.add(lease)
         return lease
 
-    @staticmethod
-    def _unfit(logged_in_at: float, upstream: UpstreamSettings, settings: BridgeSettings) -> str | None:
-        """Why a connection must not be handed over or parked again, if it must not."""
+    def _unfit(
+        self, logged_in_at: float, opened_for: Backend, settings: BridgeSettings, wanted: Backend | None = None
+    ) -> str | None:
+        """Why a connection must not be handed over (to a session that wants `wanted`) or
+        parked again, if it must not."""
         if trio.current_time() - logged_in_at >= settings.pool.max_age_seconds:
             return "max_age"
-        if upstream != settings.upstream:
+        if wanted is not None and (opened_for.upstream, opened_for.login) != (wanted.upstream, wanted.login):
+            return "upstream_changed"
+        if not self.is_current(opened_for):
             return "upstream_changed"
         return None
+
+    def _retire_other_routes(self, account: str, backend: Backend) -> None:
+        """`account` (an account_key) is served by `backend` now: its connections to any other
+        back end serve no further session (the account moved, or a lookup says so)."""
+        for entry in list(self._parked.values()):
+            if entry.account == account and entry.backend.name != backend.name:
+                self._evict(entry, "route_changed")
+        for lease in self._leases:
+            if lease.account == account and lease.retired is None and lease.backend.name != backend.name:
+                lease.retired = "route_changed"
 
     def _retire_other_passwords(self, account: str, password: str) -> None:
         """`password` just logged `account` (an account_key) in upstream: connections opened
@@ -185,15 +216,15 @@ class UpstreamPool:
                 lease.retired = "password_changed"
 
     def retire_stale(self) -> int:
-        """After a configuration reload: log out every parked connection opened under other
-        `[upstream]` settings than the current ones, and retire those in use (their sessions
-        keep them to the end). Returns how many parked connections were logged out."""
-        settings = self._settings()
-        stale = [entry for entry in self._parked.values() if entry.upstream != settings.upstream]
+        """After a configuration reload: log out every parked connection whose back end the
+        configuration now gives other settings (or no longer has), and retire those in use
+        (their sessions keep them to the end). Returns how many parked connections were
+        logged out."""
+        stale = [entry for entry in self._parked.values() if not self.is_current(entry.backend)]
         for entry in stale:
             self._evict(entry, "upstream_changed")
         for lease in self._leases:
-            if lease.retired is None and lease.upstream != settings.upstream:
+            if lease.retired is None and not self.is_current(lease.backend):
                 lease.retired = "upstream_changed"
         return len(stale)
 
@@ -212,14 +243,18 @@ class UpstreamPool:
         await entry.mailbox.aclose()
         return None
 
-    async def _open(self, upstream: UpstreamSettings, account: str, password: str) -> ImapMailbox:
-        deadline = trio.current_time() + upstream.timeout_seconds
+    async def _open(self, backend: Backend, password: str) -> ImapMailbox:
+        upstream = backend.upstream
+        started = deadline = trio.current_time()
+        deadline += upstream.timeout_seconds
         delay = upstream.reconnect_initial_seconds
         attempt = 1
         while True:
             try:
                 with trio.fail_at(deadline):
-                    return await self._opener(upstream, account, password)
+                    mailbox = await self._opener(upstream, backend.login, password)
+                metrics.backend_connect_time(backend.name).observe(trio.current_time() - started)
+                return mailbox
             except trio.TooSlowError:
                 if attempt > 1:
                     # The deadline fell during a retry rather than between two: the same
@@ -249,14 +284,15 @@ class UpstreamPool:
         if self._nursery is None or not mailbox.usable or settings.park_seconds <= 0 or settings.max_connections <= 0:
             await mailbox.aclose()
             return
-        retired = lease.retired or self._unfit(lease.logged_in_at, lease.upstream, bridge_settings)
+        retired = lease.retired or self._unfit(lease.logged_in_at, lease.backend, bridge_settings)
         if retired is not None:
-            _log.log(_level(retired), "pool_connection_closed", reason=retired)
+            _log.log(_level(retired), "pool_connection_closed", reason=retired, backend=lease.backend.name)
             await mailbox.aclose()
             return
-        entry = _Parked(lease.account, lease.salt, lease.digest, mailbox, lease.logged_in_at, lease.upstream)
+        entry = _Parked(lease.account, lease.salt, lease.digest, mailbox, lease.logged_in_at, lease.backend)
         self._parked[id(entry)] = entry
         metrics.UPSTREAM_POOLED.inc()
+        metrics.backend_pooled(entry.backend.name).inc()
         # Parked for park_seconds, or until the connection reaches its maximum age.
         age_left = settings.max_age_seconds - (trio.current_time() - lease.logged_in_at)
         expiry = (settings.park_seconds, "expired") if settings.park_seconds <= age_left else (age_left, "max_age")
@@ -271,6 +307,7 @@ class UpstreamPool:
     def _forget(self, entry: _Parked) -> None:
         if self._parked.pop(id(entry), None) is not None:
             metrics.UPSTREAM_POOLED.dec()
+            metrics.backend_pooled(entry.backend.name).dec()
 
     def _evict(self, entry: _Parked, reason: str) -> None:
         self._forget(entry)
@@ -311,14 +348,14 @@ class UpstreamPool:
                 if error is not None:
                     _log.info("pool_connection_dropped", reason="broken", error=error)
                 else:
-                    _log.log(_level(entry.evicted), "pool_connection_closed", reason=entry.evicted)
+                    _log.log(_level(entry.evicted), "pool_connection_closed", reason=entry.evicted, backend=entry.backend.name)
                 await entry.mailbox.aclose()
                 entry.done.set()
 
 
 def _level(reason: str | None) -> int:
     # Retirements for security reasons are worth an operator's eye; routine ones are not.
-    return logging.INFO if reason in ("password_changed", "upstream_changed") else logging.DEBUG
+    return logging.INFO if reason in ("password_changed", "upstream_changed", "route_changed") else logging.DEBUG
 
 
 class Lease:
@@ -327,17 +364,21 @@ class Lease:
 
     def __init__(
         self, pool: UpstreamPool, mailbox: ImapMailbox, account: str, salt: bytes, digest: bytes,
-        logged_in_at: float, upstream: UpstreamSettings,
+        logged_in_at: float, backend: Backend,
     ) -> None:
         self.mailbox = mailbox
         self.account = account  # its account_key: how the pool compares accounts
         self.salt = salt
         self.digest = digest
         self.logged_in_at = logged_in_at
-        self.upstream = upstream
+        self.backend = backend
         # Why this connection must not be parked again (None: it may be).
         self.retired: str | None = None
         self._pool: UpstreamPool | None = pool
+
+    @property
+    def upstream(self) -> UpstreamSettings:
+        return self.backend.upstream
 
     def matches(self, password: str) -> bool:
         return hmac.compare_digest(self.digest, _digest(self.salt, password))

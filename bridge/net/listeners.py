@@ -26,7 +26,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import trio
 
@@ -64,7 +64,8 @@ class ClientConnection:
     ``tls_active``: the client's connection is encrypted: TLS with us, or (PROXY v2 SSL flag)
     TLS with the trusted balancer. ``proxied_by``: the balancer's address, if any.
     ``balancer_local``: a PROXY v2 LOCAL connection, the balancer speaking for itself (its
-    health check); ``address`` is then the balancer's.
+    health check); ``address`` is then the balancer's. ``proxy_source``/``proxy_destination``:
+    the addresses the PROXY header named (for the routing lookup service).
     """
 
     stream: trio.abc.Stream
@@ -73,6 +74,8 @@ class ClientConnection:
     tls_active: bool = False
     proxied_by: str | None = None
     balancer_local: bool = False
+    proxy_source: tuple[str, int] | None = None
+    proxy_destination: tuple[str, int] | None = None
 
 
 def plaintext_auth_allowed(policy: str, address: str, *, balancer_local: bool = False) -> bool:
@@ -189,6 +192,8 @@ class ConnectionAdmission:
             format_peer(client_host, client_port),
             tls_active=header.client_tls,
             proxied_by=direct.peer,
+            proxy_source=header.source,
+            proxy_destination=header.destination,
         )
 
     async def _start_tls(self, client: ClientConnection) -> ClientConnection:
@@ -199,9 +204,7 @@ class ConnectionAdmission:
         except HandshakeFailed as exc:
             _log.info("tls_handshake_failed", peer=client.peer, reason=str(exc))
             raise _Refused() from None
-        return ClientConnection(
-            tls_stream, client.address, client.peer, True, client.proxied_by, client.balancer_local
-        )
+        return replace(client, stream=tls_stream, tls_active=True)
 
     @staticmethod
     async def _refuse(stream: trio.SocketStream, reply: bytes | None) -> None:

@@ -11,6 +11,7 @@ A configuration reload (bridge.ops.reload) runs `reload_hooks`.
 
 from __future__ import annotations
 
+from contextlib import AsyncExitStack
 from functools import partial
 
 import trio
@@ -135,40 +136,47 @@ class Pop3Service:
 
     async def serve(self, *, task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> None:
         """Run until cancelled; reports the bound addresses (host:port) once listening."""
-        # The engine's runtime is opened once, for the engine configured at start
-        # (upstream.engine needs a restart to change).
-        async with engine_runtime(self.settings.upstream.engine), self.state.pool.running():
-            opened = await open_pop3_listeners(self.settings, self.reuse_port)
-            listeners = [listener for listener, _kind in opened]
-            self.bound_addresses = [socket_name(listener.socket) for listener in listeners]
-            _log.info("listening", addresses=self.bound_addresses)
-            try:
-                async with trio.open_nursery() as watchdog:
-                    # Sessions' client timeouts (bridge.net.client_timeouts), until the last
-                    # session is over.
-                    watchdog.start_soon(self.state.watchdog.run, lambda: watchdog_tick(self.state.settings))
-                    async with trio.open_nursery() as sessions:
-                        self._sessions = sessions.cancel_scope
-                        async with trio.open_nursery() as acceptors:
-                            self._acceptors = acceptors.cancel_scope
-                            for listener, kind in opened:
-                                serve = partial(
-                                    trio.serve_listeners, partial(self._handle, kind=kind), [listener],
-                                    handler_nursery=sessions,
-                                )
-                                acceptors.start_soon(serve)
-                            self.listening = True
-                            task_status.started(self.bound_addresses)
-                        # Only begin_shutdown()/stop_now() end the accept loops. Closing the sockets
-                        # now makes the kernel refuse new connections instead of queueing them.
-                        self.listening = False
-                        for listener in listeners:
-                            await trio.aclose_forcefully(listener)
-                        _log.info("shutdown_draining", sessions=self.state.active_sessions)
-                    watchdog.cancel_scope.cancel()
-                    if sessions.cancel_scope.cancelled_caught:
-                        _log.warning("shutdown_sessions_closed", grace_seconds=self.settings.pop3.shutdown_grace_seconds)
-            finally:
-                self.listening = False
-                for listener in listeners:
-                    await trio.aclose_forcefully(listener)
+        # The engines' runtimes are opened once, for the engines [upstream] and the routes use
+        # at start (a reload that needs another one needs a restart: bridge.ops.reload).
+        async with AsyncExitStack() as runtimes:
+            for name in sorted(self.state.router.table().engines()):
+                await runtimes.enter_async_context(engine_runtime(name))
+            runtimes.push_async_callback(self.state.router.aclose)
+            await runtimes.enter_async_context(self.state.pool.running())
+            await self._serve(task_status)
+
+    async def _serve(self, task_status: trio.TaskStatus[list[str]]) -> None:
+        opened = await open_pop3_listeners(self.settings, self.reuse_port)
+        listeners = [listener for listener, _kind in opened]
+        self.bound_addresses = [socket_name(listener.socket) for listener in listeners]
+        _log.info("listening", addresses=self.bound_addresses)
+        try:
+            async with trio.open_nursery() as watchdog:
+                # Sessions' client timeouts (bridge.net.client_timeouts), until the last
+                # session is over.
+                watchdog.start_soon(self.state.watchdog.run, lambda: watchdog_tick(self.state.settings))
+                async with trio.open_nursery() as sessions:
+                    self._sessions = sessions.cancel_scope
+                    async with trio.open_nursery() as acceptors:
+                        self._acceptors = acceptors.cancel_scope
+                        for listener, kind in opened:
+                            serve = partial(
+                                trio.serve_listeners, partial(self._handle, kind=kind), [listener],
+                                handler_nursery=sessions,
+                            )
+                            acceptors.start_soon(serve)
+                        self.listening = True
+                        task_status.started(self.bound_addresses)
+                    # Only begin_shutdown()/stop_now() end the accept loops. Closing the sockets
+                    # now makes the kernel refuse new connections instead of queueing them.
+                    self.listening = False
+                    for listener in listeners:
+                        await trio.aclose_forcefully(listener)
+                    _log.info("shutdown_draining", sessions=self.state.active_sessions)
+                watchdog.cancel_scope.cancel()
+                if sessions.cancel_scope.cancelled_caught:
+                    _log.warning("shutdown_sessions_closed", grace_seconds=self.settings.pop3.shutdown_grace_seconds)
+        finally:
+            self.listening = False
+            for listener in listeners:
+                await trio.aclose_forcefully(listener)

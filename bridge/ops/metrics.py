@@ -71,11 +71,58 @@ DELETIONS_APPLIED = Counter(
     ["policy"],
 )
 
+# Per back end (a route's name, "default" for [upstream], a server a lookup named): bounded by
+# the configuration, never by account.
+BACKEND_LOGINS = Counter(
+    "bridge_backend_logins", "Logins by back end and result (ok, credentials, upstream).", ["backend", "result"]
+)
+BACKEND_CONNECT_SECONDS = Histogram(
+    "bridge_backend_connect_seconds",
+    "Time to open a fresh IMAP connection (connect, TLS, greeting, login), by back end.",
+    ["backend"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+BACKEND_POOLED = Gauge(
+    "bridge_backend_pooled_connections", "Idle IMAP connections held in the pool, by back end.", ["backend"],
+    multiprocess_mode="livesum",
+)
+BACKEND_ERRORS = Counter(
+    "bridge_backend_errors",
+    "Upstream failures in sessions, by back end and operation (login, retrieve, quit).",
+    ["backend", "operation"],
+)
+LOOKUPS = Counter(
+    "bridge_lookups", "Requests to the routing lookup service, by result (ok, cached, refused, unavailable).",
+    ["result"],
+)
+
 # Login failure reasons known in advance, so a dashboard sees a 0 instead of no series.
 for _reason in ("credentials", "upstream", "in_use"):
     LOGIN_FAILURES.labels(_reason)
 for _result in ("ok", "failed"):
     LOGINS.labels(_result)
+
+
+for _result in ("ok", "cached", "refused", "unavailable"):
+    LOOKUPS.labels(_result)
+
+
+@cache
+def backend_connect_time(backend: str) -> Any:
+    return BACKEND_CONNECT_SECONDS.labels(backend)
+
+
+@cache
+def backend_pooled(backend: str) -> Any:
+    return BACKEND_POOLED.labels(backend)
+
+
+def backend_login(backend: str, result: str) -> Any:
+    return BACKEND_LOGINS.labels(backend, result)
+
+
+def backend_error(backend: str, operation: str) -> Any:
+    return BACKEND_ERRORS.labels(backend, operation)
 
 
 # `labels()` validates and looks up its arguments under a lock on every call (about 4 µs);

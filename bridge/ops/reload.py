@@ -33,12 +33,21 @@ def needs_restart(dotted_key: str) -> bool:
 
 
 def flatten(settings: BridgeSettings) -> dict[str, Any]:
-    """`section.key` -> value (tables such as delete.accounts stay one value)."""
-    return {
-        f"{section}.{key}": value
-        for section, values in settings.model_dump().items()
-        for key, value in values.items()
-    }
+    """`section.key` -> value (tables such as delete.accounts stay one value, and so does the
+    list of [[routes]], as `routes`)."""
+    flat: dict[str, Any] = {}
+    for section, values in settings.model_dump().items():
+        if isinstance(values, dict):
+            flat.update({f"{section}.{key}": value for key, value in values.items()})
+        else:
+            flat[section] = values
+    return flat
+
+
+def engines_in_use(settings: BridgeSettings) -> set[str]:
+    """The engines [upstream] and the routes use: their runtimes are opened at start."""
+    default = settings.upstream.engine
+    return {default} | {route.engine or default for route in settings.routes}
 
 
 def changed_keys(old: BridgeSettings, new: BridgeSettings) -> list[str]:
@@ -63,6 +72,10 @@ def plan_reload(running: BridgeSettings, loaded: BridgeSettings) -> ReloadPlan:
         settings = settings.model_copy(
             update={section: getattr(settings, section).model_copy(update={key: getattr(running_section, key)})}
         )
+    if engines_in_use(settings) - engines_in_use(running):
+        # A route on an engine whose runtime is not running: the routes stay as they run.
+        restart.append("routes")
+        settings = settings.model_copy(update={"routes": running.routes})
     return ReloadPlan(settings, [key for key in changed if key not in restart], restart)
 
 

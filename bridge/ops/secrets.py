@@ -21,7 +21,8 @@ def mask_secrets(value: Any, key: str = "") -> Any:
     wherever it sits (nested tables included)."""
     if isinstance(value, dict):
         return {k: mask_secrets(v, str(k)) for k, v in value.items()}
-    if key and is_secret_name(key) and value not in (None, "", [], {}):
+    # A switch is never secret (routing.send_password = true must read back as a boolean).
+    if key and is_secret_name(key) and value not in (None, "", [], {}) and not isinstance(value, bool):
         return MASK
     if isinstance(value, list):
         return [mask_secrets(item) for item in value]

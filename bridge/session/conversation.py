@@ -6,6 +6,10 @@ deletions by the account's policy (bridge.policy.deletion). A session that ends 
 (client gone, timeout, error, shutdown) deletes nothing. Its waits for the client are bounded
 by the watchdog (bridge.net.client_timeouts): the login timeout until it has logged in, then
 autologout, the send timeout and the session limit.
+
+Each session registers itself with the service (bridge.session.registry) for the admin API:
+`admin who` lists it, `admin kick` ends it through its kick scope, as a dropped connection
+would end it (outcome "kicked", nothing deleted).
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ from bridge.pop3 import (
 )
 from bridge.session.errors import EndSession
 from bridge.session.login import LoginRefused, log_in, refuse
+from bridge.session.registry import SessionRecord
 from bridge.session.retrieval import Retriever
 from bridge.session.services import SharedServices
 from bridge.session.uidl import maildrop_from_snapshot
@@ -85,6 +90,11 @@ class Pop3Session:
         self._exits = ExitStack()
         self._session_deadline = math.inf
         self.session_id = secrets.token_hex(6)
+        self._backend = "default"
+        self._login_attempts = 0
+        # What `admin who` shows; `admin kick` cancels `_kick`.
+        self._kick = trio.CancelScope()
+        self.record = SessionRecord(self.session_id, self._peer, self._client.tls_active, end=self._kick.cancel)
 
     async def run(self) -> None:
         structlog.contextvars.bind_contextvars(session=self.session_id, peer=self._peer)
@@ -102,8 +112,12 @@ class Pop3Session:
         metrics.SESSIONS_ACTIVE.inc()
         outcome = "error"
         self._services.watchdog.add(self._wait)
+        self._services.sessions.register(self.record)
         try:
-            outcome = await self._converse_in_time()
+            with self._kick:
+                outcome = await self._converse_in_time()
+            if self._kick.cancelled_caught:
+                outcome = "kicked"
         except EndSession as end:
             outcome = end.outcome
         except trio.Cancelled:
@@ -117,6 +131,7 @@ class Pop3Session:
         except Exception:
             _log.exception("session_crashed")
         finally:
+            self._services.sessions.unregister(self.record)
             self._services.watchdog.discard(self._wait)
             await self._cleanup()
             # Counted and logged before it stops being active: whoever sees no active session
@@ -137,6 +152,7 @@ class Pop3Session:
         # A client that stops reading is dropped after pop3.send_timeout_seconds.
         await self._io.send(data, self._settings.pop3.send_timeout_seconds)
         _BYTES_SENT.inc(len(data))
+        self.record.bytes_sent += len(data)
 
     async def _receive(self) -> bytes:
         return await self._io.receive(_RECEIVE_SIZE, self._settings.pop3.autologout_seconds)
@@ -206,6 +222,7 @@ class Pop3Session:
             self._stream = tls_stream
             self._io = ClientStream(tls_stream, self._wait, self._io.deadline, self._io.deadline_reason)
             self._core.tls_established()
+            self.record.tls = True
             _log.info("stls_started", version=tls_stream.version())
             return
         self._core.tls_failed()
@@ -214,12 +231,22 @@ class Pop3Session:
 
     async def _login(self, request: LoginRequest) -> bytes:
         core = self._core
+        self._login_attempts += 1
         try:
-            logged_in = await log_in(request, self._services, self._settings, self._client.address, self._exits)
+            logged_in = await log_in(
+                request, self._services, self._settings, self._client.address, self._exits,
+                client=self._client, attempt_number=self._login_attempts,
+            )
         except LoginRefused as refusal:
             await refuse(refusal)
             return core.reject_login(refusal.text, refusal.code)
         self._lease, self._view = logged_in.lease, logged_in.view
+        # From now on the back end's upstream settings (bridge.routing) are the session's.
+        self._settings = logged_in.settings
+        self._backend = logged_in.backend.name
+        record, identity = self.record, logged_in.identity
+        record.user, record.account, record.device = request.username, identity.account, identity.device
+        record.backend, record.state = self._backend, "transaction"
         self._io.deadline, self._io.deadline_reason = self._session_deadline, "session_timeout"
         snapshot, identity = logged_in.view.snapshot, logged_in.identity
         # The audit record: user, account and device (context), peer (the real client), TLS.
@@ -229,7 +256,8 @@ class Pop3Session:
         )
         maildrop = maildrop_from_snapshot(snapshot)
         self._retriever = Retriever(
-            core, logged_in.lease.mailbox, maildrop, self._settings.upstream, self._send, self._command_log
+            core, logged_in.lease.mailbox, maildrop, self._settings.upstream, self._send, self._command_log,
+            self._backend,
         )
         return core.accept_login(maildrop, extra_capabilities=[expire_capability(self._settings, identity)])
 
@@ -237,10 +265,12 @@ class Pop3Session:
         core = self._core
         assert self._lease is not None and self._view is not None
         uids = [entry.ref for entry in request.marked]
+        self.record.state = "update"
         try:
             with metrics.CommandTimer("QUIT", self._command_log):
                 await apply_deletions(self._lease.mailbox, self._view, uids, self._settings)
         except UpstreamError as exc:
             _log.warning("deletions_failed", count=len(uids), policy=self._view.identity.policy, error=str(exc))
+            metrics.backend_error(self._backend, "quit").inc()
             return core.commit_failed("could not apply the deletions on the mail server; try again"), "quit_failed"
         return core.commit_succeeded(), "quit"

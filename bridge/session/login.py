@@ -2,7 +2,12 @@
 failed-login limits (bridge.net.login_limiter), the upstream login (a parked connection or a
 fresh one, bridge.imap.pool), the [IN-USE] lock, and the maildrop the device sees
 (bridge.policy.deletion). Every refusal is a `LoginRefused`, which the conversation turns into
-a log event, a metric and an -ERR in one place (`refuse`)."""
+a log event, a metric and an -ERR in one place (`refuse`).
+
+The account's back end (bridge.routing: its route, or the lookup service's answer) decides the
+upstream settings of the session: where its connection is opened, as whom, and its maildrop.
+A lookup that refuses is an `-ERR [AUTH]` with its text (and counts as a failed login); one
+that fails is `-ERR [SYS/TEMP]`, as a back end that is down is for its own accounts only."""
 
 from __future__ import annotations
 
@@ -15,12 +20,15 @@ import trio
 from bridge.config import BridgeSettings
 from bridge.imap.errors import AuthenticationFailed, UpstreamError
 from bridge.imap.pool import Lease
+from bridge.net.listeners import ClientConnection
 from bridge.net.maildrop_locks import MaildropInUse
 from bridge.ops import metrics
 from bridge.ops.logs import get_logger
 from bridge.policy.deletion import MaildropView, open_maildrop
 from bridge.policy.identity import InvalidLogin, LoginIdentity, resolve_login
 from bridge.pop3 import LoginRequest, ResponseCode
+from bridge.routing.lookup import LookupRefused, LookupRequest, LookupUnavailable
+from bridge.routing.routes import Backend
 from bridge.session.services import SharedServices
 
 _log = get_logger()
@@ -46,13 +54,27 @@ class LoggedIn:
     identity: LoginIdentity
     lease: Lease
     view: MaildropView
+    backend: Backend
+    # The session's settings from now on: [upstream] replaced by its back end's.
+    settings: BridgeSettings
+
+
+def lookup_request(account: str, password: str, client: ClientConnection | None, attempt: int) -> LookupRequest:
+    """What the lookup service is told about this login (bridge.routing.lookup)."""
+    if client is None:
+        return LookupRequest(account, password, attempt)
+    return LookupRequest(
+        account, password, attempt, client.address, client.tls_active, client.proxy_source, client.proxy_destination
+    )
 
 
 async def log_in(
-    request: LoginRequest, services: SharedServices, settings: BridgeSettings, address: str, exits: ExitStack
+    request: LoginRequest, services: SharedServices, settings: BridgeSettings, address: str, exits: ExitStack,
+    *, client: ClientConnection | None = None, attempt_number: int = 1,
 ) -> LoggedIn:
-    """Log `request` in for a client at `address`; the maildrop lock goes into `exits` (held
-    for the rest of the session). Raises LoginRefused."""
+    """Log `request` in for a client at `address` (`client`: its connection, for the lookup
+    service; `attempt_number`: the login attempt on this connection); the maildrop lock goes
+    into `exits` (held for the rest of the session). Raises LoginRefused."""
     structlog.contextvars.bind_contextvars(user=request.username)
     try:
         identity = resolve_login(request.username, settings.delete)
@@ -71,18 +93,33 @@ async def log_in(
             "blocked", "too many failed logins, try again later", ResponseCode.SYS_TEMP, event="login_blocked",
             warning=True, delay=limiter.blocked_delay(address, account), fields={"retry_after": round(attempt.retry_after, 1)},
         )
+    backend: Backend | None = None
     try:
-        lease = await services.pool.checkout(identity.account, request.password)
+        backend = await services.router.route(lookup_request(identity.account, request.password, client, attempt_number))
+        structlog.contextvars.bind_contextvars(backend=backend.name)
+        lease = await services.pool.checkout(identity.account, request.password, backend=backend)
+    except LookupRefused as exc:
+        delay = max(attempt.failed(), exc.wait)
+        raise LoginRefused("lookup_refused", exc.text, ResponseCode.AUTH, delay=delay, fields={"delay": delay}) from None
+    except LookupUnavailable as exc:
+        raise LoginRefused("lookup", _UNAVAILABLE, ResponseCode.SYS_TEMP, warning=True, fields={"error": str(exc)}) from None
     except AuthenticationFailed:
+        assert backend is not None
+        metrics.backend_login(backend.name, "credentials").inc()
         delay = attempt.failed()
         raise LoginRefused(
             "credentials", "invalid user name or password", ResponseCode.AUTH, delay=delay,
             fields={"mechanism": request.mechanism, "delay": delay},
         ) from None
     except UpstreamError as exc:
+        assert backend is not None
+        metrics.backend_login(backend.name, "upstream").inc()
+        metrics.backend_error(backend.name, "login").inc()
         raise LoginRefused("upstream", _UNAVAILABLE, ResponseCode.SYS_TEMP, warning=True, fields={"error": str(exc)}) from None
     finally:
         attempt.end()
+    if backend.upstream != settings.upstream:
+        settings = settings.model_copy(update={"upstream": backend.upstream})
     with ExitStack() as held:
         try:
             held.enter_context(services.locks.hold(identity.lock_key))
@@ -93,11 +130,13 @@ async def log_in(
             view = await open_maildrop(lease.mailbox, identity, settings)
         except UpstreamError as exc:
             await lease.release()
+            metrics.backend_error(backend.name, "login").inc()
             raise LoginRefused("snapshot", _UNAVAILABLE, ResponseCode.SYS_TEMP, warning=True, fields={"error": str(exc)}) from None
         exits.enter_context(held.pop_all())
     limiter.record_success(address, account)
     metrics.LOGINS.labels("ok").inc()
-    return LoggedIn(identity, lease, view)
+    metrics.backend_login(backend.name, "ok").inc()
+    return LoggedIn(identity, lease, view, backend, settings)
 
 
 async def refuse(refusal: LoginRefused) -> None:

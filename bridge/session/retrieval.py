@@ -35,7 +35,7 @@ READAHEAD_MESSAGES = 256
 class Retriever:
     def __init__(
         self, core: Pop3Server, store: MaildropStore, maildrop: Maildrop, settings: UpstreamSettings,
-        send: Callable[[bytes], Awaitable[None]], command_log: Any,
+        send: Callable[[bytes], Awaitable[None]], command_log: Any, backend: str = "default",
     ) -> None:
         self._core = core
         self._store = store
@@ -44,6 +44,7 @@ class Retriever:
         self._send = send
         # A logger for the per-command debug event, or None below debug level.
         self._command_log = command_log
+        self._backend = backend  # the metrics label of its upstream failures
         # Read ahead for a client downloading small messages in order: UID -> whole message,
         # at most upstream.fetch_chunk bytes in all.
         self._readahead: dict[int, bytes] = {}
@@ -69,6 +70,7 @@ class Retriever:
                 await self._send(self._core.refuse_message(f"message {request.number} was removed from the mailbox"))
             except UpstreamError as exc:
                 _log.warning("upstream_error", command=command, error=str(exc))
+                metrics.backend_error(self._backend, "retrieve").inc()
                 timing.value = "err"
                 await self._send(self._core.refuse_message("mail server unavailable, try again later", ResponseCode.SYS_TEMP))
 
@@ -146,6 +148,7 @@ class Retriever:
             except (MessageGone, UpstreamError) as exc:
                 core.abort_message()
                 _log.warning("retrieve_aborted", uid=entry.ref, offset=offset, error=type(exc).__name__)
+                metrics.backend_error(self._backend, "retrieve").inc()
                 raise EndSession("upstream_failed_mid_message") from None
         pending.append(encoder.finish())
         await self._send_pieces(pending)

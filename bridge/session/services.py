@@ -10,6 +10,8 @@ from bridge.net.client_timeouts import ClientWatchdog
 from bridge.net.login_limiter import LoginLimiter
 from bridge.net.maildrop_locks import MaildropLocks
 from bridge.net.tls import ServerTls
+from bridge.routing.router import Router
+from bridge.session.registry import SessionRegistry
 
 
 @dataclass
@@ -29,7 +31,14 @@ class SharedServices:
     login_limiter: LoginLimiter = field(init=False)
     # The POP3 side's certificate, if one is configured (bridge.net.tls).
     server_tls: ServerTls | None = None
+    # Which back end serves an account: [[routes]] and the lookup service (bridge.routing).
+    router: Router = field(init=False)
+    # The sessions of this process, for the admin API (bridge.session.registry).
+    sessions: SessionRegistry = field(default_factory=SessionRegistry)
 
     def __post_init__(self) -> None:
         self.pool = UpstreamPool(lambda: self.settings)
         self.login_limiter = LoginLimiter(self.settings.login_limits)
+        self.router = Router(lambda: self.settings)
+        # Parked connections follow the routes: a reload retires only changed back ends'.
+        self.pool.is_current = self.router.is_current

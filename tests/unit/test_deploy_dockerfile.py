@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 import pytest
 
 from bridge.config import load_settings
+from bridge.ops.reload import changed_keys
 from tests.deploy_support import (
     DOCKERFILE,
     REPO,
@@ -102,13 +103,7 @@ def test_image_configuration_is_valid_and_matches_the_exposed_ports(instructions
     admin = settings.admin.listen_address
     assert admin is not None and admin.port in exposed
     # Everything else is the documented default.
-    defaults = load_settings(REPO / "bridge.toml").model_dump()
-    changed = {
-        f"{section}.{key}"
-        for section, values in settings.model_dump().items()
-        for key, value in values.items()
-        if defaults[section][key] != value
-    }
+    changed = set(changed_keys(load_settings(REPO / "bridge.toml"), settings))
     assert changed == {"pop3.listen", "admin.listen", "logging.format"}
 
 
