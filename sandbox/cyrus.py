@@ -142,6 +142,7 @@ class CyrusSandbox:
         self._startup_timeout = startup_timeout
         self._proc: subprocess.Popen[bytes] | None = None
         self._users: dict[str, str] = {}
+        self._admins: list[str] = []
         self._prepare_workdir()
 
     # -- properties ------------------------------------------------------------------------
@@ -263,6 +264,16 @@ class CyrusSandbox:
         self._chown(self._sasldb_path)
         self._users[name] = password
 
+    def add_admin(self, name: str, password: str) -> None:
+        """A Cyrus admin (imapd.conf `admins`): may log in with SASL PLAIN authorized as any
+        user, and then acts as that user. Each connection's imapd reads imapd.conf afresh,
+        so no restart is needed."""
+        self.add_user(name, password)
+        self._admins.append(name)
+        if self.config_path.exists():
+            self.config_path.write_text(self._render_imapd_conf())
+            self._chown(self.config_path)
+
     def new_mailbox(self, user: str | None = None, password: str | None = None) -> CyrusMailbox:
         box = CyrusMailbox(self, user or f"u{secrets.token_hex(6)}", password or secrets.token_urlsafe(12))
         self.add_user(box.user, box.password)
@@ -336,7 +347,7 @@ failedloginpause: 0
 altnamespace: yes
 unixhierarchysep: yes
 virtdomains: off
-"""
+""" + (f"admins: {' '.join(self._admins)}\n" if self._admins else "")
 
     def _render_cyrus_conf(self) -> str:
         conf = self.config_path

@@ -398,6 +398,26 @@ class DovecotSandbox:
         self._write_passwd_file(name, password)
         self._users[name] = password
 
+    def add_master_user(self, name: str, password: str) -> None:
+        """A master user (Dovecot's master passdb): logs in as any user, SASL PLAIN with that
+        user as the authorization identity. Takes effect at the next login."""
+        if not _USERNAME_RE.fullmatch(name):
+            raise ValueError(f"user name {name!r} must match {_USERNAME_RE.pattern}")
+        if not password or any(c in password for c in ":\r\n\0"):
+            raise ValueError("password must be non-empty without ':', CR, LF or NUL")
+        path = self._workdir / "masters"
+        lines = [line for line in path.read_text().splitlines() if line and not line.startswith(f"{name}:")]
+        lines.append(f"{name}:{{PLAIN}}{password}")
+        tmp = self._workdir / ".masters.tmp"
+        tmp.write_text("\n".join(lines) + "\n")
+        tmp.chmod(0o640)
+        if os.geteuid() == 0:
+            os.chown(tmp, 0, self._run_as.gid)
+        # Dovecot re-reads a passwd-file whose mtime (whole seconds) or size changed.
+        stamp = max(time.time(), path.stat().st_mtime + 1)
+        os.utime(tmp, (stamp, stamp))
+        os.replace(tmp, path)
+
     def set_password(self, name: str, password: str) -> None:
         """Change an existing user's password, as an administrator would upstream.
 
@@ -535,8 +555,13 @@ class DovecotSandbox:
         (self._workdir / "home").mkdir(mode=0o755, exist_ok=True)
         (self._workdir / "state").mkdir(mode=0o750, exist_ok=True)
         self._users_dir.mkdir(mode=0o750, exist_ok=True)
+        masters = self._workdir / "masters"
+        if not masters.exists():
+            masters.write_text("")
+            masters.chmod(0o640)
         if os.geteuid() == 0:
             os.chown(self._users_dir, 0, self._run_as.gid)
+            os.chown(masters, 0, self._run_as.gid)
 
     def _render_config(self) -> str:
         w = self._workdir
@@ -577,6 +602,15 @@ auth_mechanisms = plain login
 # disabled at service anvil below, would then slow every later login too).
 auth_failure_delay = 0
 
+# Master users (add_master_user): SASL PLAIN as the master with the user as authorization
+# identity, or LOGIN "user*master"; `pass = yes` still requires the user to exist.
+auth_master_user_separator = *
+passdb {{
+  driver = passwd-file
+  master = yes
+  args = scheme=PLAIN {w}/masters
+  pass = yes
+}}
 # One passwd-file per user (see add_user); it also gives uid, gid and home.
 passdb {{
   driver = passwd-file

@@ -17,8 +17,11 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, cast
 
+import trio
+
 from bridge.config import UpstreamSettings
 from bridge.imap.channel import ImapChannel
+from bridge.imap.errors import UpstreamError
 from bridge.imap.mailbox import ImapMailbox
 
 # engine name -> the module with its open_channel (and runtime, if it has one)
@@ -62,6 +65,27 @@ async def open_mailbox(settings: UpstreamSettings, username: str, password: str)
     mailbox = ImapMailbox(channel, settings)
     try:
         await mailbox.log_in(username, password)
+    except BaseException:
+        channel.close()
+        raise
+    return mailbox
+
+
+async def open_admin_mailbox(settings: UpstreamSettings, login: str) -> ImapMailbox:
+    """A fresh connection logged in as the back end's administrator (`upstream.admin_login`,
+    its password read from `upstream.admin_password_file` now), acting as the upstream login
+    `login`. Raises UpstreamError when no admin login is configured or it cannot be read, and
+    what `open_mailbox` raises."""
+    if not settings.admin_login:
+        raise UpstreamError("no admin login configured for this back end (upstream.admin_login)")
+    try:
+        password = (await trio.Path(settings.admin_password_file).read_text()).strip()
+    except OSError as exc:
+        raise UpstreamError(f"admin login: the password file cannot be read ({exc.strerror})") from None
+    channel = await engine(settings.engine).open_channel(settings)
+    mailbox = ImapMailbox(channel, settings)
+    try:
+        await mailbox.log_in_authorized(login, settings.admin_login, password)
     except BaseException:
         channel.close()
         raise

@@ -99,7 +99,23 @@ class ImapMailbox:
             except ValueError:
                 raise AuthenticationFailed("credentials cannot be sent to the server") from None
             command = Command(b"LOGIN", tuple(quoted))
-        reply = await self._run("login", command, secret=True)
+        await self._logged_in(await self._run("login", command, secret=True))
+
+    async def log_in_authorized(self, account: str, admin_login: str, password: str) -> None:
+        """Authenticate as the server's administrator `admin_login` and act as `account`
+        (SASL PLAIN's authorization identity, RFC 4616: Dovecot master users, Cyrus admins).
+        Needs AUTH=PLAIN with SASL-IR; raises AuthenticationFailed when refused."""
+        if not self._channel.view.capabilities:
+            await self._checked("capability", Command(b"CAPABILITY"))
+        if not {"AUTH=PLAIN", "SASL-IR"} <= self.capabilities:
+            raise UpstreamError("admin login: the server offers no AUTH=PLAIN with SASL-IR")
+        token = base64.b64encode(
+            b"\0".join(text.encode("utf-8", "surrogateescape") for text in (account, admin_login, password))
+        )
+        await self._logged_in(await self._run("login", Command(b"AUTHENTICATE", (b"PLAIN", token)), secret=True))
+
+    async def _logged_in(self, reply: Reply) -> None:
+        """The login's answer: refused (wrong credentials, or "not now"), or the session set up."""
         if not reply.ok:
             code = syntax.response_code(reply.text)
             if reply.result == "NO" and code not in _TEMPORARY_AUTH_CODES:

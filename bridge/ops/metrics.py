@@ -156,6 +156,19 @@ def forget_process(pid: int, multiprocess_dir: str) -> None:
     _multiprocess.mark_process_dead(pid, multiprocess_dir)
 
 
+def register_collector(collector: Any, registry: CollectorRegistry | None = None) -> None:
+    """Add a collector (e.g. the back ends' health) to `registry` (default: this process's)."""
+    from prometheus_client import REGISTRY
+
+    (registry or REGISTRY).register(collector)
+
+
+def unregister_collector(collector: Any, registry: CollectorRegistry | None = None) -> None:
+    from prometheus_client import REGISTRY
+
+    (registry or REGISTRY).unregister(collector)
+
+
 def render(registry: CollectorRegistry | None = None) -> bytes:
     """The Prometheus text exposition of `registry` (default: this process's metrics)."""
     if registry is None:

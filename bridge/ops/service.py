@@ -15,7 +15,10 @@ import trio
 from bridge.config import BridgeSettings
 from bridge.net.server import Pop3Service
 from bridge.ops import metrics
-from bridge.ops.admin import AdminServer, UpstreamProbe
+from bridge.ops.admin import AdminServer
+from bridge.ops.admin_api import AdminApi
+from bridge.ops.health import BackendHealth
+from bridge.ops.helpdesk import LocalHelpdesk
 from bridge.ops.logs import get_logger
 from bridge.ops.reload import reload_settings
 
@@ -34,7 +37,7 @@ async def run_until_signalled(
     SIGTERM or SIGINT, then shut down gracefully; SIGHUP reloads the configuration with
     `reload()`. `notify` hears "ready" and "draining" (a worker tells its supervisor)."""
     service = Pop3Service(settings, reuse_port=reuse_port)
-    probe = UpstreamProbe(lambda: service.settings)
+    probe = BackendHealth(lambda: service.settings)
 
     async def readiness() -> tuple[bool, str]:
         if service.terminating:
@@ -53,10 +56,14 @@ async def run_until_signalled(
             await nursery.start(serve_then_stop)
             admin_address = settings.admin.listen_address
             if admin_address is not None:
+                api = AdminApi.for_settings(LocalHelpdesk(service.state), lambda: service.settings)
                 admin = AdminServer(
                     admin_address, readiness=readiness, metrics=metrics.render,
-                    max_connections=settings.admin.max_connections,
+                    max_connections=settings.admin.max_connections, api=api if settings.admin.api else None,
+                    before_metrics=probe.refresh,
                 )
+                metrics.register_collector(probe)
+                nursery.start_soon(_unregister_at_exit, probe)
                 await nursery.start(admin.serve)
             if notify is not None:
                 notify("ready")
@@ -76,3 +83,10 @@ async def run_until_signalled(
                 else:
                     _log.warning("shutdown_now", signal=signal.Signals(signum).name)
                     service.stop_now()
+
+
+async def _unregister_at_exit(collector: BackendHealth) -> None:
+    try:
+        await trio.sleep_forever()
+    finally:
+        metrics.unregister_collector(collector)

@@ -37,7 +37,8 @@ import trio
 
 from bridge.config import BridgeSettings, ConfigError, load_settings
 from bridge.ops import metrics
-from bridge.ops.admin import AdminServer, UpstreamProbe
+from bridge.ops.admin import AdminServer
+from bridge.ops.health import BackendHealth
 from bridge.ops.logs import get_logger
 from bridge.ops.reload import ReloadHook, reload_settings
 
@@ -118,7 +119,8 @@ class Supervisor:
         self._registry = metrics.aggregated_registry(metrics_dir)
         self._restarts = metrics.supervisor_metrics(self._registry)
         self._render = partial(metrics.render, self._registry)
-        self._probe = UpstreamProbe(lambda: self.settings)
+        self._probe = BackendHealth(lambda: self.settings)
+        metrics.register_collector(self._probe, self._registry)
 
     def use_settings(self, settings: BridgeSettings) -> None:
         self.settings = settings
@@ -164,7 +166,7 @@ class Supervisor:
                 if admin_address is not None:
                     admin = AdminServer(
                         admin_address, readiness=self.readiness, metrics=self._render,
-                        max_connections=self.settings.admin.max_connections,
+                        max_connections=self.settings.admin.max_connections, before_metrics=self._probe.refresh,
                     )
                     await nursery.start(admin.serve)
                 async for signum in received:

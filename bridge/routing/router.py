@@ -86,7 +86,7 @@ class Router:
             raise LookupUnavailable(f"lookup answered settings that cannot be used: {_first_line(exc)}") from None
         same_server = (upstream.host, upstream.port) == (route.upstream.host, route.upstream.port)
         name = route.name if same_server else self._lookup_name(upstream.host, upstream.port)
-        return Backend(name, upstream, answer.login or static.login, route.name, route.login)
+        return Backend(name, upstream, answer.login or static.login, route.name, route.login, looked_up=True)
 
     def _lookup_name(self, host: str, port: int) -> str:
         name = str(ListenAddress(host, port))
@@ -102,8 +102,8 @@ class Router:
         route = self.table().by_name(backend.route)
         if route is None or route.login != backend.form:
             return False
-        if backend.name == backend.route and route.upstream == backend.upstream:
-            return True
+        if not backend.looked_up:
+            return route.upstream == backend.upstream
         # Moved by a lookup: the route's settings but what the answer may change.
         answered = {key: getattr(backend.upstream, key) for key in _LOOKUP_KEYS}
         return route.upstream.model_copy(update=answered) == backend.upstream

@@ -29,6 +29,8 @@ class Backend:
     login: str
     route: str = DEFAULT_BACKEND
     form: str = "{account}"
+    # Moved by a lookup answer (its server, TLS mode, login or maildrop may differ from the route's).
+    looked_up: bool = False
 
     @property
     def address(self) -> str:
