@@ -1,4 +1,4 @@
-"""Command line: `pop3-imap-bridge serve|check-config` (also `python -m bridge`)."""
+"""Command line: `pop3-imap-bridge serve|check-config|admin|probe` (also `python -m bridge`)."""
 
 from __future__ import annotations
 
@@ -78,6 +78,59 @@ def _check_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _admin(args: argparse.Namespace) -> int:
+    from bridge.ops.admin_client import run
+
+    return run(args)
+
+
+def _probe(args: argparse.Namespace) -> int:
+    import json
+
+    from bridge.config.routing import upstream_login
+    from bridge.ops.helpdesk import policy_of
+    from bridge.ops.probe import probe, render
+    from bridge.routing.routes import Backend, RouteTable
+
+    settings = _load(args.config)
+    if args.account and args.password_file is None:
+        print("pop3-imap-bridge probe: --account needs --password-file", file=sys.stderr)
+        return 2
+    table = RouteTable(settings)
+    if args.route is not None:
+        route = table.by_name(args.route)
+        if route is None:
+            names = ", ".join(r.name for r in [*table.routes, table.default])
+            print(f"pop3-imap-bridge probe: no route {args.route!r} (there are: {names})", file=sys.stderr)
+            return 2
+    else:
+        route = table.route_for(args.account or "")
+    upstream = route.upstream
+    if args.host is not None:
+        upstream = upstream.model_copy(update={"host": args.host, **({"port": args.port} if args.port else {})})
+    account = args.account or ""
+    backend = Backend(route.name, upstream, upstream_login(route.login, account) if account else "", route.name, route.login)
+    password = None
+    if args.password_file is not None:
+        try:
+            password = args.password_file.read_text().strip("\r\n")
+        except OSError as exc:
+            print(f"pop3-imap-bridge probe: {args.password_file}: {exc.strerror}", file=sys.stderr)
+            return 2
+    if account and settings.routing.lookup_url and args.route is None and args.host is None:
+        from bridge.ops.probe import looked_up
+
+        try:
+            backend = trio.run(looked_up, settings, account, password)
+        except Exception as exc:  # the lookup refused or failed: said as it is
+            print(f"pop3-imap-bridge probe: the lookup service: {exc}", file=sys.stderr)
+            return 1
+    policy = policy_of(settings, account) if account else settings.delete.policy
+    report = trio.run(probe, settings, backend, password, policy)
+    print(json.dumps(report, indent=1, ensure_ascii=False) if args.json else render(report))
+    return 0 if report["served"] else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pop3-imap-bridge", description="POP3 server for IMAP mailboxes")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -95,6 +148,25 @@ def main(argv: list[str] | None = None) -> int:
     )
     check.add_argument("--config", type=Path, help="path to bridge.toml")
     check.set_defaults(func=_check_config)
+
+    from bridge.ops.admin_client import add_arguments
+
+    admin = commands.add_parser("admin", help="the admin API: who, kick, devices, device-reset")
+    add_arguments(admin)
+    admin.set_defaults(func=_admin)
+
+    probe = commands.add_parser(
+        "probe", help="what an IMAP server offers, and whether the bridge can serve the delete policy with it"
+    )
+    probe.add_argument("--config", type=Path, help="path to bridge.toml")
+    where = probe.add_mutually_exclusive_group()
+    where.add_argument("--route", help="the route (back end) to probe, by name ('default': [upstream])")
+    where.add_argument("--host", help="probe this host with the settings of the account's route or [upstream]")
+    probe.add_argument("--port", type=int, help="with --host: the port")
+    probe.add_argument("--account", help="log in as this account (its route decides the back end, unless --route)")
+    probe.add_argument("--password-file", type=Path, help="with --account: a file holding its password")
+    probe.add_argument("--json", action="store_true", help="print the report as JSON")
+    probe.set_defaults(func=_probe)
 
     args = parser.parse_args(argv)
     try:

@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import trio
 
@@ -69,6 +69,21 @@ class Command:
         return b" ".join((b"UID", self.name, *self.args) if self.uid else (self.name, *self.args))
 
 
+@dataclass(frozen=True, slots=True)
+class TlsSession:
+    """What `pop3-imap-bridge probe` shows of a connection's TLS (bridge.ops.probe)."""
+
+    version: str | None
+    cipher: str | None
+    # The server's certificate as ssl.getpeercert() gives it; {} when it was not verified.
+    certificate: dict[str, Any]
+
+    @classmethod
+    def of(cls, ssl_object: Any) -> TlsSession:
+        cipher = ssl_object.cipher()
+        return cls(ssl_object.version(), cipher[0] if cipher else None, ssl_object.getpeercert() or {})
+
+
 class ImapChannel(Protocol):
     # What this connection has learnt of the server (capabilities, the selected folder),
     # kept up to date from every response the engine reads.
@@ -116,4 +131,8 @@ class ImapChannel(Protocol):
 
     def close(self) -> None:
         """Close at once; the channel is unusable from now on."""
+        ...
+
+    def tls_session(self) -> TlsSession | None:
+        """The connection's TLS, or None without TLS."""
         ...

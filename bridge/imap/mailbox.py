@@ -26,7 +26,7 @@ import trio
 
 from bridge.config import UpstreamSettings
 from bridge.imap import syntax
-from bridge.imap.channel import Command, ImapChannel, Reply
+from bridge.imap.channel import Command, ImapChannel, Reply, TlsSession
 from bridge.imap.errors import AuthenticationFailed, MessageGone, UpstreamError
 from bridge.imap.interface import ChunkedRangeReader, RangeReader
 from bridge.imap.limits import MAX_BODY_FETCH_BYTES, MAX_OTHER_LITERAL_BYTES, TEXT_FETCH_LIMIT
@@ -65,6 +65,19 @@ class ImapMailbox:
     @property
     def usable(self) -> bool:
         return self._channel.usable
+
+    @property
+    def offered_capabilities(self) -> frozenset[str]:
+        """What the server advertised, upstream.ignore_capabilities not taken off."""
+        return self._channel.view.capabilities
+
+    def tls_session(self) -> TlsSession | None:
+        return self._channel.tls_session()
+
+    async def ask_capabilities(self) -> None:
+        """CAPABILITY, unless the server already said (its greeting may carry them)."""
+        if not self._channel.view.capabilities:
+            await self._checked("capability", Command(b"CAPABILITY"))
 
     async def _run(
         self, what: str, command: Command, *, literal: bytes | None = None,

@@ -24,7 +24,7 @@ from aioimaplib import aioimaplib as _aio
 from bridge.config import UpstreamSettings
 from bridge.imap import syntax
 from bridge.imap.aioimaplib_engine.protocol import ClientProtocol, IncrementalFetchCommand
-from bridge.imap.channel import Command, Reply
+from bridge.imap.channel import Command, Reply, TlsSession
 from bridge.imap.errors import (
     PreauthGreeting,
     UpstreamError,
@@ -164,6 +164,11 @@ class AioChannel:
         transport = self._protocol.transport
         if transport is not None:
             transport.close()
+
+    def tls_session(self) -> TlsSession | None:
+        transport = self._protocol.transport
+        ssl_object = transport.get_extra_info("ssl_object") if transport is not None else None
+        return TlsSession.of(ssl_object) if ssl_object is not None else None
 
     async def _guarded(self, what: str, call: Callable[..., Awaitable[_T]], *args: Any, **kwargs: Any) -> _T:
         if not self.usable:

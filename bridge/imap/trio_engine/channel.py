@@ -18,7 +18,7 @@ import trio
 
 from bridge.config import UpstreamSettings
 from bridge.imap import syntax
-from bridge.imap.channel import Command, Reply
+from bridge.imap.channel import Command, Reply, TlsSession
 from bridge.imap.errors import MessageGone, UpstreamError, UpstreamImplausible, UpstreamUnavailable
 from bridge.imap.interface import RangeReader
 from bridge.imap.limits import MAX_OTHER_LITERAL_BYTES
@@ -69,6 +69,9 @@ class TrioChannel:
         if isinstance(stream, trio.SocketStream):
             # Closing the socket is synchronous (trio notifies any waiter); no await needed.
             stream.socket.close()
+
+    def tls_session(self) -> TlsSession | None:
+        return TlsSession.of(self.stream) if isinstance(self.stream, trio.SSLStream) else None
 
     # -- the guard every exchange runs under ------------------------------------------------------
 
