@@ -52,8 +52,8 @@ def _check_errors(events: list[dict[str, Any]]) -> None:
         )
 
 
-def bridge_settings(imap_port: int, **sections: dict[str, Any]) -> BridgeSettings:
-    overrides: dict[str, dict[str, Any]] = {
+def bridge_settings(imap_port: int, **sections: Any) -> BridgeSettings:
+    overrides: dict[str, Any] = {
         "pop3": {"listen": ["127.0.0.1:0"]},
         "upstream": {
             "host": "127.0.0.1", "port": imap_port, "timeout_seconds": 10, "tls": "none", "engine": DEFAULT_ENGINE,
@@ -61,7 +61,10 @@ def bridge_settings(imap_port: int, **sections: dict[str, Any]) -> BridgeSetting
         "logging": {"level": "debug", "format": "json"},
     }
     for section, values in sections.items():
-        overrides.setdefault(section, {}).update(values)
+        if isinstance(values, list):  # routes=[...]: the [[routes]] as given
+            overrides[section] = values
+        else:
+            overrides.setdefault(section, {}).update(values)
     delete = overrides.setdefault("delete", {})
     if "state_key" not in delete and "state_key_file" not in delete:
         delete["state_key"] = TEST_STATE_KEY
