@@ -265,14 +265,15 @@ class CyrusSandbox:
         self._users[name] = password
 
     def add_admin(self, name: str, password: str) -> None:
-        """A Cyrus admin (imapd.conf `admins`): may log in with SASL PLAIN authorized as any
-        user, and then acts as that user. Each connection's imapd reads imapd.conf afresh,
-        so no restart is needed."""
+        """An administrative login that may act as any user: SASL PLAIN with that user as the
+        authorization identity. Cyrus allows that to the logins in `proxyservers` (being in
+        `admins` is not enough, and not needed). A running Cyrus is restarted (on the same
+        port): an idle imapd process serves later connections with the configuration it read
+        when it started."""
         self.add_user(name, password)
         self._admins.append(name)
-        if self.config_path.exists():
-            self.config_path.write_text(self._render_imapd_conf())
-            self._chown(self.config_path)
+        if self.running:
+            self.restart()
 
     def new_mailbox(self, user: str | None = None, password: str | None = None) -> CyrusMailbox:
         box = CyrusMailbox(self, user or f"u{secrets.token_hex(6)}", password or secrets.token_urlsafe(12))
@@ -347,7 +348,7 @@ failedloginpause: 0
 altnamespace: yes
 unixhierarchysep: yes
 virtdomains: off
-""" + (f"admins: {' '.join(self._admins)}\n" if self._admins else "")
+""" + (f"proxyservers: {' '.join(self._admins)}\n" if self._admins else "")
 
     def _render_cyrus_conf(self) -> str:
         conf = self.config_path

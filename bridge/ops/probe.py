@@ -49,7 +49,8 @@ async def looked_up(settings: BridgeSettings, account: str, password: str | None
 
 
 def _features(
-    caps: frozenset[str], offered: frozenset[str], before_login: frozenset[str], engine_name: str, known: bool
+    caps: frozenset[str], offered: frozenset[str], before_login: frozenset[str], offered_before_login: frozenset[str],
+    engine_name: str, known: bool,
 ) -> list[dict[str, Any]]:
     """Per extension: "offered", "ignored" (upstream.ignore_capabilities), "absent" or "not
     advertised before login", and what the bridge does with it or without it. `caps`: what
@@ -88,7 +89,7 @@ def _features(
         {
             "name": "SASL-IR",
             "status": "offered" if {"SASL-IR", "AUTH=PLAIN"} <= before_login else (
-                "ignored" if {"SASL-IR", "AUTH=PLAIN"} <= offered else "absent"),
+                "ignored" if {"SASL-IR", "AUTH=PLAIN"} <= offered_before_login else "absent"),
             "bridge": "login with AUTHENTICATE PLAIN in one round trip" if {"SASL-IR", "AUTH=PLAIN"} <= before_login
             else "login with LOGIN (quoted strings)",
         },
@@ -163,11 +164,12 @@ async def probe(settings: BridgeSettings, backend: Backend, password: str | None
     ignored = upstream.ignore_capabilities_set
     offered = frozenset(report.get("capabilities", ()))
     caps = offered - ignored
-    before_login = frozenset(report.get("capabilities_before_login", ())) - ignored
+    offered_before_login = frozenset(report.get("capabilities_before_login", ()))
+    before_login = offered_before_login - ignored
     known = report["login"]["result"] == "ok"
     usable = not report["problems"]
     why_not = "; ".join(report["problems"])
-    report["features"] = _features(caps, offered, before_login, upstream.engine, known) if offered else []
+    report["features"] = _features(caps, offered, before_login, offered_before_login, upstream.engine, known) if offered else []
     report["policies"] = policy_verdicts(caps, known, usable, why_not)
     report["uidl_formats"] = uidl_verdicts(usable, why_not)
     report["served"] = report["policies"][policy]["verdict"] in _SERVED
