@@ -114,6 +114,7 @@ class UpstreamPool:
         returned while the pool is not running are logged out instead of parked."""
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
+            metrics.POOL_MAX_CONNECTIONS.set(self._settings().pool.max_connections)
             try:
                 yield self
             finally:
@@ -281,6 +282,7 @@ class UpstreamPool:
         mailbox = lease.mailbox
         bridge_settings = self._settings()
         settings = bridge_settings.pool
+        metrics.POOL_MAX_CONNECTIONS.set(settings.max_connections)
         if self._nursery is None or not mailbox.usable or settings.park_seconds <= 0 or settings.max_connections <= 0:
             await mailbox.aclose()
             return
@@ -310,6 +312,8 @@ class UpstreamPool:
             metrics.backend_pooled(entry.backend.name).dec()
 
     def _evict(self, entry: _Parked, reason: str) -> None:
+        if entry.evicted is None and self._parked.get(id(entry)) is entry:
+            metrics.POOL_EVICTIONS.labels(reason).inc()
         self._forget(entry)
         entry.evicted = reason
         entry.stop.set()

@@ -66,6 +66,16 @@ UPSTREAM_POOLED = Gauge(
     "bridge_upstream_pooled_connections", "Idle IMAP connections held in the pool.",
     multiprocess_mode="livesum",
 )
+POOL_EVICTIONS = Counter(
+    "bridge_pool_evictions",
+    "Parked IMAP connections logged out, by reason (expired, max_age, account_cap, total_cap (the pool is "
+    "full), password_changed, upstream_changed, route_changed, shutdown).",
+    ["reason"],
+)
+POOL_MAX_CONNECTIONS = Gauge(
+    "bridge_pool_max_connections", "pool.max_connections: the most parked IMAP connections (per process).",
+    multiprocess_mode="livesum",
+)
 DELETIONS_APPLIED = Counter(
     "bridge_deletions_applied", "Messages deleted, moved, kept or hidden at QUIT, by delete policy.",
     ["policy"],
@@ -105,6 +115,7 @@ for _result in ("ok", "failed"):
 
 for _result in ("ok", "cached", "refused", "unavailable"):
     LOOKUPS.labels(_result)
+POOL_EVICTIONS.labels("total_cap")
 
 
 @cache

@@ -24,8 +24,10 @@ def compose() -> dict[str, Any]:
 
 
 def test_services_build_from_files_in_the_repository(compose: dict[str, Any]) -> None:
-    assert set(compose["services"]) == {"bridge", "upstream"}
-    for name, service in compose["services"].items():
+    assert set(compose["services"]) == {"bridge", "upstream", "prometheus", "grafana"}
+    built = {name: service for name, service in compose["services"].items() if "build" in service}
+    assert set(built) == {"bridge", "upstream"}
+    for name, service in built.items():
         context = (DEPLOY / service["build"]["context"]).resolve()
         assert context == REPO, name
         assert (context / service["build"]["dockerfile"]).is_file(), name
@@ -60,3 +62,23 @@ def test_bridge_environment_is_a_valid_configuration(compose: dict[str, Any], mo
     assert (settings.upstream.host, settings.upstream.port) == ("127.0.0.1", int(upstream["environment"]["DEMO_IMAP_PORT"]))
     # Compose waits stop_grace_period before SIGKILL: longer than the bridge's own grace.
     assert int(bridge["stop_grace_period"].rstrip("s")) > settings.pop3.shutdown_grace_seconds
+
+
+def test_monitoring_is_provisioned_from_the_deploy_files(compose: dict[str, Any]) -> None:
+    """Prometheus scrapes the bridge's admin port and loads the alert rules; Grafana gets the
+    Prometheus data source and the dashboard (both checked for real in
+    tests/integration/test_monitoring.py)."""
+    prometheus, grafana = compose["services"]["prometheus"], compose["services"]["grafana"]
+    for service in (prometheus, grafana):
+        image, _, tag = service["image"].partition(":")
+        assert tag and tag != "latest", image  # pinned
+        assert all(port.startswith("127.0.0.1:") for port in service["ports"])
+    config = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
+    assert config["rule_files"] == ["/etc/prometheus/alerts.yml"]
+    assert config["scrape_configs"][0]["static_configs"][0]["targets"] == ["upstream:9110"]
+    assert "./prometheus/alerts.yml:/etc/prometheus/alerts.yml:ro" in prometheus["volumes"]
+    datasources = yaml.safe_load((DEPLOY / "grafana/provisioning/datasources/prometheus.yml").read_text())
+    assert datasources["datasources"][0]["url"] == "http://prometheus:9090"
+    providers = yaml.safe_load((DEPLOY / "grafana/provisioning/dashboards/pop3-imap-bridge.yml").read_text())
+    path = providers["providers"][0]["options"]["path"]
+    assert f"./grafana/pop3-imap-bridge.json:{path}/pop3-imap-bridge.json:ro" in grafana["volumes"]
