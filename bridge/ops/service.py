@@ -21,6 +21,7 @@ from bridge.ops.health import BackendHealth
 from bridge.ops.helpdesk import LocalHelpdesk
 from bridge.ops.logs import get_logger
 from bridge.ops.reload import reload_settings
+from bridge.ops.worker_admin import open_unix_listener
 
 _log = get_logger()
 
@@ -32,10 +33,13 @@ async def run_until_signalled(
     reload: Callable[[], BridgeSettings] | None = None,
     reuse_port: bool = False,
     notify: Callable[[str], None] | None = None,
+    admin_socket: str | None = None,
 ) -> None:
     """The `serve` command: run the service (and the admin listener, if configured) until
     SIGTERM or SIGINT, then shut down gracefully; SIGHUP reloads the configuration with
-    `reload()`. `notify` hears "ready" and "draining" (a worker tells its supervisor)."""
+    `reload()`. `notify` hears "ready" and "draining" (a worker tells its supervisor);
+    `admin_socket`: a worker's private socket for the supervisor's admin API
+    (bridge.ops.worker_admin)."""
     service = Pop3Service(settings, reuse_port=reuse_port)
     probe = BackendHealth(lambda: service.settings)
 
@@ -65,6 +69,12 @@ async def run_until_signalled(
                 metrics.register_collector(probe)
                 nursery.start_soon(_unregister_at_exit, probe)
                 await nursery.start(admin.serve)
+            if admin_socket is not None:
+                private = AdminServer(
+                    None, readiness=readiness, metrics=metrics.render,
+                    api=AdminApi(LocalHelpdesk(service.state), lambda: None),
+                )
+                nursery.start_soon(private.serve_listeners, [await open_unix_listener(admin_socket)])
             if notify is not None:
                 notify("ready")
             async for signum in received:

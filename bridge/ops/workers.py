@@ -38,9 +38,11 @@ import trio
 from bridge.config import BridgeSettings, ConfigError, load_settings
 from bridge.ops import metrics
 from bridge.ops.admin import AdminServer
+from bridge.ops.admin_api import AdminApi
 from bridge.ops.health import BackendHealth
 from bridge.ops.logs import get_logger
 from bridge.ops.reload import ReloadHook, reload_settings
+from bridge.ops.worker_admin import WorkersHelpdesk, socket_path
 
 _log = get_logger(component="supervisor")
 
@@ -57,7 +59,9 @@ _PR_SET_PDEATHSIG = 1
 # -- the worker side ---------------------------------------------------------------------
 
 
-def run_worker(settings: BridgeSettings, config_path: Path | None, index: int, notify_fd: int | None) -> int:
+def run_worker(
+    settings: BridgeSettings, config_path: Path | None, index: int, notify_fd: int | None, admin_socket: str | None = None
+) -> int:
     """A worker process: the ordinary service, sharing its listeners, reporting to the parent."""
     from bridge.ops.service import run_until_signalled
 
@@ -79,6 +83,7 @@ def run_worker(settings: BridgeSettings, config_path: Path | None, index: int, n
                 reload=partial(load_settings, config_path),
                 reuse_port=True,
                 notify=notify,
+                admin_socket=admin_socket,
             )
         )
     finally:
@@ -129,6 +134,8 @@ class Supervisor:
         command = [sys.executable, "-m", "bridge", "serve"]
         if self._config_path is not None:
             command += ["--config", str(self._config_path)]
+        if self.settings.admin.api:
+            command += ["--admin-socket", socket_path(self._metrics_dir, index)]
         return command + ["--worker-index", str(index), "--notify-fd", str(notify_fd)]
 
     def _worker_environment(self) -> dict[str, str]:
@@ -164,9 +171,11 @@ class Supervisor:
                     nursery.start_soon(supervise, worker)
                 admin_address = self.settings.admin.listen_address
                 if admin_address is not None:
+                    helpdesk = WorkersHelpdesk([socket_path(self._metrics_dir, w.index) for w in self._workers])
                     admin = AdminServer(
                         admin_address, readiness=self.readiness, metrics=self._render,
                         max_connections=self.settings.admin.max_connections, before_metrics=self._probe.refresh,
+                        api=AdminApi.for_settings(helpdesk, lambda: self.settings) if self.settings.admin.api else None,
                     )
                     await nursery.start(admin.serve)
                 async for signum in received:

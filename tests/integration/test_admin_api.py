@@ -241,3 +241,35 @@ def test_who_with_the_configuration_file(helpdesk: Helpdesk, account: Account) -
     finally:
         pop.quit()
     wait_for(lambda: not helpdesk.json("who")["sessions"], "the session to end")
+
+
+def test_with_workers_the_supervisor_asks_every_worker(dovecot: DovecotSandbox, tmp_path: Path) -> None:
+    """Sessions live in the workers (SO_REUSEPORT spreads them); who and kick reach all of them."""
+    box = dovecot.new_mailbox()
+    box.append(numbered_messages(1))
+    admin_port = free_port()
+    token_file = tmp_path / "admin.token"
+    token_file.write_text(TOKEN)
+    extra = (
+        f'[admin]\nlisten = "127.0.0.1:{admin_port}"\napi = true\ntoken_file = "{token_file}"\n'
+        '[server]\nworkers = 2\n[delete]\npolicy = "per-client"\n'
+    )
+    with SubprocessBridge(tmp_path, dovecot.imap_port, extra) as bridge:
+        helpdesk = Helpdesk(bridge, admin_port, token_file)
+        wait_for(lambda: events_named(bridge, "worker_started") and len(events_named(bridge, "listening")) == 2, "both workers")
+        clients = [pop3(helpdesk, f"{box.user}#d{number}", box.password) for number in range(8)]
+        try:
+            sessions = helpdesk.json("who")["sessions"]
+            assert sorted(s["device"] for s in sessions) == [f"d{number}" for number in range(8)]
+            assert {s["worker"] for s in sessions} <= {0, 1}
+            assert helpdesk.json("kick", box.user)["kicked"] == 8
+            for client in clients:
+                with pytest.raises((poplib.error_proto, OSError, EOFError)):
+                    client.stat()
+        finally:
+            for client in clients:
+                client.close()
+        wait_for(lambda: not helpdesk.json("who")["sessions"], "every session ended")
+        # Devices are read by one worker; its refusal comes back as it is.
+        result = helpdesk.run("devices", box.user)
+        assert result.returncode == 1 and "refused (409): back end default has no admin login" in result.stderr
