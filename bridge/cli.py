@@ -53,6 +53,8 @@ def _without_none(value: Any) -> Any:
     # TOML has no null: a key left unset (an account override that keeps the default) is omitted.
     if isinstance(value, dict):
         return {key: _without_none(item) for key, item in value.items() if item is not None}
+    if isinstance(value, list):  # [[routes]]: each route's keys left unset are omitted
+        return [_without_none(item) for item in value]
     return value
 
 

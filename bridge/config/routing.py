@@ -121,10 +121,10 @@ class RoutingSettings(Section):
     # An answer of "Auth-Status: OK" is reused for the account this long (0: ask every login).
     cache_seconds: float = Field(default=60.0, ge=0, le=86400)
     timeout_seconds: float = Field(default=5.0, gt=0, le=60)
-    # A shared secret sent in `secret_header`, so the service knows the bridge is asking.
+    # A shared secret sent in `auth_header`, so the service knows the bridge is asking.
     secret: str = ""
     secret_file: str = ""
-    secret_header: str = "X-Auth-Key"
+    auth_header: str = "X-Auth-Key"
     _secret_value: str = PrivateAttr("")
 
     @field_validator("lookup_url")
@@ -141,7 +141,7 @@ class RoutingSettings(Section):
     def _secret_file(cls, value: str) -> str:
         return readable_file(value)
 
-    @field_validator("secret_header")
+    @field_validator("auth_header")
     @classmethod
     def _header(cls, value: str) -> str:
         if not _HEADER_NAME.fullmatch(value):

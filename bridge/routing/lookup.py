@@ -5,7 +5,7 @@ The request is a GET of `routing.lookup_url` with nginx mail's headers: `Auth-Me
 `routing.send_password`, `Auth-Protocol: pop3`, `Auth-Login-Attempt` (the attempt on this
 connection), `Client-IP` (the real client), `Auth-SSL: on` for an encrypted client connection,
 and behind a PROXY-protocol balancer `Proxy-Protocol-Addr`, `-Port`, `-Server-Addr` and
-`-Server-Port`; plus the shared secret in `routing.secret_header`.
+`-Server-Port`; plus the shared secret in `routing.auth_header`.
 
 The answer is read from its headers:
 - `Auth-Status: OK` with `Auth-Server` and `Auth-Port`: the account's IMAP server; with our
@@ -113,7 +113,7 @@ def request_headers(request: LookupRequest, settings: RoutingSettings) -> dict[s
         headers["Proxy-Protocol-Server-Addr"] = request.proxy_destination[0]
         headers["Proxy-Protocol-Server-Port"] = str(request.proxy_destination[1])
     if settings.secret_value:
-        headers[settings.secret_header] = settings.secret_value
+        headers[settings.auth_header] = settings.secret_value
     return headers
 
 

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 
 from bridge.ops.reload import reload_settings
 from sandbox import DovecotSandbox
@@ -252,3 +253,26 @@ def test_check_config_names_the_route_and_key_of_an_error(tmp_path: Path) -> Non
     assert result.returncode == 2
     assert "routes[0] (legacy).port: Input should be less than or equal to 65535" in result.stderr
     assert "routes[0] (legacy).login: unknown placeholder {user}" in result.stderr
+
+
+async def test_lookup_answers_are_reused_for_cache_seconds(mock_clock: trio.testing.MockClock) -> None:
+    """The cache's time is Trio's (a clock that moves only when told); the service is real."""
+    from bridge.config import load_settings
+    from bridge.routing.lookup import LookupClient, LookupRequest
+
+    with LookupService() as service:
+        service.route("alice@example.com", 143)
+        routing = load_settings(None, {"routing": {"lookup_url": service.url, "cache_seconds": 60}}).routing
+        client = LookupClient(routing)
+        try:
+            await client.ask(LookupRequest("alice@example.com"))
+            await client.ask(LookupRequest("ALICE@example.com"))  # one account, however it is spelt
+            assert len(service.requests) == 1
+            mock_clock.jump(59.5)
+            await client.ask(LookupRequest("alice@example.com"))
+            assert len(service.requests) == 1
+            mock_clock.jump(1)
+            answer = await client.ask(LookupRequest("alice@example.com"))
+            assert len(service.requests) == 2 and answer.port == 143
+        finally:
+            await client.aclose()
