@@ -28,7 +28,14 @@ from bridge.config.deletion import (
     check_delete_names,
     check_state_key,
 )
-from bridge.config.routing import RouteSettings, RoutingSettings, admin_login_problems, check_routes
+from bridge.config.routing import (
+    RouteSettings,
+    RoutingSettings,
+    admin_login_problems,
+    check_routes,
+    merged_upstream,
+    route_names,
+)
 from bridge.config.sections import (
     AdminSettings,
     LoggingSettings,
@@ -230,12 +237,18 @@ def check_admin(settings: BridgeSettings) -> None:
 def weakened_settings(settings: BridgeSettings) -> list[tuple[str, dict[str, str]]]:
     """Every security default the configuration switches off, as (log event, its fields):
     logged as warnings at start-up."""
-    pop3, upstream = settings.pop3, settings.upstream
+    pop3 = settings.pop3
     found: list[tuple[str, dict[str, str]]] = []
-    if upstream.tls == "none" and not is_loopback_host(upstream.host):
-        found.append(("upstream_tls_disabled", {"host": upstream.host, "note": "passwords go to the mail server unencrypted"}))
-    if upstream.tls != "none" and not upstream.verify:
-        found.append(("upstream_tls_unverified", {"host": upstream.host, "note": "any certificate is accepted"}))
+    backends = [("default", settings.upstream)] + [
+        (name, merged_upstream(settings.upstream, route.upstream_overrides()))
+        for route, name in zip(settings.routes, route_names(settings.routes), strict=True)
+    ]
+    for name, upstream in backends:
+        where = {"host": upstream.host} if name == "default" else {"host": upstream.host, "backend": name}
+        if upstream.tls == "none" and not is_loopback_host(upstream.host):
+            found.append(("upstream_tls_disabled", {**where, "note": "passwords go to the mail server unencrypted"}))
+        if upstream.tls != "none" and not upstream.verify:
+            found.append(("upstream_tls_unverified", {**where, "note": "any certificate is accepted"}))
     if pop3.allow_plaintext_auth == "always":
         found.append(("plaintext_auth_allowed", {"note": "clients may send passwords over unencrypted connections"}))
     if settings.delete.accept_unsigned_state:

@@ -276,3 +276,39 @@ async def test_lookup_answers_are_reused_for_cache_seconds(mock_clock: trio.test
             assert len(service.requests) == 2 and answer.port == 143
         finally:
             await client.aclose()
+
+
+def test_the_lookup_hears_the_proxy_protocol_addresses(bridges: BridgeFactory, dovecot: DovecotSandbox) -> None:
+    """Behind a PROXY balancer the service is told the real client and the address it reached."""
+    from tests.harness import RawPop3
+    from tests.security_support import proxy_v1
+
+    box = dovecot.new_mailbox()
+    with LookupService() as service:
+        service.route(box.user, dovecot.imap_port)
+        bridge = bridges(
+            dovecot.imap_port, routing={"lookup_url": service.url, "cache_seconds": 0},
+            login_limits={"failure_delay_seconds": 0},
+            pop3={"listen": ["127.0.0.1:0"], "proxy_protocol": ["127.0.0.1:0"], "proxy_trusted": ["127.0.0.1"],
+                  "allow_plaintext_auth": "always"},
+        )
+        import socket
+
+        sock = socket.create_connection(("127.0.0.1", bridge.port), timeout=30)
+        sock.sendall(proxy_v1("192.0.2.7", 40000, "198.51.100.1", 110))
+        client = RawPop3.__new__(RawPop3)
+        client.sock, client._buf = sock, bytearray()
+        try:
+            assert client.status().startswith(b"+OK")
+            assert client.command(b"USER " + box.user.encode()).startswith(b"+OK")
+            assert client.command(b"PASS wrong password").startswith(b"-ERR [AUTH]")
+            assert client.command(b"USER " + box.user.encode()).startswith(b"+OK")
+            assert client.command(b"PASS " + box.password.encode()).startswith(b"+OK")
+        finally:
+            sock.close()
+        first, second = service.requests_for(box.user)
+        assert first["Client-IP"] == "192.0.2.7"
+        assert (first["Proxy-Protocol-Addr"], first["Proxy-Protocol-Port"]) == ("192.0.2.7", "40000")
+        assert (first["Proxy-Protocol-Server-Addr"], first["Proxy-Protocol-Server-Port"]) == ("198.51.100.1", "110")
+        # The second login attempt on the connection says so.
+        assert second["Auth-Login-Attempt"] == "2"

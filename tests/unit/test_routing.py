@@ -318,3 +318,16 @@ async def test_the_admin_api_checks_the_token_and_the_parameters() -> None:
     assert await status(b"GET", b"/admin/kick?account=a") == 405
     unconfigured = AdminApi(helpdesk, lambda: "")
     assert (await unconfigured.handle(b"GET", b"/admin/sessions", auth, "x"))[0] == 403
+
+
+def test_weakened_routes_are_warned_about_by_name() -> None:
+    from bridge.config import weakened_settings
+
+    loaded = settings(routes=[
+        {"name": "far", "match": "a*", "host": "imap.example.net", "tls": "none"},
+        {"name": "near", "match": "b*", "host": "127.0.0.1", "tls": "none"},
+        {"name": "trusting", "match": "c*", "host": "imap.example.net", "verify": False},
+    ])
+    assert [(event, fields.get("backend")) for event, fields in weakened_settings(loaded)] == [
+        ("upstream_tls_disabled", "far"), ("upstream_tls_unverified", "trusting"),
+    ]
