@@ -24,7 +24,8 @@ ReloadHook = Callable[[BridgeSettings], Awaitable[None]]
 # Keys bound to a socket or a process count; a reload cannot change them in place.
 # upstream.engine: the engine's runtime (trio-asyncio's loop for aioimaplib) is opened at start
 # for the configured engine only.
-RESTART_ONLY_KEYS = frozenset({"server.workers", "upstream.engine"})
+# admin.api: the admin listener is built with or without the API when it starts.
+RESTART_ONLY_KEYS = frozenset({"server.workers", "upstream.engine", "admin.api"})
 
 
 def needs_restart(dotted_key: str) -> bool:
