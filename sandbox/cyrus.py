@@ -142,8 +142,15 @@ class CyrusSandbox:
         self._startup_timeout = startup_timeout
         self._proc: subprocess.Popen[bytes] | None = None
         self._users: dict[str, str] = {}
-        self._admins: list[str] = []
         self._prepare_workdir()
+        # A login that may act as any user (SASL PLAIN with that user as the authorization
+        # identity): Cyrus allows that to the logins in `proxyservers` (being in `admins` is
+        # not enough, and not needed). Made here, not later: an idle imapd process would
+        # serve later connections with the configuration it read when it started, and a
+        # restart races with the old processes' listening socket.
+        self.admin_login = "sandbox-admin"
+        self.admin_password = secrets.token_urlsafe(12)
+        self.add_user(self.admin_login, self.admin_password)
 
     # -- properties ------------------------------------------------------------------------
 
@@ -209,6 +216,9 @@ class CyrusSandbox:
                 stderr=log,
                 cwd=self._workdir,
                 env=self._environment(),
+                # Its own process group: a master shutting down signals its whole group, which
+                # would otherwise be ours, and take every other Cyrus the tests run with it.
+                start_new_session=True,
             )
         try:
             self._wait_ready()
@@ -263,17 +273,6 @@ class CyrusSandbox:
             raise CyrusError(f"saslpasswd2 failed for {name}: {result.stderr.decode(errors='replace')}")
         self._chown(self._sasldb_path)
         self._users[name] = password
-
-    def add_admin(self, name: str, password: str) -> None:
-        """An administrative login that may act as any user: SASL PLAIN with that user as the
-        authorization identity. Cyrus allows that to the logins in `proxyservers` (being in
-        `admins` is not enough, and not needed). A running Cyrus is restarted (on the same
-        port): an idle imapd process serves later connections with the configuration it read
-        when it started."""
-        self.add_user(name, password)
-        self._admins.append(name)
-        if self.running:
-            self.restart()
 
     def new_mailbox(self, user: str | None = None, password: str | None = None) -> CyrusMailbox:
         box = CyrusMailbox(self, user or f"u{secrets.token_hex(6)}", password or secrets.token_urlsafe(12))
@@ -348,7 +347,8 @@ failedloginpause: 0
 altnamespace: yes
 unixhierarchysep: yes
 virtdomains: off
-""" + (f"proxyservers: {' '.join(self._admins)}\n" if self._admins else "")
+proxyservers: {self.admin_login}
+"""
 
     def _render_cyrus_conf(self) -> str:
         conf = self.config_path

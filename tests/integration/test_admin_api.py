@@ -49,10 +49,9 @@ class Helpdesk:
 def helpdesk(dovecot: DovecotSandbox, cyrus: CyrusSandbox, tmp_path: Path) -> Iterator[Helpdesk]:
     """A per-client bridge in front of the session's Dovecot (accounts *@dovecot.example) and
     Cyrus (*@cyrus.example, logged in by local part), each with its admin login."""
-    master, cyrus_admin = f"master{secrets.token_hex(3)}", f"admin{secrets.token_hex(3)}"
-    master_password, admin_password = secrets.token_urlsafe(12), secrets.token_urlsafe(12)
+    master, master_password = f"master{secrets.token_hex(3)}", secrets.token_urlsafe(12)
     dovecot.add_master_user(master, master_password)
-    cyrus.add_admin(cyrus_admin, admin_password)
+    cyrus_admin, admin_password = cyrus.admin_login, cyrus.admin_password
     (tmp_path / "master.password").write_text(master_password + "\n")
     (tmp_path / "cyrus-admin.password").write_text(admin_password + "\n")
     token_file = tmp_path / "admin.token"

@@ -30,6 +30,7 @@ from sandbox import (
     numbered_messages,
     tricky_messages,
 )
+from sandbox.cyrus import CyrusSandbox
 
 CRLF = b"\r\n"
 
@@ -363,3 +364,28 @@ def test_mail_belongs_to_an_unprivileged_user(mailbox: Mailbox) -> None:
     # Dovecot refuses uid 0 for mail; as root the sandbox uses an unprivileged user.
     assert owners == {mailbox.dovecot.mail_uid}
     assert 0 not in owners
+
+
+def test_stopping_one_cyrus_leaves_another_serving(cyrus: CyrusSandbox) -> None:
+    """A Cyrus master shutting down signals its whole process group: each master has its
+    own, or stopping a test's private Cyrus took the session's down with it."""
+    from sandbox.netcheck import greets
+
+    workdir = tempfile.mkdtemp(prefix="bridge-cyrus-other-")
+    try:
+        other = CyrusSandbox(workdir)
+        other.start()
+        other.restart()
+        other.stop()
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    assert cyrus.running and greets("127.0.0.1", cyrus.imap_port, b"* OK")
+    # The admin login the device commands use acts as a user (proxyservers).
+    box = cyrus.new_mailbox()
+    box.append([b"Subject: x\r\n\r\nx\r\n"])
+    client = imaplib.IMAP4("127.0.0.1", cyrus.imap_port)
+    try:
+        client.authenticate("PLAIN", lambda _: f"{box.user}\0{cyrus.admin_login}\0{cyrus.admin_password}".encode())
+        assert client.select("INBOX") == ("OK", [b"1"])
+    finally:
+        client.logout()
