@@ -1,6 +1,6 @@
 """Typed, validated configuration: `bridge.toml`, overridden by `BRIDGE_<SECTION>__<KEY>`
 variables (`loading`). One module per concern: the service's own sections (`sections`), the
-delete policies (`deletion`). Every key has a default there and is documented, with that
+delete policies (`deletion`), the UIDLs (`uidl`). Every key has a default there and is documented, with that
 default, in the example `bridge.toml` at the top of the repository."""
 
 from bridge.config.base import ConfigError
@@ -29,11 +29,13 @@ from bridge.config.sections import (
     ServerSettings,
     UpstreamSettings,
 )
+from bridge.config.uidl import UIDL_PRESETS, UidlSettings
 
 __all__ = [
     "DEVICE_NAME_PATTERN",
     "ENV_PREFIX",
     "MIN_STATE_KEY_LENGTH",
+    "UIDL_PRESETS",
     "AccountSettings",
     "AdminSettings",
     "BridgeSettings",
@@ -45,6 +47,7 @@ __all__ = [
     "PoolSettings",
     "Pop3Settings",
     "ServerSettings",
+    "UidlSettings",
     "UpstreamSettings",
     "account_key",
     "environment_overrides",

@@ -165,14 +165,26 @@ def check_delete_names(delete: DeleteSettings) -> None:
                 )
 
 
-def check_state_key(delete: DeleteSettings) -> None:
+def check_state_key(delete: DeleteSettings, uidl_records: bool = False) -> None:
+    """The key that signs state records is there when records are used: per-device state
+    (`per-client`) or UIDL records (`uidl_records`: [uidl] imported, reuse_x_uidl,
+    keep_across_uidvalidity)."""
     if delete.state_key and delete.state_key_file:
         raise ConfigError("delete.state_key: give delete.state_key or delete.state_key_file, not both")
-    if delete.uses_per_client and not delete.signing_key:
-        raise ConfigError(
-            'delete.state_key: required when a delete policy is "per-client": the secret key that '
-            f"signs the device state records (at least {MIN_STATE_KEY_LENGTH} characters, the same on "
-            "every bridge host serving these mailboxes), or delete.state_key_file naming a file that holds it"
+    if delete.signing_key:
+        return
+    if delete.uses_per_client:
+        why = 'a delete policy is "per-client": the secret key that signs the device state records'
+    elif uidl_records:
+        why = (
+            "uidl.imported, uidl.reuse_x_uidl or uidl.keep_across_uidvalidity is on: the secret key that "
+            "signs the UIDL records in the state folder"
         )
+    else:
+        return
+    raise ConfigError(
+        f"delete.state_key: required when {why} (at least {MIN_STATE_KEY_LENGTH} characters, the same on "
+        "every bridge host serving these mailboxes), or delete.state_key_file naming a file that holds it"
+    )
 
 

@@ -37,6 +37,7 @@ from bridge.config.sections import (
     ServerSettings,
     UpstreamSettings,
 )
+from bridge.config.uidl import UidlSettings
 from bridge.net.addresses import is_loopback_host
 from bridge.ops.secrets import MASK, is_secret_name
 
@@ -80,6 +81,7 @@ class BridgeSettings(BaseSettings):
     login_limits: LoginLimitSettings = Field(default_factory=LoginLimitSettings)
     admin: AdminSettings = Field(default_factory=AdminSettings)
     server: ServerSettings = Field(default_factory=ServerSettings)
+    uidl: UidlSettings = Field(default_factory=UidlSettings)
 
     @classmethod
     def settings_customise_sources(
@@ -180,7 +182,7 @@ def load_settings(path: Path | None = None, overrides: dict[str, Any] | None = N
         raise ConfigError(_describe(exc, path, variables)) from None
     check_delete_folders(settings.delete, settings.upstream.mailbox)
     check_delete_names(settings.delete)
-    check_state_key(settings.delete)
+    check_state_key(settings.delete, uidl_records=settings.uidl.uses_records)
     return settings
 
 

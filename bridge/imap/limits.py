@@ -22,3 +22,6 @@ MAX_BODY_FETCH_BYTES = 1 << 30
 # fetch_texts reads at most this many bytes of each message's text (one partial FETCH):
 # state records are small, and anything read back from a mailbox may be hostile.
 TEXT_FETCH_LIMIT = 65536
+# A message's header is read (UIDL fingerprints, X-UIDL) up to this many bytes; the rest of
+# a longer one is not looked at.
+HEADER_FETCH_LIMIT = 256 * 1024

@@ -29,7 +29,12 @@ from bridge.imap import syntax
 from bridge.imap.channel import Command, ImapChannel, Reply
 from bridge.imap.errors import AuthenticationFailed, MessageGone, UpstreamError
 from bridge.imap.interface import ChunkedRangeReader, RangeReader
-from bridge.imap.limits import MAX_BODY_FETCH_BYTES, MAX_OTHER_LITERAL_BYTES, TEXT_FETCH_LIMIT
+from bridge.imap.limits import (
+    HEADER_FETCH_LIMIT,
+    MAX_BODY_FETCH_BYTES,
+    MAX_OTHER_LITERAL_BYTES,
+    TEXT_FETCH_LIMIT,
+)
 from bridge.imap.listing import MaildropListing
 from bridge.imap.snapshot import MailboxSnapshot
 from bridge.ops.logs import get_logger
@@ -277,6 +282,24 @@ class ImapMailbox:
     async def fetch_messages(self, uids: Sequence[int]) -> dict[int, bytes]:
         return await self._fetch_sections(self._settings.mailbox, uids, b"BODY.PEEK[]", MAX_BODY_FETCH_BYTES)
 
+    async def fetch_headers(self, uids: Sequence[int]) -> dict[int, bytes]:
+        """The header (BODY[HEADER], at most HEADER_FETCH_LIMIT bytes) of maildrop messages."""
+        item = b"BODY.PEEK[HEADER]<0.%d>" % HEADER_FETCH_LIMIT
+        return await self._fetch_sections(self._settings.mailbox, uids, item, HEADER_FETCH_LIMIT)
+
+    async def fetch_emailids(self, uids: Sequence[int]) -> dict[int, str]:
+        """RFC 8474 EMAILIDs of maildrop messages (the server has OBJECTID)."""
+        found: dict[int, str] = {}
+        if not uids:
+            return found
+        async with self._lock:
+            await self._ensure_selected(self._settings.mailbox)
+            for piece in syntax.chunked_uid_sets(uids):
+                command = Command(b"FETCH", (piece, b"(UID EMAILID)"), uid=True)
+                reply = await self._checked("fetch", command, collect=True)
+                found.update(syntax.emailids_by_uid(reply.responses))
+        return found
+
     async def fetch_texts(self, folder: str, uids: Sequence[int]) -> dict[int, bytes]:
         """BODY[TEXT] of small messages (state records), at most TEXT_FETCH_LIMIT bytes of each."""
         per_message = TEXT_FETCH_LIMIT
@@ -351,9 +374,27 @@ class ImapMailbox:
             # [ALREADYEXISTS] is RFC 5530; older servers just say NO. STATUS tells for sure.
             await self._checked("status", Command(b"STATUS", (name, b"(UIDNEXT)")))
 
-    async def append(self, folder: str, message: bytes) -> None:
+    async def append(self, folder: str, message: bytes) -> tuple[int, int] | None:
+        """APPEND to `folder`; (UIDVALIDITY, UID) of the new message when the server says
+        (UIDPLUS's APPENDUID), else None."""
         async with self._lock:
-            await self._checked("append", Command(b"APPEND", (syntax.folder_argument(folder),)), literal=message)
+            reply = await self._checked("append", Command(b"APPEND", (syntax.folder_argument(folder),)), literal=message)
+        return syntax.appended_uid(reply.text)
+
+    async def folder_status(self, folder: str) -> tuple[int, int, int] | None:
+        """(UIDVALIDITY, UIDNEXT, MESSAGES) of a folder that is not the maildrop, without
+        selecting it (the maildrop stays selected); None if the folder does not exist."""
+        command = Command(b"STATUS", (syntax.folder_argument(folder), b"(UIDVALIDITY UIDNEXT MESSAGES)"))
+        async with self._lock:
+            reply = await self._run("status", command, collect=True)
+        if reply.result == "NO":
+            return None
+        reply.require("status")
+        items = syntax.status_items(reply.responses)
+        try:
+            return items["UIDVALIDITY"], items["UIDNEXT"], items["MESSAGES"]
+        except KeyError:
+            raise UpstreamError("status: server left out UIDVALIDITY, UIDNEXT or MESSAGES") from None
 
     async def search(self, folder: str, *criteria: str) -> list[int]:
         """UID SEARCH in `folder`; criteria are IMAP search keys, strings already quoted."""

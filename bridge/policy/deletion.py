@@ -32,11 +32,14 @@ from bridge.policy.device_state import (
 )
 from bridge.policy.identity import LoginIdentity
 from bridge.policy.uid_ranges import UidRanges
+from bridge.uidl.facts import FactsMailbox
+from bridge.uidl.memory import UidlMemory
+from bridge.uidl.serving import SessionUidls, open_uidls
 
 _log = get_logger()
 
 
-class MaildropAndFolders(MaildropStore, StateBackend, Protocol):
+class MaildropAndFolders(MaildropStore, StateBackend, FactsMailbox, Protocol):
     """The maildrop and the account's other folders (the state folder, the move folder), on
     one upstream connection: what bridge.imap.mailbox.ImapMailbox is."""
 
@@ -71,21 +74,27 @@ class MaildropView:
     all_uids: tuple[int, ...]
     device_state: DeviceState | None = None
     store: DeviceStateStore | None = field(default=None, repr=False)
+    # The UIDLs (bridge.uidl.serving); None: the default format from the snapshot.
+    uidls: SessionUidls | None = None
 
 
-async def open_maildrop(mailbox: MaildropAndFolders, identity: LoginIdentity, settings: BridgeSettings) -> MaildropView:
+async def open_maildrop(
+    mailbox: MaildropAndFolders, identity: LoginIdentity, settings: BridgeSettings, memory: UidlMemory
+) -> MaildropView:
     snapshot = await mailbox.snapshot()
     all_uids = snapshot.uids
+    uidls = await open_uidls(mailbox, identity.account, settings, memory, snapshot)
     if identity.policy != "per-client":
-        return MaildropView(identity, snapshot, all_uids)
+        return MaildropView(identity, snapshot, all_uids, uidls=uidls)
     delete = settings.delete
     signer = StateSigner(delete.signing_key, identity.account, accept_unsigned=delete.accept_unsigned_state)
-    store = DeviceStateStore(mailbox, delete.state_folder, settings.upstream.mailbox, signer)
+    carry = uidls.carry if uidls is not None else None
+    store = DeviceStateStore(mailbox, delete.state_folder, settings.upstream.mailbox, signer, carry)
     state = await store.load(identity.device, snapshot.uidvalidity)
     # Only the snapshot's messages are looked up, however wide the stored ranges are; the
     # save at QUIT keeps only the snapshot's UIDs.
     visible = (info for info in snapshot.messages if not state.hides(info.uid))
-    return MaildropView(identity, MailboxSnapshot.of(snapshot.uidvalidity, visible), all_uids, state, store)
+    return MaildropView(identity, MailboxSnapshot.of(snapshot.uidvalidity, visible), all_uids, state, store, uidls)
 
 
 async def apply_deletions(
@@ -112,7 +121,7 @@ async def _hide_for_device(
     assert view.store is not None and view.device_state is not None
     expire_days = settings.delete.expire_after_days
     state = view.device_state
-    if not marked and not expire_days and not state.needs_signing:
+    if not marked and not expire_days and not state.needs_signing and not state.carried:
         return  # nothing to record; last_seen only matters for expiry
     state.hidden = state.hidden.union(UidRanges.of(marked))
     state.restrict_to(view.all_uids)

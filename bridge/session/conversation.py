@@ -227,7 +227,7 @@ class Pop3Session:
             "login_ok", messages=len(snapshot.uids), uidvalidity=snapshot.uidvalidity, policy=identity.policy,
             mechanism=request.mechanism, tls=core.tls_active,
         )
-        maildrop = maildrop_from_snapshot(snapshot)
+        maildrop = maildrop_from_snapshot(snapshot, logged_in.view.uidls)
         self._retriever = Retriever(
             core, logged_in.lease.mailbox, maildrop, self._settings.upstream, self._send, self._command_log
         )

@@ -90,7 +90,7 @@ async def log_in(
             await lease.release()
             raise LoginRefused("in_use", "maildrop already in use by another session", ResponseCode.IN_USE) from None
         try:
-            view = await open_maildrop(lease.mailbox, identity, settings)
+            view = await open_maildrop(lease.mailbox, identity, settings, services.uidls)
         except UpstreamError as exc:
             await lease.release()
             raise LoginRefused("snapshot", _UNAVAILABLE, ResponseCode.SYS_TEMP, warning=True, fields={"error": str(exc)}) from None

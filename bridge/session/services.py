@@ -10,6 +10,7 @@ from bridge.net.client_timeouts import ClientWatchdog
 from bridge.net.login_limiter import LoginLimiter
 from bridge.net.maildrop_locks import MaildropLocks
 from bridge.net.tls import ServerTls
+from bridge.uidl.memory import UidlMemory
 
 
 @dataclass
@@ -29,6 +30,8 @@ class SharedServices:
     login_limiter: LoginLimiter = field(init=False)
     # The POP3 side's certificate, if one is configured (bridge.net.tls).
     server_tls: ServerTls | None = None
+    # What this process remembers of maildrops' UIDL records between logins (bridge.uidl.memory).
+    uidls: UidlMemory = field(default_factory=UidlMemory)
 
     def __post_init__(self) -> None:
         self.pool = UpstreamPool(lambda: self.settings)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from bridge.imap import MailboxSnapshot
 from bridge.pop3 import Maildrop, MessageList
+from bridge.uidl.serving import SessionUidls
 
 
 def unique_id(uidvalidity: int, uid: int) -> str:
@@ -18,7 +19,10 @@ def _message_list(snapshot: MailboxSnapshot) -> MessageList:
     return MessageList(snapshot.sizes, [unique_id(uidvalidity, uid) for uid in snapshot.uids], snapshot.uids)
 
 
-def maildrop_from_snapshot(snapshot: MailboxSnapshot) -> Maildrop:
-    """The session's maildrop. Its message list is worked out once per snapshot: the engine
-    hands every session the same snapshot while the mailbox stays unchanged."""
-    return Maildrop(snapshot.derived(_message_list))
+def maildrop_from_snapshot(snapshot: MailboxSnapshot, uidls: SessionUidls | None = None) -> Maildrop:
+    """The session's maildrop. With the defaults (`uidls` None) its message list is worked
+    out once per snapshot: the engine hands every session the same snapshot while the mailbox
+    stays unchanged. Any other `[uidl]` settings: bridge.uidl.serving (memoised there)."""
+    if uidls is None:
+        return Maildrop(snapshot.derived(_message_list))
+    return Maildrop(uidls.message_list(snapshot))
