@@ -1,4 +1,4 @@
-"""Command line: `pop3-imap-bridge serve|check-config` (also `python -m bridge`)."""
+"""Command line: `pop3-imap-bridge serve|check-config|uidl import` (also `python -m bridge`)."""
 
 from __future__ import annotations
 
@@ -95,6 +95,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     check.add_argument("--config", type=Path, help="path to bridge.toml")
     check.set_defaults(func=_check_config)
+
+    from bridge.uidl.command import add_parser as add_uidl_parser
+
+    add_uidl_parser(commands)
 
     args = parser.parse_args(argv)
     try:

@@ -1,8 +1,7 @@
 """[uidl]: the UIDLs devices see (docs/operators.md, "UIDLs"), and the syntax of `format`.
 
 `format` is Dovecot's `pop3_uidl_format` language, the part of it that an IMAP client can
-fill in: `%u` (UID) and `%v` (UIDVALIDITY), also spelt `%{uid}` and `%{uidvalidity}`, with
-Dovecot's modifiers `X` (hexadecimal, lower case as Dovecot writes it), `L` and `U` (case),
+fill in: `%u` (UID) and `%v` (UIDVALIDITY), with Dovecot's modifiers `X` (hexadecimal, lower case as Dovecot writes it), `L` and `U` (case),
 a width (`%08Xu`: padded with zeros to 8; `%3u`: the first 3 characters), an offset
 (`%2.3u`) and `%%`. Presets name the formats of the servers POP3 users come from. The
 special value "emailid" uses the server's RFC 8474 EMAILID instead.
@@ -30,8 +29,8 @@ EMAILID_FORMAT = "emailid"
 # RFC 1939: a UIDL is 1 to 70 characters from 0x21 to 0x7E.
 MAX_UIDL_LENGTH = 70
 _PRINTABLE = re.compile(r"[\x21-\x7e]*")
-_VARIABLE = re.compile(r"%(-?\d+\.)?(0?)(\d*)([XLU]*)(u|v|\{uid\}|\{uidvalidity\}|.)", re.DOTALL)
-_NAMES = {"u": "u", "v": "v", "{uid}": "u", "{uidvalidity}": "v"}
+_VARIABLE = re.compile(r"%(-?\d+\.)?(0?)(\d*)([XLU]*)(.)", re.DOTALL)
+_NAMES = {"u": "u", "v": "v"}
 _MAX_NUMBER = 4294967295
 
 
