@@ -79,9 +79,11 @@ def recreate_folder(host: str, port: int, user: str, password: str, folder: str)
         assert observer.uidvalidity() != old, "the re-created folder kept its UIDVALIDITY"
 
 
-def write_config(path: Path, imap_port: int, extra: str = "") -> Path:
+def write_config(path: Path, imap_port: int, extra: str = "", upstream: str = "") -> Path:
+    """A bridge.toml for `uidl import`: the store on `imap_port`, the tests' state key, and
+    `extra` sections (`upstream`: more [upstream] lines)."""
     path.write_text(
-        f'[upstream]\nhost = "127.0.0.1"\nport = {imap_port}\ntls = "none"\n'
+        f'[upstream]\nhost = "127.0.0.1"\nport = {imap_port}\ntls = "none"\n{upstream}'
         f'[delete]\nstate_key = "{TEST_STATE_KEY}"\n{extra}'
     )
     return path
