@@ -20,8 +20,8 @@ from bridge.imap import MailboxSnapshot
 from bridge.uidl.formats import foreign_uidl
 from bridge.uidl.headers import FINGERPRINT_BYTES, header_digest, x_uidl
 from bridge.uidl.memory import MaildropMemory
-from bridge.uidl.records import Fact, FactsRecord
-from bridge.uidl.store import FolderStamp, UidlBackend, UidlStore
+from bridge.uidl.records import Fact, FactsRecord, split_facts
+from bridge.uidl.store import UidlBackend, UidlStore
 
 # Headers read per FETCH: bounds what one round trip brings back (at most 256 KiB each,
 # about 1-3 KiB usually).
@@ -62,25 +62,23 @@ async def fingerprint(mailbox: FactsMailbox, uids: Sequence[int], snapshot: Mail
     return facts
 
 
-def _stamp_after(stamp: FolderStamp | None, appended: list[tuple[int, int] | None]) -> FolderStamp | None:
-    for each in appended:
-        if stamp is None:
-            return None
-        stamp = stamp.after_append(each)
-    return stamp
-
-
 async def save_facts(
     memory: MaildropMemory, store: UidlStore, uidvalidity: int, facts: list[Fact], through: int,
     replaces: Sequence[int] = (),
 ) -> None:
-    """Write facts and remember them (with their state UIDs when the server says them)."""
-    appended = await store.write_facts(uidvalidity, facts, through, replaces)
-    memory.forget(set(replaces))
-    record = FactsRecord(store.mailbox, uidvalidity, through, tuple(facts), datetime.now(UTC))
-    single = appended[0] if len(appended) == 1 else None
-    memory.learn(single[1] if single is not None else None, record, uidvalidity)
-    memory.stamp = _stamp_after(memory.stamp, appended) if not replaces else None
+    """Write facts (as many records as they need), remember each record with its state UID
+    when the server says it, then expunge the records they `replace` (a merge)."""
+    stamp = memory.stamp
+    for run in split_facts(store.mailbox, facts):
+        appended = await store.write_facts(uidvalidity, run, through)
+        record = FactsRecord(store.mailbox, uidvalidity, through, tuple(run), datetime.now(UTC))
+        memory.learn(appended[1] if appended is not None else None, record, uidvalidity)
+        stamp = stamp.after_append(appended) if stamp is not None else None
+    if replaces:
+        await store.delete(replaces)
+        memory.forget(set(replaces))
+        stamp = None  # what the expunge did to the folder's STATUS is not known for sure
+    memory.stamp = stamp
 
 
 async def learn_new(memory: MaildropMemory, store: UidlStore, mailbox: FactsMailbox, snapshot: MailboxSnapshot) -> None:

@@ -53,56 +53,62 @@ MAX_HEADER_BYTES = HEADER_FETCH_LIMIT
 # The digest kept per message in fingerprints: 12 bytes (96 bits) of SHA-256.
 FINGERPRINT_BYTES = 12
 
-_SPACES = re.compile(rb"[ \t]+")
+_LINE_BREAK = re.compile(rb"\r*\n")
 _ODD = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f-\xff?]+")
 _VALID_NAME = re.compile(rb"[\x21-\x39\x3b-\x7e]+")
 _X_UIDL = re.compile(rb"x-uidl", re.IGNORECASE)
+_DEFAULT_SKIP = frozenset(name.encode("ascii") for name in SKIPPED_FIELDS)
+_CONTROL = bytes(range(0x20)) + b"\x7f?"
+
+
+def _header_text(data: bytes) -> bytes:
+    """The header with LF line ends, up to the first empty line (a line of CRs counts: CR CR
+    LF ends the header for some servers and not for others, so it ends it for all), or the
+    end of `data` (no end-of-header line, or a message that is all header)."""
+    text = data[:MAX_HEADER_BYTES].replace(b"\r\n", b"\n")
+    if b"\r\n" in text:  # more than one CR before a line feed
+        text = _LINE_BREAK.sub(b"\n", text)
+    if text.startswith(b"\n"):
+        return b""
+    end = text.find(b"\n\n")
+    return text[:end] if end >= 0 else text.rstrip(b"\n")
 
 
 def header_lines(data: bytes) -> list[bytes]:
-    """The header's lines (without line ends): up to the first empty line, or a line of CRs
-    only, or the end of `data` (no end-of-header line, or a header only)."""
-    lines: list[bytes] = []
-    # CR CR LF ends the header for some servers and not for others: stop there for all.
-    for line in re.split(rb"\r*\n|\r(?!\n|\r)", data[:MAX_HEADER_BYTES]):
-        if not line.strip(b"\r"):
-            break
-        lines.append(line.rstrip(b"\r"))
-    return lines
+    """The header's lines as they are (folded ones too), without line ends."""
+    text = _header_text(data)
+    return text.split(b"\n") if text else []
 
 
 def header_fields(data: bytes) -> Iterator[tuple[bytes, bytes]]:
-    """(lower-case name, raw unfolded value) of each field; lines that are no field (no
-    colon, or an invalid name) and continuation lines of only whitespace are left out."""
-    name: bytes | None = None
-    value: list[bytes] = []
-    for line in header_lines(data):
-        if line[:1] in (b" ", b"\t"):
-            if name is not None and line.strip(b" \t"):
-                value.append(line)
+    """(lower-case name, unfolded value) of each field. Lines that are no field (no colon,
+    or an invalid name) are left out, with their continuation lines; a continuation line of
+    only whitespace adds nothing but whitespace."""
+    text = _header_text(data)
+    if not text:
+        return
+    for line in text.replace(b"\n ", b" ").replace(b"\n\t", b"\t").split(b"\n"):
+        head, colon, value = line.partition(b":")
+        if not colon:
             continue
-        if name is not None:
-            yield name, b"".join(value)
-        head, colon, rest = line.partition(b":")
-        head = head.rstrip(b" \t")
-        if colon and _VALID_NAME.fullmatch(head) is not None:
-            name, value = head.lower(), [rest]
-        else:
-            name, value = None, []
-    if name is not None:
-        yield name, b"".join(value)
+        name = head.rstrip(b" \t")
+        if _VALID_NAME.fullmatch(name) is not None:
+            yield name.lower(), value
 
 
 def header_digest(data: bytes, skipped: Iterable[str] = SKIPPED_FIELDS) -> bytes:
     """SHA-256 of the header reduced as the module says (32 bytes)."""
-    skip = {name.lower().encode("ascii") for name in skipped}
-    digest = hashlib.sha256()
+    skip = _DEFAULT_SKIP if skipped is SKIPPED_FIELDS else {name.lower().encode("ascii") for name in skipped}
+    parts: list[bytes] = []
     for name, value in header_fields(data):
         if name in skip:
             continue
-        value = _ODD.sub(b"?", _SPACES.sub(b"", value))
-        digest.update(name + b":" + value + b"\n")
-    return digest.digest()
+        value = value.translate(None, b" \t")
+        # Most values are plain ASCII: two C-level checks instead of a regex pass.
+        if not value.isascii() or len(value.translate(None, _CONTROL)) != len(value):
+            value = _ODD.sub(b"?", value)
+        parts.append(name + b":" + value + b"\n")
+    return hashlib.sha256(b"".join(parts)).digest()
 
 
 def header_length(data: bytes) -> int:

@@ -288,16 +288,25 @@ def render_table(
     return messages
 
 
+def split_facts(mailbox: str, facts: Sequence[Fact]) -> list[list[Fact]]:
+    """Facts in runs that each fit one record (at least one run, maybe empty)."""
+    ordered = sorted(facts, key=lambda fact: fact.uid)
+    rows = [_fact_row(fact) for fact in ordered]
+    runs: list[list[Fact]] = []
+    taken = 0
+    for chunk in _chunks(rows, _budget(mailbox)):
+        runs.append(ordered[taken : taken + len(chunk)])
+        taken += len(chunk)
+    return runs
+
+
 def render_facts(
     signer: RecordSigner, mailbox: str, uidvalidity: int, facts: Sequence[Fact], through: int, now: datetime
-) -> list[bytes]:
-    """The records that hold these facts (usually one), each saying `through`."""
-    rows = [_fact_row(fact) for fact in sorted(facts, key=lambda fact: fact.uid)]
-    messages = []
-    for chunk in _chunks(rows, _budget(mailbox)):
-        fields: dict[str, Any] = {
-            "format": RECORD_FORMAT, "kind": "facts", "mailbox": mailbox, "uidvalidity": uidvalidity,
-            "through": through, "written": now.isoformat(), "entries": chunk,
-        }
-        messages.append(_message(signer, "facts", fields, now))
-    return messages
+) -> bytes:
+    """One record of facts (split_facts says how many fit), saying `through`."""
+    fields: dict[str, Any] = {
+        "format": RECORD_FORMAT, "kind": "facts", "mailbox": mailbox, "uidvalidity": uidvalidity,
+        "through": through, "written": now.isoformat(),
+        "entries": [_fact_row(fact) for fact in sorted(facts, key=lambda fact: fact.uid)],
+    }
+    return _message(signer, "facts", fields, now)

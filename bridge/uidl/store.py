@@ -132,18 +132,14 @@ class UidlStore:
         _log.debug("uidl_table_saved", entries=len(entries), records=len(messages), origin=origin)
         return appended
 
-    async def write_facts(
-        self, uidvalidity: int, facts: Sequence[Fact], through: int, replaces: Sequence[int] = ()
-    ) -> list[tuple[int, int] | None]:
-        """Facts of messages of the maildrop (`through`: every message up to that UID was
-        looked at), then the records they `replace` expunged (a merge)."""
+    async def write_facts(self, uidvalidity: int, facts: Sequence[Fact], through: int) -> tuple[int, int] | None:
+        """One record of facts of the maildrop (`through`: every message up to that UID was
+        looked at; records.split_facts says how many facts fit); its APPENDUID."""
         try:
-            messages = render_facts(self._signer, self.mailbox, uidvalidity, facts, through, datetime.now(UTC))
+            message = render_facts(self._signer, self.mailbox, uidvalidity, facts, through, datetime.now(UTC))
         except ValueError as exc:
             raise UpstreamError(f"UIDL facts cannot be saved: {exc}") from None
-        appended = await self._append_all(messages)
-        await self.delete(replaces)
-        return appended
+        return (await self._append_all([message]))[0]
 
     async def delete(self, state_uids: Sequence[int]) -> None:
         if state_uids:

@@ -20,6 +20,7 @@ from bridge.uidl.records import (
     read_record,
     render_facts,
     render_table,
+    split_facts,
 )
 
 KEY = b"a state key for these tests, 32+ characters"
@@ -43,10 +44,19 @@ def test_a_table_reads_back_as_written() -> None:
 
 def test_facts_read_back_as_written() -> None:
     facts = [Fact(1, 100, b"\x01" * 12), Fact(2, 200, b"\x02" * 12, "M2bc81fb26c94c64cbbdb152a", "3f1a2b")]
-    [message] = render_facts(SIGNER, "INBOX", 77, facts, 2, NOW)
+    message = render_facts(SIGNER, "INBOX", 77, facts, 2, NOW)
     record = read_record(body(message), SIGNER)
     assert isinstance(record, FactsRecord)
     assert record.facts == tuple(facts) and record.through == 2
+
+
+def test_many_facts_are_split_into_records_that_each_fit() -> None:
+    facts = [Fact(uid, 1000 + uid, uid.to_bytes(12, "big"), f"M{uid:024x}", f"x-uidl-{uid}") for uid in range(1, 5001)]
+    runs = split_facts("INBOX", facts)
+    assert len(runs) > 1 and [fact for run in runs for fact in run] == facts
+    for run in runs:
+        record = read_record(body(render_facts(SIGNER, "INBOX", 77, run, 5000, NOW)), SIGNER)
+        assert isinstance(record, FactsRecord) and record.facts == tuple(run)
 
 
 def test_a_big_table_is_split_into_parts_that_each_fit() -> None:
