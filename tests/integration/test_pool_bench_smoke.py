@@ -37,9 +37,9 @@ def test_the_uidl_benchmark_runs_end_to_end_in_tiny_mode(tmp_path: Path) -> None
         stdin=subprocess.DEVNULL,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    for label in ("uidl import, 20 msgs", "first poll 30 msgs", "warm poll 20 msgs", "fingerprints on"):
+    for label in ("uidl import, 20 msgs", "first poll 30 msgs", "warm poll 20 msgs", "CPU per warm poll", "fingerprints on"):
         assert label in result.stdout, f"{label!r} missing from:\n{result.stdout}"
     data = json.loads(output.read_text())
     assert len(data["samples"]["import"]["import"]) == data["plan"]["rounds"]
-    for metric in ("poll_first", "poll_warm"):
+    for metric in ("poll_first", "poll_warm", "poll_warm_cpu"):
         assert set(data["samples"][metric]) == {"off", "on"}, metric

@@ -154,6 +154,31 @@ def test_fingerprints_are_kept_for_new_mail_only(bridge_factory: BridgeFactory, 
     assert first[0][1] == b"%08x%08x" % (uids[0], ImapObserver(mailbox.host, mailbox.imap_port, mailbox.user, mailbox.password, FOLDER).uidvalidity())
 
 
+def _without_tags(lines: list[bytes]) -> list[bytes]:
+    return [line.split(b" ", 1)[1] if line[:1] == b"B" else line for line in lines]
+
+
+def test_a_warm_poll_with_fingerprints_on_sends_what_one_with_them_off_sends(
+    bridge_factory: BridgeFactory, mailbox: Mailbox
+) -> None:
+    """The cost of keep_across_uidvalidity on an unchanged maildrop, without a clock: the
+    same IMAP commands as without it (no state folder, no header, nothing more)."""
+    seeded(mailbox, corpus(20, "same-commands"))
+    sent: dict[bool, list[bytes]] = {}
+    for on in (False, True):
+        with FaultProxy(mailbox.host, mailbox.imap_port) as proxy:
+            sections = keep_across(upstream={"port": proxy.port}) if on else {"upstream": {"mailbox": FOLDER, "port": proxy.port}}
+            bridge = bridge_factory(**sections)
+            first = uidls(bridge.port, mailbox.user, mailbox.password)
+            uidls(bridge.port, mailbox.user, mailbox.password)
+            mark = len(proxy.lines_to_server())
+            assert uidls(bridge.port, mailbox.user, mailbox.password) == first
+            sent[on] = _without_tags(proxy.lines_to_server()[mark:])
+            bridge.stop()
+    assert sent[True] == sent[False]
+    assert any(b"SELECT" in line for line in sent[True])  # the refresh of the warm listing
+
+
 @pytest.mark.parametrize("policy", ["expunge", "move", "keep"])
 def test_the_change_is_handled_under_every_delete_policy(bridge_factory: BridgeFactory, mailbox: Mailbox, policy: str) -> None:
     seeded(mailbox, corpus(4, f"policy-{policy}"))
