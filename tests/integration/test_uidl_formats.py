@@ -102,7 +102,7 @@ def test_the_cyrus_preset_gives_exactly_the_uidls_of_cyrus_pop3d(cyrus_pop3: Cyr
     assert through_bridge == native and len(native) == 6
 
 
-def test_emailid_uidls_are_the_servers_emailids(cyrus_pop3: CyrusSandbox) -> None:
+def test_emailid_uidls_are_the_servers_emailids(cyrus_pop3: CyrusSandbox, on_every_engine: str) -> None:
     box = cyrus_pop3.new_mailbox()
     uids = box.append(corpus(4, "emailid")).uids
     observer = box.observer()
@@ -145,7 +145,7 @@ def header_fetches(proxy: FaultProxy, start: int) -> list[bytes]:
     return [line for line in proxy.lines_to_server()[start:] if b"BODY.PEEK[HEADER]" in line]
 
 
-def test_x_uidl_headers_are_the_uidls_and_each_is_read_once(bridge_factory, mailbox: Mailbox) -> None:  # noqa: ANN001
+def test_x_uidl_headers_are_the_uidls_and_each_is_read_once(bridge_factory, mailbox: Mailbox, on_every_engine: str) -> None:  # noqa: ANN001
     messages = [
         x_uidl_message(1, b"3f1a2b44c0ffee"),
         x_uidl_message(2, None),
