@@ -38,7 +38,6 @@ class FactsSummary:
     through: int
     count: int
     written: str
-    uids: frozenset[int]
 
 
 @dataclass(frozen=True)
@@ -48,7 +47,6 @@ class CurrentTable:
     uidl_of: dict[int, str]
     rank_of: dict[int, int]
     carry: UidCarry | None
-    state_uids: tuple[int, ...]
 
 
 class MaildropMemory:
@@ -93,8 +91,7 @@ class MaildropMemory:
         if state_uid is not None:
             self.known.add(state_uid)
             self.facts[state_uid] = FactsSummary(
-                record.uidvalidity, record.through, len(record.facts), record.written.isoformat(),
-                frozenset(fact.uid for fact in record.facts),
+                record.uidvalidity, record.through, len(record.facts), record.written.isoformat()
             )
         if record.uidvalidity != uidvalidity:
             return
@@ -161,7 +158,7 @@ def winning_table(tables: dict[int, TableRecord], uidvalidity: int) -> CurrentTa
             if old is not None:
                 carried[old] = uid
     carry = UidCarry(source, carried) if source is not None else None
-    return CurrentTable(uidl_of, rank_of, carry, tuple(sorted(uid for uid, _record in parts.values())))
+    return CurrentTable(uidl_of, rank_of, carry)
 
 
 def _settings_key(settings: BridgeSettings) -> tuple[object, ...]:

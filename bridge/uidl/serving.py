@@ -52,14 +52,14 @@ class SessionUidls:
         raise NotImplementedError
 
 
-_FORMATTED: dict[str, Callable[[MailboxSnapshot], MessageList]] = {}
+# One function per format object (bridge.uidl.formats.uidl_format hands out one per format).
+_FORMATTED: dict[UidlFormat, Callable[[MailboxSnapshot], MessageList]] = {}
 
 
 def formatted_list(fmt: UidlFormat) -> Callable[[MailboxSnapshot], MessageList]:
     """A snapshot's message list in this format, as one function per format (so
     `MailboxSnapshot.derived` keeps it with the snapshot: a warm poll builds nothing)."""
-    key = "".join(repr(part) for part in fmt.parts)
-    found = _FORMATTED.get(key)
+    found = _FORMATTED.get(fmt)
     if found is None:
         render = fmt.render
 
@@ -67,7 +67,7 @@ def formatted_list(fmt: UidlFormat) -> Callable[[MailboxSnapshot], MessageList]:
             uidvalidity = snapshot.uidvalidity
             return MessageList(snapshot.sizes, [render(uid, uidvalidity) for uid in snapshot.uids], snapshot.uids)
 
-        found = _FORMATTED[key] = compute
+        found = _FORMATTED[fmt] = compute
     return found
 
 
