@@ -178,6 +178,8 @@ class Pop3Session:
                     # TOP and QUIT are counted where their work is done.
                     metrics.command_count(event.command, "ok" if event.data[:1] == b"+" else "err").inc()
                 await self._send(event.data)
+                for piece in event.rest:
+                    await self._send(piece)
             elif isinstance(event, StartTls):
                 await self._send(event.data)
                 await self._start_tls()
