@@ -15,7 +15,7 @@ import pytest
 
 from sandbox import Mailbox, numbered_messages
 from tests.harness import SubprocessBridge, free_port
-from tests.integration.ops_support import Samples, scrape, value, wait_for
+from tests.integration.ops_support import quiet_metrics, value
 
 pytestmark = pytest.mark.usefixtures("on_every_engine")
 
@@ -38,13 +38,6 @@ def _download(port: int, mailbox: Mailbox, numbers: list[int], delete: bool = Fa
         client.close()
 
 
-def _quiet(admin_port: int) -> Samples:
-    return wait_for(
-        lambda: (s := scrape(admin_port)) and value(s, "bridge_sessions_active") == 0 and s,
-        "no POP3 session open",
-    )
-
-
 def _bridge(tmp_path: Path, mailbox: Mailbox, admin_port: int, env: dict[str, str] | None = None) -> SubprocessBridge:
     return SubprocessBridge(tmp_path, mailbox.imap_port, f'[admin]\nlisten = "127.0.0.1:{admin_port}"\n', env=env)
 
@@ -55,12 +48,12 @@ def test_a_download_in_order_is_served_from_the_read_ahead(mailbox: Mailbox, tmp
     expected = _download(mailbox.pop3_port, mailbox, numbers)
     admin_port = free_port()
     with _bridge(tmp_path, mailbox, admin_port) as bridge:
-        before = _quiet(admin_port)
+        before = quiet_metrics(admin_port)
         assert _download(bridge.port, mailbox, numbers) == expected
         # Out of order, and again: the same messages, from wherever the bridge finds them.
         shuffled = numbers[300:] + numbers[:300][::-1]
         assert _download(bridge.port, mailbox, shuffled) == [expected[n - 1] for n in shuffled]
-        after = _quiet(admin_port)
+        after = quiet_metrics(admin_port)
     hits = value(after, "bridge_readahead_hits_total") - value(before, "bridge_readahead_hits_total")
     # The first download: every message but the first came from the read-ahead. The second
     # read 301..600 in order (as a device downloading only its new messages does: read ahead
@@ -83,7 +76,7 @@ def test_no_read_ahead_without_budget(mailbox: Mailbox, tmp_path: Path) -> None:
     expected = _download(mailbox.pop3_port, mailbox, numbers)
     admin_port = free_port()
     with _bridge(tmp_path, mailbox, admin_port, {"BRIDGE_UPSTREAM__READAHEAD_MAX_BYTES": "0"}) as bridge:
-        before = _quiet(admin_port)
+        before = quiet_metrics(admin_port)
         assert _download(bridge.port, mailbox, numbers) == expected
-        after = _quiet(admin_port)
+        after = quiet_metrics(admin_port)
     assert value(after, "bridge_readahead_hits_total") == value(before, "bridge_readahead_hits_total")
