@@ -140,8 +140,9 @@ class OAuth2Provider:
     def revoke_user(self, user: str) -> None:
         """Every grant of `user` dies (a password change at the provider, an admin's revocation)."""
         with self._lock:
-            for grant in {g for g in self._refresh.values() if g.user == user}:
-                grant.revoked = True
+            for grant in self._refresh.values():
+                if grant.user == user:
+                    grant.revoked = True
             for access in self._access.values():
                 if access.grant.user == user:
                     access.active = False

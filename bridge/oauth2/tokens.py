@@ -49,6 +49,9 @@ from bridge.ops.logs import get_logger
 _log = get_logger(component="oauth2")
 # Refresh when less than this is left of the access token (at most half its lifetime).
 REFRESH_MARGIN_SECONDS = 300.0
+# The token endpoint's share of upstream.timeout_seconds (the rest is for the IMAP login), so
+# a slow endpoint is reported as such rather than as an upstream timeout.
+_TOKEN_ENDPOINT_SHARE = 2 / 3
 # scrypt takes 32 MiB a run: at most this many at once, whatever the number of logins.
 _KDF_THREADS = 4
 
@@ -128,7 +131,7 @@ class OAuth2Accounts:
 
     async def request_token(self, record: AccountRecord, tokens: Tokens) -> TokenAnswer:
         """The grant's request for a new access token, counted by outcome."""
-        endpoint = TokenEndpoint(self.settings, self.timeout)
+        endpoint = TokenEndpoint(self.settings, self.timeout * _TOKEN_ENDPOINT_SHARE)
         grant = record.grant
         try:
             if grant == "refresh_token":
