@@ -84,6 +84,8 @@ class OAuth2Provider:
         self.calls: Counter[str] = Counter()  # "token:<grant>", "introspect", "devicecode", ...
         self._lock = threading.Lock()
         self._outage_over = threading.Event()
+        self._released = threading.Event()  # cleared: /token requests wait (hold_tokens)
+        self._released.set()
         self._refresh: dict[str, _Grant] = {}
         self._access: dict[str, _Access] = {}
         self._codes: dict[str, tuple[str, str, str]] = {}  # code -> (user, challenge, redirect_uri)
@@ -116,6 +118,7 @@ class OAuth2Provider:
     def stop(self) -> None:
         """Close the port (a token endpoint that is down: connections are refused)."""
         self._outage_over.set()
+        self._released.set()
         self._server.shutdown()
         self._server.server_close()
 
@@ -136,6 +139,13 @@ class OAuth2Provider:
                 self._outage_over.set()
             else:
                 self._outage_over.clear()
+
+    def hold_tokens(self) -> None:
+        """Token requests wait from now on (counted as they arrive) until release_tokens()."""
+        self._released.clear()
+
+    def release_tokens(self) -> None:
+        self._released.set()
 
     def revoke_user(self, user: str) -> None:
         """Every grant of `user` dies (a password change at the provider, an admin's revocation)."""
@@ -197,7 +207,9 @@ class OAuth2Provider:
             form = {k: v[0] for k, v in parse_qs(request.rfile.read(length).decode()).items()}
         route = (method, parts.path)
         if route == ("POST", "/token"):
-            self.calls["token:" + form.get("grant_type", "?")] += 1
+            with self._lock:
+                self.calls["token:" + form.get("grant_type", "?")] += 1
+            self._released.wait(120)
             if self.outage == "hang":
                 self._outage_over.wait(120)
             if self.outage is not None:

@@ -65,7 +65,7 @@ class RedisStore:
             f"{_PREFIX}lock:{account_key(account)}", timeout=self._lock_expiry, blocking=False, thread_local=False
         )
         try:
-            await poll_lock(lock.acquire, wait_seconds)
+            await poll_lock(lock.acquire, wait_seconds, account)
         except redis.RedisError as exc:
             raise StoreUnavailable(f"token store: redis lock failed: {type(exc).__name__}") from None
         try:

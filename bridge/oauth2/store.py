@@ -30,11 +30,13 @@ import trio
 
 from bridge.config import OAuth2Settings, account_key
 from bridge.oauth2.errors import StoreUnavailable
+from bridge.ops.logs import get_logger
 
 # Lock waits poll (a blocking flock or Redis wait in a worker thread could not be cancelled).
 _LOCK_POLL_SECONDS = (0.005, 0.2)
 _SUFFIX = ".json"
 _T = TypeVar("_T")
+_log = get_logger(component="oauth2")
 
 
 class StoreLockTimeout(StoreUnavailable):
@@ -66,11 +68,14 @@ class TokenStore(Protocol):
     def close(self) -> None: ...
 
 
-async def poll_lock(try_once: Callable[[], bool], wait_seconds: float) -> None:
+async def poll_lock(try_once: Callable[[], bool], wait_seconds: float, account: str) -> None:
     """Call `try_once()` (a worker-thread call returning True once the lock is taken) with
     growing pauses until it succeeds or `wait_seconds` have passed."""
     deadline = trio.current_time() + wait_seconds
     pause = _LOCK_POLL_SECONDS[0]
+    if await trio.to_thread.run_sync(try_once):
+        return
+    _log.debug("oauth2_store_lock_busy", account=account)
     while not await trio.to_thread.run_sync(try_once):
         if trio.current_time() + pause > deadline:
             raise StoreLockTimeout(f"token store: the account's lock stayed taken for {wait_seconds:g} s")
@@ -161,7 +166,7 @@ class FileStore:
 
         try:
             try:
-                await poll_lock(try_once, wait_seconds)
+                await poll_lock(try_once, wait_seconds, account)
             except OSError as exc:
                 raise StoreUnavailable(f"token store: cannot lock {path}: {exc.strerror}") from None
             yield
