@@ -8,18 +8,21 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import trio
 
 from bridge.config import load_settings
 from bridge.oauth2.records import AccountRecord, Kdf, Tokens, derive_keys
-from bridge.oauth2.store import open_store
+from bridge.oauth2.tokens import open_store
 from sandbox.oauth2 import OAuth2Provider
 
 CLIENT_SECRET = "tests-only client secret"
+_T = TypeVar("_T")
 DEVICE_PASSWORD = "device password 1"
 
 
@@ -49,6 +52,16 @@ def _toml(value: Any) -> str:
     return str(value).lower() if isinstance(value, bool) else str(value)
 
 
+def _run(function: Callable[[], Awaitable[_T]]) -> _T:
+    """`trio.run(function)` in a thread of its own: usable from a Trio test too."""
+    result: list[_T] = []
+    thread = threading.Thread(target=lambda: result.append(trio.run(function)))
+    thread.start()
+    thread.join()
+    assert result, "the store helper failed (its traceback is above)"
+    return result[0]
+
+
 def enrol(store: str, account: str, refresh_token: str | None, password: str = DEVICE_PASSWORD, grant: str = "refresh_token") -> None:
     """Write an account's record as `oauth2 enrol` would, with no access token cached yet."""
 
@@ -63,7 +76,7 @@ def enrol(store: str, account: str, refresh_token: str | None, password: str = D
         finally:
             target.close()
 
-    trio.run(write)
+    _run(write)
 
 
 def stored_record(store: str, account: str) -> AccountRecord | None:
@@ -74,7 +87,7 @@ def stored_record(store: str, account: str) -> AccountRecord | None:
         finally:
             target.close()
 
-    data = trio.run(read)
+    data = _run(read)
     return None if data is None else AccountRecord.loads(data)
 
 

@@ -39,7 +39,8 @@ from bridge.oauth2.records import (
     WrongPassword,
     derive_keys,
 )
-from bridge.oauth2.store import TokenStore, open_store
+from bridge.oauth2.store import TokenStore
+from bridge.oauth2.tokens import open_store
 
 _APP_ONLY = ("client_credentials", "jwt_bearer")
 _FLOW_SECONDS = 900.0

@@ -28,7 +28,7 @@ from urllib.parse import quote
 
 import trio
 
-from bridge.config import OAuth2Settings, account_key
+from bridge.config import account_key
 from bridge.oauth2.errors import StoreUnavailable
 from bridge.ops.logs import get_logger
 
@@ -182,13 +182,3 @@ async def _io(what: str, function: Callable[..., _T], *args: Any) -> _T:
         return await trio.to_thread.run_sync(function, *args)
     except OSError as exc:
         raise StoreUnavailable(f"token store: {what} failed: {exc.strerror or type(exc).__name__}") from None
-
-
-def open_store(settings: OAuth2Settings, timeout_seconds: float) -> TokenStore:
-    """The store `oauth2.store` names (a Redis client only when it names Redis)."""
-    kind, where = settings.store_location
-    if kind == "file":
-        return FileStore(where)
-    from bridge.oauth2.redis_store import RedisStore
-
-    return RedisStore(where, timeout_seconds)

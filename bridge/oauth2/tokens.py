@@ -42,7 +42,7 @@ from bridge.oauth2.records import (
     WrongPassword,
     derive_keys,
 )
-from bridge.oauth2.store import TokenStore, open_store
+from bridge.oauth2.store import FileStore, TokenStore
 from bridge.ops import metrics
 from bridge.ops.logs import get_logger
 
@@ -54,6 +54,16 @@ REFRESH_MARGIN_SECONDS = 300.0
 _TOKEN_ENDPOINT_SHARE = 2 / 3
 # scrypt takes 32 MiB a run: at most this many at once, whatever the number of logins.
 _KDF_THREADS = 4
+
+
+def open_store(settings: OAuth2Settings, timeout_seconds: float) -> TokenStore:
+    """The store `oauth2.store` names (redis-py is imported only when it names Redis)."""
+    kind, where = settings.store_location
+    if kind == "file":
+        return FileStore(where)
+    from bridge.oauth2.redis_store import RedisStore
+
+    return RedisStore(where, timeout_seconds)
 
 
 class OAuth2Accounts:
