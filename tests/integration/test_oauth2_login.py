@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from bridge.imap.bearer import xoauth2_response
 from sandbox import DovecotSandbox
 from sandbox.oauth2 import OAuth2Provider
 from sandbox.seeding import numbered_messages
@@ -23,7 +24,8 @@ from tests.harness import (
     retr_payload,
     wait_for_event,
 )
-from tests.oauth2_support import DEVICE_PASSWORD, enrol, stored_record, stored_tokens
+from tests.oauth2_support import CLIENT_SECRET, DEVICE_PASSWORD, enrol, stored_record, stored_tokens
+from tests.security_support import secret_forms
 
 Bridge = Callable[..., ThreadedBridge]
 
@@ -122,6 +124,13 @@ def test_an_expired_access_token_is_refreshed_once_and_the_login_retried(
     assert stored_tokens(oauth2_store, account.user).access_token != first
     challenged = [e for e in bridge.events() if e.get("event") == "upstream_bearer_login" and e.get("challenged")]
     assert challenged and challenged[0]["result"] == "NO"
+    # No password, token or secret in the log (debug level), in any form sent on the wire.
+    tokens = stored_tokens(oauth2_store, account.user)
+    log = bridge.log.getvalue()
+    for secret in (DEVICE_PASSWORD, CLIENT_SECRET, first, tokens.access_token, tokens.refresh_token):
+        assert secret
+        for form in (*secret_forms(secret), xoauth2_response(account.user, secret).decode()):
+            assert form not in log
 
 
 @pytest.mark.parametrize("rotation", ["keep-old", "strict"])
