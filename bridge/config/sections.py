@@ -106,6 +106,7 @@ class UpstreamSettings(Section):
     verify: bool = True
     mailbox: str = Field(default="INBOX", min_length=1)
     fetch_chunk: int = Field(default=1048576, ge=4096, le=64 * 1048576)
+    readahead_max_bytes: int = Field(default=64 * 1048576, ge=0, le=16 * 1024 * 1048576)
     timeout_seconds: float = Field(default=30.0, gt=0, le=300)
     ignore_capabilities: list[str] = Field(default_factory=list)
     engine: Literal["trio", "aioimaplib"] = "trio"

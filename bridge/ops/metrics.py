@@ -51,6 +51,9 @@ RETRIEVE_SECONDS = Histogram(
     ["command"],
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
 )
+READAHEAD_HITS = Counter(
+    "bridge_readahead_hits", "RETRs answered from the read-ahead, without a FETCH of their own."
+)
 UPSTREAM_CONNECTS = Counter(
     "bridge_upstream_connects", "IMAP connections opened (TCP connect and greeting received)."
 )

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import enum
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 __all__ = ["Maildrop", "MaildropEntry", "MessageList", "Unavailable"]
@@ -21,6 +21,8 @@ __all__ = ["Maildrop", "MaildropEntry", "MessageList", "Unavailable"]
 # every message of every login is checked (a 5,000-message maildrop on each poll).
 _UNIQUE_ID = re.compile(r"[\x21-\x7e]{1,70}")
 _UNIQUE_IDS = re.compile(r"[\x21-\x7e]{1,70}(?:\n[\x21-\x7e]{1,70})*")
+# Lines per piece of a listing made for one session (about 100 KiB of UIDL lines).
+_CHUNK_LINES = 4096
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,12 +161,21 @@ class Maildrop:
     def listing_lines(self, unique_ids: bool) -> bytes:
         """The body of LIST (``n size``) or UIDL (``n unique-id``) without arguments: one
         CRLF-terminated line per message not marked as deleted."""
+        return b"".join(self.listing_pieces(unique_ids))
+
+    def listing_pieces(self, unique_ids: bool) -> Iterator[bytes]:
+        """The same body in pieces: without DELE marks the lines every session of this
+        maildrop shares, as they are; with marks, made `_CHUNK_LINES` lines at a time as the
+        pieces are taken (a huge maildrop's listing is never built whole per session)."""
         messages = self._messages
         if not self._marked:
-            return messages.all_lines(unique_ids)
+            yield messages.all_lines(unique_ids)
+            return
         live = self._live()
         column = messages.unique_ids if unique_ids else messages.sizes
-        return _listing_lines((self._number(index) for index in live), (column[index] for index in live))
+        for start in range(0, len(live), _CHUNK_LINES):
+            chunk = live[start : start + _CHUNK_LINES]
+            yield _listing_lines((self._number(index) for index in chunk), (column[index] for index in chunk))
 
     def mark_deleted(self, number: int) -> MaildropEntry | Unavailable:
         """Mark a message; returns its entry, or why it could not be marked."""
