@@ -20,6 +20,7 @@ from bridge.config.loading import (
     load_settings,
     weakened_settings,
 )
+from bridge.config.oauth2 import OAuth2Settings, ServiceAccountKey
 from bridge.config.sections import (
     AdminSettings,
     LoggingSettings,
@@ -42,9 +43,11 @@ __all__ = [
     "DeleteSettings",
     "LoggingSettings",
     "LoginLimitSettings",
+    "OAuth2Settings",
     "PoolSettings",
     "Pop3Settings",
     "ServerSettings",
+    "ServiceAccountKey",
     "UpstreamSettings",
     "account_key",
     "environment_overrides",

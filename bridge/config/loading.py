@@ -28,6 +28,7 @@ from bridge.config.deletion import (
     check_delete_names,
     check_state_key,
 )
+from bridge.config.oauth2 import OAuth2Settings, check_oauth2
 from bridge.config.sections import (
     AdminSettings,
     LoggingSettings,
@@ -80,6 +81,7 @@ class BridgeSettings(BaseSettings):
     login_limits: LoginLimitSettings = Field(default_factory=LoginLimitSettings)
     admin: AdminSettings = Field(default_factory=AdminSettings)
     server: ServerSettings = Field(default_factory=ServerSettings)
+    oauth2: OAuth2Settings = Field(default_factory=OAuth2Settings)
 
     @classmethod
     def settings_customise_sources(
@@ -181,6 +183,8 @@ def load_settings(path: Path | None = None, overrides: dict[str, Any] | None = N
     check_delete_folders(settings.delete, settings.upstream.mailbox)
     check_delete_names(settings.delete)
     check_state_key(settings.delete)
+    if settings.upstream.auth == "oauth2":
+        check_oauth2(settings.oauth2)
     return settings
 
 

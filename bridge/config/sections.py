@@ -112,6 +112,9 @@ class UpstreamSettings(Section):
     engine: Literal["trio", "aioimaplib"] = "trio"
     reconnect_initial_seconds: float = Field(default=0.2, gt=0, le=60)
     reconnect_max_seconds: float = Field(default=5.0, gt=0, le=300)
+    # "password": the POP3 password is the upstream's; "oauth2": the bridge checks a device
+    # password and logs in upstream with an OAuth2 access token ([oauth2], docs/oauth2.md).
+    auth: Literal["password", "oauth2"] = "password"
 
     @property
     def ignore_capabilities_set(self) -> frozenset[str]:

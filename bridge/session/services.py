@@ -10,6 +10,7 @@ from bridge.net.client_timeouts import ClientWatchdog
 from bridge.net.login_limiter import LoginLimiter
 from bridge.net.maildrop_locks import MaildropLocks
 from bridge.net.tls import ServerTls
+from bridge.oauth2.tokens import OAuth2Accounts
 from bridge.session.readahead import ReadaheadBudget
 
 
@@ -30,10 +31,14 @@ class SharedServices:
     login_limiter: LoginLimiter = field(init=False)
     # The POP3 side's certificate, if one is configured (bridge.net.tls).
     server_tls: ServerTls | None = None
+    # upstream.auth = "oauth2": the token store and one refresh at a time per account
+    # (bridge.oauth2); nothing is opened until an OAuth2 login.
+    oauth2: OAuth2Accounts = field(init=False)
     # The read-ahead bytes all sessions share (bridge.session.readahead).
     readahead_budget: ReadaheadBudget = field(init=False)
 
     def __post_init__(self) -> None:
         self.pool = UpstreamPool(lambda: self.settings)
+        self.oauth2 = OAuth2Accounts(lambda: self.settings)
         self.login_limiter = LoginLimiter(self.settings.login_limits)
         self.readahead_budget = ReadaheadBudget(self.settings.upstream.readahead_max_bytes)

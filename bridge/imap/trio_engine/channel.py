@@ -172,6 +172,24 @@ class TrioChannel:
         status = await self.to_tagged(tag, collected if collect else None)
         return Reply(status, collected)
 
+    async def authenticate(self, what: str, command: Command, respond: Callable[[bytes], bytes]) -> Reply:
+        return await self.guarded(what, self._exchange_continued, command, respond)
+
+    async def _exchange_continued(self, command: Command, respond: Callable[[bytes], bytes]) -> Reply:
+        tag = self.next_tag()
+        await self.stream.send_all(tag + b" " + command.line() + b"\r\n")
+        prefix = tag + b" "
+        while True:
+            text = (await self.response()).text
+            if text.startswith(b"+"):
+                await self.stream.send_all(respond(text[1:].strip()) + b"\r\n")
+            elif text.startswith(prefix):
+                status = text[len(prefix) :]
+                self.view.status(status)
+                return Reply(status)
+            elif text.startswith(b"* "):
+                self.view.untagged(text)
+
     async def pipeline(self, what: str, commands: Sequence[Command]) -> list[Reply]:
         return await self.guarded(what, self._exchange_pipelined, commands)
 
