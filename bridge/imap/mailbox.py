@@ -250,7 +250,7 @@ class ImapMailbox:
         if self._condstore:
             self._listing_modseq = view.highest_modseq
         # The count check: every message the server says exists is known, and no more.
-        return listing.consistent and len(listing.by_sequence) == view.exists and listing.complete()
+        return listing.consistent and len(listing) == view.exists and listing.complete()
 
     # -- parking (bridge.imap.pool) ------------------------------------------------------------
 

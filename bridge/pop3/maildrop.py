@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import enum
 import re
+from array import array
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -55,25 +56,34 @@ class MessageList:
     """A maildrop's messages, fixed: sizes, UIDL strings and I/O refs as three columns,
     checked once. Immutable, so sessions that see the same mailbox state can share one, with
     the STAT figures and the LIST and UIDL lines built from it (a device polling an
-    unchanged 5,000-message maildrop every few minutes gets them without a rebuild)."""
+    unchanged 5,000-message maildrop every few minutes gets them without a rebuild).
+
+    Sizes and refs are kept packed (`array`); `unique_ids` may be any sequence, e.g. one that
+    formats each id when asked instead of holding 200,000 strings. `checked=True` says the
+    caller made the ids itself in a form RFC 1939 allows and that they differ (formatted
+    from distinct UIDs, say), so they are not checked again here; otherwise they are."""
 
     __slots__ = ("_lines", "octets", "refs", "sizes", "unique_ids")
 
-    def __init__(self, sizes: Sequence[int], unique_ids: Sequence[str], refs: Sequence[int]) -> None:
+    def __init__(
+        self, sizes: Sequence[int], unique_ids: Sequence[str], refs: Sequence[int], *, checked: bool = False
+    ) -> None:
         if not len(sizes) == len(unique_ids) == len(refs):
             raise ValueError("every message needs a size, a unique id and a ref")
-        if sizes and min(sizes) < 0:
+        self.sizes = _packed(sizes)
+        if self.sizes and min(self.sizes) < 0:
             raise ValueError("message size must not be negative")
-        # One pass over all of them, not a regex match per message (the count: no id may
-        # hide a line break of its own).
-        joined = "\n".join(unique_ids)
-        if unique_ids and (joined.count("\n") != len(unique_ids) - 1 or _UNIQUE_IDS.fullmatch(joined) is None):
-            raise ValueError("unique id must be 1 to 70 characters from 0x21 to 0x7E")
-        if len(set(unique_ids)) != len(unique_ids):
-            raise ValueError("unique ids must differ between the messages of a maildrop")
-        self.sizes: tuple[int, ...] = tuple(sizes)
-        self.unique_ids: tuple[str, ...] = tuple(unique_ids)
-        self.refs: tuple[int, ...] = tuple(refs)
+        if not checked:
+            unique_ids = tuple(unique_ids)
+            # One pass over all of them, not a regex match per message (the count: no id
+            # may hide a line break of its own).
+            joined = "\n".join(unique_ids)
+            if unique_ids and (joined.count("\n") != len(unique_ids) - 1 or _UNIQUE_IDS.fullmatch(joined) is None):
+                raise ValueError("unique id must be 1 to 70 characters from 0x21 to 0x7E")
+            if len(set(unique_ids)) != len(unique_ids):
+                raise ValueError("unique ids must differ between the messages of a maildrop")
+        self.unique_ids: Sequence[str] = unique_ids
+        self.refs = _packed(refs)
         self.octets = sum(self.sizes)
         self._lines: dict[bool, bytes] = {}
 
@@ -94,6 +104,13 @@ class MessageList:
         return self._lines[unique_ids]
 
 
+def _packed(values: Sequence[int]) -> array[int]:
+    """64-bit integers as one packed column (arrays of that type are taken as they are)."""
+    if isinstance(values, array) and values.typecode == "q":
+        return values
+    return array("q", values)
+
+
 def _listing_lines(numbers: Iterable[int], values: Iterable[object]) -> bytes:
     # Numbers and checked unique ids: printable ASCII, and no line starts with a dot, so
     # nothing needs stuffing.
@@ -102,22 +119,25 @@ def _listing_lines(numbers: Iterable[int], values: Iterable[object]) -> bytes:
 
 class Maildrop:
     def __init__(self, messages: MessageList | Iterable[MaildropEntry]) -> None:
-        # Entries are made when a command names their message (RETR, DELE, ...), not for all.
-        self._entries: list[MaildropEntry | None]
+        # Entries are made when a command names their message (RETR, DELE, ...), not for all:
+        # by list position.
+        self._entries: dict[int, MaildropEntry]
         if isinstance(messages, MessageList):
             self._messages = messages
-            self._entries = [None] * len(messages)
+            self._entries = {}
         else:
-            self._entries = list(messages)
-            self._messages = MessageList.of(self._entries)  # type: ignore[arg-type]
+            listed = list(messages)
+            self._messages = MessageList.of(listed)
+            self._entries = dict(enumerate(listed))
+        self._count = len(self._messages)
         self._marked: set[int] = set()  # list positions, not message numbers
 
     def __len__(self) -> int:
         """All messages, marked ones included (the highest valid number)."""
-        return len(self._entries)
+        return self._count
 
     def _index(self, number: int) -> int | None:
-        if 1 <= number <= len(self._entries):
+        if 1 <= number <= self._count:
             return number - 1
         return None
 
@@ -126,7 +146,7 @@ class Maildrop:
         return index + 1
 
     def _entry(self, index: int) -> MaildropEntry:
-        entry = self._entries[index]
+        entry = self._entries.get(index)
         if entry is None:
             messages = self._messages
             entry = MaildropEntry(messages.sizes[index], messages.unique_ids[index], messages.refs[index])
@@ -148,7 +168,7 @@ class Maildrop:
 
     def _live(self) -> list[int]:
         marked = self._marked
-        return [index for index in range(len(self._entries)) if index not in marked]
+        return [index for index in range(self._count) if index not in marked]
 
     def stat(self) -> tuple[int, int]:
         """(count, octets) of the messages not marked as deleted."""
