@@ -105,28 +105,30 @@ class MaildropListing:
             raise UpstreamImplausible(f"FETCH of UID {uid}: not a UID")
         if size is not None and not 0 <= size <= MAX_MESSAGE_SIZE:
             raise UpstreamImplausible(f"RFC822.SIZE {size}: not a message size")
-        if number > len(self.uids):
+        uids = self.uids
+        if number > len(uids):
             self.exists(number)
         index = number - 1
-        known = self.uids[index]
+        known = uids[index]
+        changed = False
         if uid is None:
             if known == _UNKNOWN_UID:
                 return  # a flag update for a message whose UID we do not know yet
         elif known != uid:
-            self._changed()
+            changed = True
             if known != _UNKNOWN_UID:
                 self.consistent = False
-            self.uids[index] = uid
+            uids[index] = uid
             self.sizes[index] = _UNKNOWN_SIZE
             self.deleted[index] = 0
-        if size is None and deleted is None:
-            return  # the UID was all there was to learn (a message body we fetched)
         if size is not None and size != self.sizes[index]:
             self.sizes[index] = size
-            self._changed()
+            changed = True
         if deleted is not None and deleted != self.deleted[index]:
             self.deleted[index] = deleted
-            self._changed()
+            changed = True
+        if changed:
+            self._snapshot = self._complete = None
 
     def complete(self) -> bool:
         """Every message the server numbers is known with its size."""

@@ -22,7 +22,7 @@ from bridge.imap.channel import Command, Reply
 from bridge.imap.errors import MessageGone, UpstreamError, UpstreamImplausible, UpstreamUnavailable
 from bridge.imap.interface import RangeReader
 from bridge.imap.limits import MAX_OTHER_LITERAL_BYTES
-from bridge.imap.untagged import ServerView
+from bridge.imap.untagged import LISTING_LINES, ServerView
 from bridge.imap.wire import (
     NEED_DATA,
     BodyFetch,
@@ -124,7 +124,13 @@ class TrioChannel:
         """Reads up to the tagged answer of `tag` and returns its status; untagged responses
         on the way go to the view (and into `collected`, if given)."""
         prefix = tag + b" "
+        view, reader = self.view, self.reader
         while True:
+            if view.listing is not None and collected is None:
+                # A listing's lines are taken in bulk, not as a response object each.
+                rows = reader.take_matching_lines(LISTING_LINES)
+                if rows:
+                    view.listing_rows(rows)
             response = await self.response()
             text = response.text
             if text.startswith(b"* "):
