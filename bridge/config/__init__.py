@@ -23,6 +23,7 @@ from bridge.config.loading import (
 from bridge.config.oauth2 import OAuth2Settings, ServiceAccountKey
 from bridge.config.sections import (
     AdminSettings,
+    CacheSettings,
     LoggingSettings,
     LoginLimitSettings,
     PoolSettings,
@@ -38,6 +39,7 @@ __all__ = [
     "AccountSettings",
     "AdminSettings",
     "BridgeSettings",
+    "CacheSettings",
     "ConfigError",
     "DeletePolicy",
     "DeleteSettings",

@@ -31,6 +31,7 @@ from bridge.config.deletion import (
 from bridge.config.oauth2 import OAuth2Settings, check_oauth2
 from bridge.config.sections import (
     AdminSettings,
+    CacheSettings,
     LoggingSettings,
     LoginLimitSettings,
     PoolSettings,
@@ -76,6 +77,7 @@ class BridgeSettings(BaseSettings):
     pop3: Pop3Settings = Field(default_factory=Pop3Settings)
     upstream: UpstreamSettings = Field(default_factory=UpstreamSettings)
     pool: PoolSettings = Field(default_factory=PoolSettings)
+    cache: CacheSettings = Field(default_factory=CacheSettings)
     delete: DeleteSettings = Field(default_factory=DeleteSettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
     login_limits: LoginLimitSettings = Field(default_factory=LoginLimitSettings)

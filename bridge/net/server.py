@@ -60,6 +60,7 @@ class Pop3Service:
         `[upstream]` settings (another host, TLS mode, CA, mailbox, ...) serve no further session. Only when [upstream] changed: any
         other reload keeps the parked connections and the devices' next polls fast."""
         self.state.readahead_budget.limit = settings.upstream.readahead_max_bytes
+        self.state.message_cache.settings = settings.cache
         evicted = self.state.pool.retire_stale()
         if evicted:
             _log.info("pool_evicted", reason="upstream_changed", connections=evicted)
@@ -174,3 +175,4 @@ class Pop3Service:
                 for listener in listeners:
                     await trio.aclose_forcefully(listener)
                 self.state.oauth2.close()
+                self.state.message_cache.close()

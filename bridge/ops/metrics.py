@@ -54,6 +54,13 @@ RETRIEVE_SECONDS = Histogram(
 READAHEAD_HITS = Counter(
     "bridge_readahead_hits", "RETRs answered from the read-ahead, without a FETCH of their own."
 )
+MESSAGE_CACHE_HITS = Counter(
+    "bridge_message_cache_hits", "RETRs of big messages sent from the message cache instead of the upstream."
+)
+MESSAGE_CACHE_BYTES = Gauge(
+    "bridge_message_cache_bytes", "Bytes of messages held in the message cache (temporary files).",
+    multiprocess_mode="livesum",
+)
 UPSTREAM_CONNECTS = Counter(
     "bridge_upstream_connects", "IMAP connections opened (TCP connect and greeting received)."
 )

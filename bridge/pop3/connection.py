@@ -553,6 +553,16 @@ class Pop3Server:
         self._encoder = None
         self._awaiting = _Awaiting.NOTHING
 
+    def end_cached_message(self) -> None:
+        """RETR only: the body went out as this core's encoder made it for an earlier RETR
+        of the same message, terminator included, instead of through message_body_encoder()
+        (the session layer's message cache keeps a finished encoder's output only)."""
+        self._expect(_Awaiting.MESSAGE_BODY)
+        if self._encoder is not None or self._current().body_lines is not None:
+            raise LocalProtocolError("end_cached_message() is for a RETR sent without an encoder")
+        self._retrieval = None
+        self._awaiting = _Awaiting.NOTHING
+
     def abort_message(self) -> None:
         """The message could not be sent in full: the connection must be dropped."""
         self._expect(_Awaiting.MESSAGE_START, _Awaiting.MESSAGE_BODY)

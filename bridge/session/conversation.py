@@ -41,6 +41,7 @@ from bridge.pop3 import (
 )
 from bridge.session.errors import EndSession
 from bridge.session.login import LoginRefused, log_in, refuse
+from bridge.session.message_cache import AccountCache
 from bridge.session.readahead import Readahead
 from bridge.session.retrieval import Retriever
 from bridge.session.services import SharedServices
@@ -141,6 +142,10 @@ class Pop3Session:
         # A client that stops reading is dropped after pop3.send_timeout_seconds.
         await self._io.send(data, self._settings.pop3.send_timeout_seconds)
         _BYTES_SENT.inc(len(data))
+
+    async def _send_file(self, fd: int, length: int) -> None:
+        await self._io.send_file(fd, length, self._settings.pop3.send_timeout_seconds)
+        _BYTES_SENT.inc(length)
 
     async def _receive(self) -> bytes:
         return await self._io.receive(_RECEIVE_SIZE, self._settings.pop3.autologout_seconds)
@@ -254,7 +259,14 @@ class Pop3Session:
         readahead = Readahead(
             logged_in.lease.mailbox, maildrop, upstream.fetch_chunk, self._services.readahead_budget, self._background
         )
-        self._retriever = Retriever(core, logged_in.lease.mailbox, readahead, upstream, self._send, self._command_log)
+        lease = logged_in.lease
+        cache = AccountCache(
+            self._services.message_cache, f"{lease.upstream.host}:{lease.upstream.port}", lease.account,
+            lease.upstream.mailbox, snapshot.uidvalidity,
+        )
+        self._retriever = Retriever(
+            core, lease.mailbox, readahead, upstream, self._send, self._command_log, cache, self._send_file
+        )
         return core.accept_login(maildrop, extra_capabilities=[expire_capability(self._settings, identity)])
 
     async def _commit(self, request: CommitRequest) -> tuple[bytes, str]:

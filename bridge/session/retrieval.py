@@ -25,6 +25,7 @@ from bridge.ops import metrics
 from bridge.ops.logs import get_logger
 from bridge.pop3 import Pop3Server, ResponseCode, RetrieveRequest
 from bridge.session.errors import EndSession
+from bridge.session.message_cache import AccountCache, CacheWriter
 from bridge.session.readahead import Readahead
 
 _log = get_logger()
@@ -35,8 +36,11 @@ class Retriever:
     def __init__(
         self, core: Pop3Server, store: MaildropStore, readahead: Readahead, settings: UpstreamSettings,
         send: Callable[[bytes], Awaitable[None]], command_log: Any,
+        cache: AccountCache | None = None, send_file: Callable[[int, int], Awaitable[None]] | None = None,
     ) -> None:
         self._core = core
+        self._cache = cache
+        self._send_file = send_file
         self._store = store
         self.readahead = readahead
         self._chunk = settings.fetch_chunk
@@ -56,9 +60,14 @@ class Retriever:
                 elif data is not None:
                     rest = ChunkedRangeReader(self._store, entry.ref, len(data), entry.size - len(data), self._chunk)
                     await self._send_message(request, data, rest)
-                else:
-                    async with self._store.open_range(entry.ref, 0, entry.size) as reader:
-                        await self._send_message(request, await reader.next_piece(), reader)
+                elif not await self._sent_from_cache(request):
+                    writer = self._cache_writer(request)
+                    try:
+                        async with self._store.open_range(entry.ref, 0, entry.size) as reader:
+                            await self._send_message(request, await reader.next_piece(), reader, writer)
+                    finally:
+                        if writer is not None:
+                            writer.abort()
             except MessageGone:
                 _log.info("message_gone", uid=entry.ref, number=request.number)
                 timing.value = "err"
@@ -104,15 +113,48 @@ class Retriever:
         await self._send(b"".join((status_line, encoder.feed(data), encoder.finish())))
         core.end_message()
 
-    async def _send_message(self, request: RetrieveRequest, data: bytes, rest: RangeReader) -> None:
+    async def _sent_from_cache(self, request: RetrieveRequest) -> bool:
+        """A RETR of a message kept in the message cache: the status line, then the kept wire
+        form with sendfile. False: not kept (or not a RETR)."""
+        cache, entry = self._cache, request.entry
+        if cache is None or request.body_lines is not None or not cache.cache.worth_keeping(entry.size):
+            return False
+        cached = cache.cache.get(cache.key(entry.ref), entry.size)
+        if cached is None:
+            return False
+        core = self._core
+        with cached:
+            await self._send(core.start_message())
+            try:
+                await self._send_file(cached.fd, cached.length)
+            except EOFError:
+                core.abort_message()
+                _log.error("message_cache_failed", uid=entry.ref)
+                raise EndSession("upstream_failed_mid_message") from None
+        core.end_cached_message()
+        return True
+
+    def _cache_writer(self, request: RetrieveRequest) -> CacheWriter | None:
+        cache, entry = self._cache, request.entry
+        if cache is None or request.body_lines is not None or not cache.cache.worth_keeping(entry.size):
+            return None
+        return cache.cache.writer(cache.key(entry.ref), entry.size)
+
+    async def _send_message(
+        self, request: RetrieveRequest, data: bytes, rest: RangeReader, writer: CacheWriter | None = None
+    ) -> None:
         """The +OK line, the body (starting with `data`, which is in hand, then what `rest`
-        reads) and the terminator."""
+        reads) and the terminator; what went out after the status line also to `writer`,
+        which keeps it once the whole message, as listed, went out."""
         core, entry = self._core, request.entry
         pending = [core.start_message()]
         encoder = core.message_body_encoder()
         offset = 0
         while True:
-            pending.append(encoder.feed(data))
+            piece = encoder.feed(data)
+            pending.append(piece)
+            if writer is not None:
+                writer.write(piece)
             offset += len(data)
             if encoder.done or offset >= entry.size or not data:
                 break
@@ -129,6 +171,9 @@ class Retriever:
         pending.append(encoder.finish())
         await self._send_pieces(pending)
         core.end_message()
+        if writer is not None and offset == entry.size:
+            writer.write(pending[-1])
+            writer.commit()
 
     async def _send_pieces(self, pieces: list[bytes]) -> None:
         # Small pieces are joined into one write; a big chunk of a message goes out as it

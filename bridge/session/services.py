@@ -11,6 +11,7 @@ from bridge.net.login_limiter import LoginLimiter
 from bridge.net.maildrop_locks import MaildropLocks
 from bridge.net.tls import ServerTls
 from bridge.oauth2.tokens import OAuth2Accounts
+from bridge.session.message_cache import MessageCache
 from bridge.session.readahead import ReadaheadBudget
 
 
@@ -36,9 +37,12 @@ class SharedServices:
     oauth2: OAuth2Accounts = field(init=False)
     # The read-ahead bytes all sessions share (bridge.session.readahead).
     readahead_budget: ReadaheadBudget = field(init=False)
+    # Big messages kept after their first RETR (bridge.session.message_cache).
+    message_cache: MessageCache = field(init=False)
 
     def __post_init__(self) -> None:
         self.pool = UpstreamPool(lambda: self.settings)
         self.oauth2 = OAuth2Accounts(lambda: self.settings)
         self.login_limiter = LoginLimiter(self.settings.login_limits)
         self.readahead_budget = ReadaheadBudget(self.settings.upstream.readahead_max_bytes)
+        self.message_cache = MessageCache(self.settings.cache)

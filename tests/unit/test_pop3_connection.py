@@ -1087,3 +1087,36 @@ def test_replies_name_the_command_they_answer() -> None:
     named = [server.next_event().command for _ in range(4)]
     # STAT before login is refused, and still counted as a STAT.
     assert named == ["CAPA", "STAT", "UNKNOWN", "UNKNOWN"]
+
+
+def test_a_retr_sent_from_a_cache_ends_without_an_encoder() -> None:
+    harness = logged_in()
+    sent: list[bytes] = []
+
+    def from_cache(request: RetrieveRequest) -> None:
+        sent.append(harness.server.start_message())
+        harness.server.end_cached_message()
+
+    harness.retrieve = from_cache
+    harness.send(b"RETR 1\r\n")
+    assert sent == [b"+OK %d octets\r\n" % len(M1)]
+    assert harness.send(b"NOOP\r\n") == b"+OK\r\n"
+
+
+@pytest.mark.parametrize("line", [b"TOP 1 0\r\n", b"RETR 1\r\n"])
+def test_a_cached_end_is_refused_for_top_and_after_an_encoder(line: bytes) -> None:
+    harness = logged_in()
+    refused: list[LocalProtocolError] = []
+
+    def misuse(request: RetrieveRequest) -> None:
+        harness.server.start_message()
+        if request.body_lines is None:
+            harness.server.message_body_encoder()
+        with pytest.raises(LocalProtocolError) as caught:
+            harness.server.end_cached_message()
+        refused.append(caught.value)
+        harness.server.abort_message()
+
+    harness.retrieve = misuse
+    harness.send(line)
+    assert len(refused) == 1
