@@ -144,8 +144,10 @@ class MessageCache:
 
     def writer(self, key: bytes, size: int) -> CacheWriter | None:
         """A writer for the first RETR of `key`, or None (being written by another session,
-        or no temporary file to be had)."""
-        if key in self.writing or key in self._entries:
+        too many being written, or no temporary file to be had)."""
+        if key in self.writing or key in self._entries or len(self.writing) >= self.settings.max_messages:
+            # Being written already, kept already, or as many being written as may be kept
+            # (each is a descriptor).
             return None
         try:
             file = tempfile.TemporaryFile(dir=self.settings.directory or None)
