@@ -28,8 +28,10 @@ from bridge.config.deletion import (
     check_delete_names,
     check_state_key,
 )
+from bridge.config.oauth2 import OAuth2Settings, check_oauth2
 from bridge.config.sections import (
     AdminSettings,
+    CacheSettings,
     LoggingSettings,
     LoginLimitSettings,
     PoolSettings,
@@ -76,11 +78,13 @@ class BridgeSettings(BaseSettings):
     pop3: Pop3Settings = Field(default_factory=Pop3Settings)
     upstream: UpstreamSettings = Field(default_factory=UpstreamSettings)
     pool: PoolSettings = Field(default_factory=PoolSettings)
+    cache: CacheSettings = Field(default_factory=CacheSettings)
     delete: DeleteSettings = Field(default_factory=DeleteSettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
     login_limits: LoginLimitSettings = Field(default_factory=LoginLimitSettings)
     admin: AdminSettings = Field(default_factory=AdminSettings)
     server: ServerSettings = Field(default_factory=ServerSettings)
+    oauth2: OAuth2Settings = Field(default_factory=OAuth2Settings)
     uidl: UidlSettings = Field(default_factory=UidlSettings)
 
     @classmethod
@@ -183,6 +187,8 @@ def load_settings(path: Path | None = None, overrides: dict[str, Any] | None = N
     check_delete_folders(settings.delete, settings.upstream.mailbox)
     check_delete_names(settings.delete)
     check_state_key(settings.delete, uidl_records=settings.uidl.uses_records)
+    if settings.upstream.auth == "oauth2":
+        check_oauth2(settings.oauth2)
     return settings
 
 

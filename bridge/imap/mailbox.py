@@ -25,7 +25,7 @@ from contextlib import asynccontextmanager
 import trio
 
 from bridge.config import UpstreamSettings
-from bridge.imap import syntax
+from bridge.imap import bearer, syntax
 from bridge.imap.channel import Command, ImapChannel, Reply
 from bridge.imap.errors import AuthenticationFailed, MessageGone, UpstreamError
 from bridge.imap.interface import ChunkedRangeReader, RangeReader
@@ -104,7 +104,32 @@ class ImapMailbox:
             except ValueError:
                 raise AuthenticationFailed("credentials cannot be sent to the server") from None
             command = Command(b"LOGIN", tuple(quoted))
-        reply = await self._run("login", command, secret=True)
+        await self._logged_in(await self._run("login", command, secret=True))
+
+    async def log_in_bearer(self, username: str, token: str, mechanism: str) -> None:
+        """Authenticate as `username` with an OAuth2 access token: XOAUTH2 or OAUTHBEARER as
+        `mechanism` (oauth2.mechanism) and the server's capabilities say, with SASL-IR when
+        advertised (bridge.imap.bearer). An error challenge is answered as the mechanism
+        requires and the server's NO read; a server may also answer NO without one
+        (Microsoft 365). Raises AuthenticationFailed when the token is refused, UpstreamError
+        when the server says "not now" or fails otherwise."""
+        if not self._channel.view.capabilities:
+            await self._checked("capability", Command(b"CAPABILITY"))
+        caps = self.capabilities
+        chosen = bearer.choose_mechanism(mechanism, caps)
+        if chosen == bearer.OAUTHBEARER:
+            initial = bearer.oauthbearer_response(username, token, self._settings.host, self._settings.port)
+        else:
+            initial = bearer.xoauth2_response(username, token)
+        sasl_ir = "SASL-IR" in caps
+        exchange = bearer.BearerExchange(chosen, initial, initial_sent=sasl_ir)
+        args = (chosen.encode(), initial) if sasl_ir else (chosen.encode(),)
+        reply = await self._channel.authenticate("login", Command(b"AUTHENTICATE", args), exchange.respond)
+        _log.debug("upstream_bearer_login", mechanism=chosen, sasl_ir=sasl_ir, challenged=bool(exchange.challenges), result=reply.result)
+        await self._logged_in(reply)
+
+    async def _logged_in(self, reply: Reply) -> None:
+        """The login's answer: refused (wrong credentials, or "not now"), or the session set up."""
         if not reply.ok:
             code = syntax.response_code(reply.text)
             if reply.result == "NO" and code not in _TEMPORARY_AUTH_CODES:
@@ -230,7 +255,7 @@ class ImapMailbox:
         if self._condstore:
             self._listing_modseq = view.highest_modseq
         # The count check: every message the server says exists is known, and no more.
-        return listing.consistent and len(listing.by_sequence) == view.exists and listing.complete()
+        return listing.consistent and len(listing) == view.exists and listing.complete()
 
     # -- parking (bridge.imap.pool) ------------------------------------------------------------
 

@@ -49,7 +49,7 @@ from dataclasses import dataclass, field
 import trio
 
 from bridge.config import BridgeSettings, UpstreamSettings, account_key
-from bridge.imap.engines import open_mailbox
+from bridge.imap.engines import Credential, open_mailbox
 from bridge.imap.errors import UpstreamError, UpstreamNotListening, UpstreamUnavailable
 from bridge.imap.mailbox import ImapMailbox
 from bridge.ops import metrics
@@ -59,7 +59,7 @@ _log = get_logger(component="pool")
 _SHUTDOWN_GRACE_SECONDS = 3.0
 
 
-Opener = Callable[[UpstreamSettings, str, str], Awaitable[ImapMailbox]]
+Opener = Callable[[UpstreamSettings, str, Credential], Awaitable[ImapMailbox]]
 
 
 def _digest(salt: bytes, password: str) -> bytes:
@@ -120,9 +120,12 @@ class UpstreamPool:
 
     # -- checking out -------------------------------------------------------------------------
 
-    async def checkout(self, account: str, password: str) -> Lease:
+    async def checkout(self, account: str, password: str, credential: Credential | None = None) -> Lease:
         """A logged-in connection for `account`: a parked one whose password matches, else a
-        fresh one. Raises AuthenticationFailed, UpstreamUnavailable or UpstreamError."""
+        fresh one. `credential`: what a fresh connection logs in with, if not `password`
+        (OAuth2: the session's device password is `password`, compared with the parked
+        connections', and the token comes from `credential`). Raises AuthenticationFailed,
+        UpstreamUnavailable or UpstreamError."""
         settings = self._settings()
         salt = secrets.token_bytes(16)
         digest = _digest(salt, password)
@@ -152,7 +155,7 @@ class UpstreamPool:
                 return self._lease(mailbox, key, salt, digest, entry.logged_in_at, entry.upstream)
         _log.info("upstream_fresh", reason="password_mismatch" if mismatch else "none_parked", engine=settings.upstream.engine)
         logged_in_at = trio.current_time()
-        mailbox = await self._open(settings.upstream, account, password)
+        mailbox = await self._open(settings.upstream, account, password if credential is None else credential)
         self._retire_other_passwords(key, password)
         return self._lease(mailbox, key, salt, digest, logged_in_at, settings.upstream)
 
@@ -212,14 +215,14 @@ class UpstreamPool:
         await entry.mailbox.aclose()
         return None
 
-    async def _open(self, upstream: UpstreamSettings, account: str, password: str) -> ImapMailbox:
+    async def _open(self, upstream: UpstreamSettings, account: str, credential: Credential) -> ImapMailbox:
         deadline = trio.current_time() + upstream.timeout_seconds
         delay = upstream.reconnect_initial_seconds
         attempt = 1
         while True:
             try:
                 with trio.fail_at(deadline):
-                    return await self._opener(upstream, account, password)
+                    return await self._opener(upstream, account, credential)
             except trio.TooSlowError:
                 if attempt > 1:
                     # The deadline fell during a retry rather than between two: the same

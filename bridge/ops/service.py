@@ -16,6 +16,7 @@ from bridge.config import BridgeSettings
 from bridge.net.server import Pop3Service
 from bridge.ops import metrics
 from bridge.ops.admin import AdminServer, UpstreamProbe
+from bridge.ops.descriptors import raise_descriptor_limit
 from bridge.ops.logs import get_logger
 from bridge.ops.reload import reload_settings
 
@@ -33,6 +34,7 @@ async def run_until_signalled(
     """The `serve` command: run the service (and the admin listener, if configured) until
     SIGTERM or SIGINT, then shut down gracefully; SIGHUP reloads the configuration with
     `reload()`. `notify` hears "ready" and "draining" (a worker tells its supervisor)."""
+    raise_descriptor_limit(settings)
     service = Pop3Service(settings, reuse_port=reuse_port)
     probe = UpstreamProbe(lambda: service.settings)
 

@@ -2,7 +2,11 @@
 failed-login limits (bridge.net.login_limiter), the upstream login (a parked connection or a
 fresh one, bridge.imap.pool), the [IN-USE] lock, and the maildrop the device sees
 (bridge.policy.deletion). Every refusal is a `LoginRefused`, which the conversation turns into
-a log event, a metric and an -ERR in one place (`refuse`)."""
+a log event, a metric and an -ERR in one place (`refuse`).
+
+With `upstream.auth = "oauth2"` the password is the device's, checked by the bridge against
+the account's enrolment (bridge.oauth2): a wrong one, or an account nobody enrolled, is
+refused like a wrong password; the upstream sees an access token instead."""
 
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ from bridge.config import BridgeSettings
 from bridge.imap.errors import AuthenticationFailed, UpstreamError
 from bridge.imap.pool import Lease
 from bridge.net.maildrop_locks import MaildropInUse
+from bridge.oauth2.errors import DeviceLoginRefused, ReauthorisationNeeded
 from bridge.ops import metrics
 from bridge.ops.logs import get_logger
 from bridge.policy.deletion import MaildropView, open_maildrop
@@ -71,14 +76,30 @@ async def log_in(
             "blocked", "too many failed logins, try again later", ResponseCode.SYS_TEMP, event="login_blocked",
             warning=True, delay=limiter.blocked_delay(address, account), fields={"retry_after": round(attempt.retry_after, 1)},
         )
+    oauth2 = settings.upstream.auth == "oauth2"
     try:
-        lease = await services.pool.checkout(identity.account, request.password)
-    except AuthenticationFailed:
-        delay = attempt.failed()
+        if oauth2:
+            lease = await _checkout_oauth2(identity.account, request.password, services)
+        else:
+            lease = await services.pool.checkout(identity.account, request.password)
+    except ReauthorisationNeeded:
         raise LoginRefused(
-            "credentials", "invalid user name or password", ResponseCode.AUTH, delay=delay,
-            fields={"mechanism": request.mechanism, "delay": delay},
+            "reauthorisation", "re-authorisation needed: the administrator must enrol this account again",
+            ResponseCode.AUTH, warning=True,
         ) from None
+    except AuthenticationFailed as exc:
+        if oauth2 and not isinstance(exc, DeviceLoginRefused):
+            # The device password was right; the mail server refused a token just refreshed
+            # (the application's permissions or the mailbox's): for the operator to fix.
+            raise LoginRefused(
+                "token_refused", "the mail server refused the bridge's authorisation for this account",
+                ResponseCode.SYS_PERM, warning=True,
+            ) from None
+        delay = attempt.failed()
+        fields: dict[str, object] = {"mechanism": request.mechanism, "delay": delay}
+        if isinstance(exc, DeviceLoginRefused):
+            fields["oauth2"] = exc.reason
+        raise LoginRefused("credentials", "invalid user name or password", ResponseCode.AUTH, delay=delay, fields=fields) from None
     except UpstreamError as exc:
         raise LoginRefused("upstream", _UNAVAILABLE, ResponseCode.SYS_TEMP, warning=True, fields={"error": str(exc)}) from None
     finally:
@@ -98,6 +119,16 @@ async def log_in(
     limiter.record_success(address, account)
     metrics.LOGINS.labels("ok").inc()
     return LoggedIn(identity, lease, view)
+
+
+async def _checkout_oauth2(account: str, password: str, services: SharedServices) -> Lease:
+    """A connection for an OAuth2 account: a parked one whose device password matches and
+    whose enrolment is the current one (so a new device password, a re-enrolment or a
+    removal takes effect at the next login), else a fresh one logged in with a token."""
+    fingerprint = await services.oauth2.fingerprint(account)
+    if fingerprint is None:
+        raise DeviceLoginRefused("not_enrolled")
+    return await services.pool.checkout(account, f"{fingerprint}\0{password}", services.oauth2.tokens(account, password))
 
 
 async def refuse(refusal: LoginRefused) -> None:

@@ -1,4 +1,5 @@
-"""The deployment artefacts' commands, run for real outside containers (no Docker engine here).
+"""The deployment artefacts' commands, run for real outside containers (scripts/check-image, a
+CI step, builds the images with podman and runs them).
 
 - deploy/Dockerfile: ENTRYPOINT + CMD with the image's environment serve POP3, the
   HEALTHCHECK command succeeds against it, and STOPSIGNAL ends it with status 0.
@@ -23,17 +24,19 @@ from pathlib import Path
 import pytest
 import yaml
 
+from bridge.config import load_settings
 from sandbox import Mailbox, demo_messages, numbered_messages
-from tests.harness import RawPop3, free_port
-from tests.integration.ops_support import wait_for
-from tests.unit.test_deploy_dockerfile import (
+from tests.deploy_support import (
     exec_form,
     final_stage,
     healthcheck_command,
+    image_config,
     image_environment,
     one,
     parse_dockerfile,
 )
+from tests.harness import RawPop3, free_port
+from tests.integration.ops_support import wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
@@ -86,20 +89,22 @@ def _base_env() -> dict[str, str]:
     return env
 
 
-def _image_command() -> tuple[list[str], dict[str, str], str]:
-    """ENTRYPOINT + CMD with the config path mapped from the image to the repository."""
+def _image_command() -> tuple[list[str], dict[str, str], Path]:
+    """ENTRYPOINT + CMD with the config path mapped from the image to the repository file
+    the Dockerfile copies there; the image's ENV; that file."""
     stage = final_stage(parse_dockerfile(DEPLOY / "Dockerfile"))
     command = exec_form(one(stage, "ENTRYPOINT").arguments) + exec_form(one(stage, "CMD").arguments)
-    config_in_image = command[command.index("--config") + 1]
-    command[command.index("--config") + 1] = str(REPO / "bridge.toml")  # COPY bridge.toml <that path>
-    return command, image_environment(stage), config_in_image
+    in_image, source = image_config()
+    assert command[command.index("--config") + 1] == in_image
+    command[command.index("--config") + 1] = str(source)
+    return command, image_environment(stage), source
 
 
 def test_image_entrypoint_serves_and_its_healthcheck_passes(
     mailbox: Mailbox, tmp_path: Path, processes: _Processes
 ) -> None:
     mailbox.append(numbered_messages(2))
-    command, image_env, _ = _image_command()
+    command, image_env, image_config_file = _image_command()
     pop3_port, admin_port = free_port(), free_port()
     env = {
         **_base_env(),
@@ -116,7 +121,9 @@ def test_image_entrypoint_serves_and_its_healthcheck_passes(
     assert bridge.poll() is None, (tmp_path / "bridge.log").read_text()
 
     health = healthcheck_command(parse_dockerfile(DEPLOY / "Dockerfile"))
-    image_admin_port = image_env["BRIDGE_ADMIN__LISTEN"].rsplit(":", 1)[1]
+    image_admin = load_settings(image_config_file).admin.listen_address
+    assert image_admin is not None
+    image_admin_port = image_admin.port
     health = [part.replace(f":{image_admin_port}/", f":{admin_port}/") for part in health]
     assert subprocess.run(health, env=env, timeout=60).returncode == 0
     # ...and it does fail where nothing answers.
@@ -132,7 +139,7 @@ def test_image_entrypoint_serves_and_its_healthcheck_passes(
     bridge.send_signal(signal.Signals[stop])
     assert bridge.wait(60) == 0
     log = [json.loads(line) for line in (tmp_path / "bridge.log").read_text().splitlines() if line.startswith("{")]
-    assert log, "the image's environment selects JSON logs"
+    assert log, "the image's configuration selects JSON logs"
 
 
 def test_compose_upstream_and_bridge_commands_work_together(tmp_path: Path, processes: _Processes) -> None:
@@ -167,6 +174,12 @@ def test_compose_upstream_and_bridge_commands_work_together(tmp_path: Path, proc
         assert subprocess.run(health, env=upstream_env, timeout=60).returncode == 0
 
         command, image_env, _ = _image_command()
+        # The compose file mounts a bridge.toml over the image's: the bridge reads that one.
+        in_image = image_config()[0]
+        for volume in bridge_service.get("volumes", []):
+            source, target = volume.split(":")[:2]
+            if target == in_image:
+                command[command.index("--config") + 1] = str((DEPLOY / source).resolve())
         bridge_env = {
             **_base_env(),
             **image_env,

@@ -1,7 +1,8 @@
 """deploy/docker-compose.yml, checked without Docker: it parses, its pieces exist, and the
 bridge's environment there is a configuration the bridge accepts. Running the demo upstream's
 command and the bridge with that environment (outside containers) is in
-tests/integration/test_ops_deploy.py. Not checked: `docker compose up` itself."""
+tests/integration/test_ops_deploy.py; scripts/check-image (a CI step) builds both images with
+podman and runs them wired as here. Not checked: `docker compose up` itself."""
 
 from __future__ import annotations
 

@@ -3,97 +3,32 @@
 What is checked here: the instructions (official slim Python base, non-root user, exec-form
 entrypoint that is our console command, HEALTHCHECK on /healthz of the admin port, exposed
 ports matching the configured listeners, every COPY source present in the build context) and
-that the image's environment is a valid configuration. tests/integration/test_ops_deploy.py
-runs the entrypoint command and the HEALTHCHECK command outside a container. Not checked:
-that the image builds and starts under Docker."""
+that the image's configuration is valid and sets no variable that would override a mounted one.
+tests/integration/test_ops_deploy.py runs the entrypoint command and the HEALTHCHECK command
+outside a container; scripts/check-image (a CI step) builds the image with podman and runs it."""
 
 from __future__ import annotations
 
 import fnmatch
-import json
-import shlex
 import tomllib
-from dataclasses import dataclass
-from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
 
 from bridge.config import load_settings
-from bridge.net.addresses import parse_listen_address
-
-REPO = Path(__file__).resolve().parents[2]
-DOCKERFILE = REPO / "deploy" / "Dockerfile"
-
-
-@dataclass(frozen=True)
-class Instruction:
-    keyword: str
-    arguments: str
-    stage: int
-
-
-def parse_dockerfile(path: Path) -> list[Instruction]:
-    instructions: list[Instruction] = []
-    stage = -1
-    pending = ""
-    for raw in path.read_text().splitlines():
-        line = raw.strip()
-        if not pending and (not line or line.startswith("#")):
-            continue
-        if line.startswith("#"):
-            continue  # a comment inside a continued instruction
-        if line.endswith("\\"):
-            pending += line[:-1] + " "
-            continue
-        text = pending + line
-        pending = ""
-        keyword, _, arguments = text.partition(" ")
-        keyword = keyword.upper()
-        if keyword == "FROM":
-            stage += 1
-        instructions.append(Instruction(keyword, arguments.strip(), stage))
-    assert not pending, "the Dockerfile ends inside a continued line"
-    return instructions
-
-
-def final_stage(instructions: list[Instruction]) -> list[Instruction]:
-    last = max(i.stage for i in instructions)
-    return [i for i in instructions if i.stage == last]
-
-
-def one(instructions: list[Instruction], keyword: str) -> Instruction:
-    found = [i for i in instructions if i.keyword == keyword]
-    assert len(found) == 1, f"expected one {keyword}, found {len(found)}"
-    return found[0]
-
-
-def image_environment(instructions: list[Instruction]) -> dict[str, str]:
-    env: dict[str, str] = {}
-    for instruction in instructions:
-        if instruction.keyword == "ENV":
-            for word in shlex.split(instruction.arguments):
-                key, sep, value = word.partition("=")
-                assert sep, f"ENV {word!r}: use the key=value form"
-                env[key] = value
-    return env
-
-
-def exec_form(arguments: str) -> list[str]:
-    words = json.loads(arguments)
-    assert isinstance(words, list) and all(isinstance(w, str) for w in words), arguments
-    return words
-
-
-def healthcheck_command(instructions: list[Instruction]) -> list[str]:
-    arguments = one(final_stage(instructions), "HEALTHCHECK").arguments
-    assert " CMD [" in f" {arguments}", "HEALTHCHECK must use CMD in exec form"
-    return exec_form(arguments[arguments.index("CMD ") + 4 :])
-
-
-def copy_sources(instruction: Instruction) -> list[str]:
-    words = [w for w in shlex.split(instruction.arguments) if not w.startswith("--")]
-    return words[:-1]
+from tests.deploy_support import (
+    DOCKERFILE,
+    REPO,
+    Instruction,
+    copy_sources,
+    exec_form,
+    final_stage,
+    healthcheck_command,
+    image_config,
+    image_environment,
+    one,
+    parse_dockerfile,
+)
 
 
 @pytest.fixture(scope="module")
@@ -127,13 +62,8 @@ def test_entrypoint_is_the_console_command_with_the_mounted_config(instructions:
     assert entrypoint == ["pop3-imap-bridge"] and "pop3-imap-bridge" in scripts
     command = exec_form(one(stage, "CMD").arguments)
     assert command[:2] == ["serve", "--config"]
-    config_in_image = command[2]
-    copied = {
-        shlex.split(i.arguments)[-1]: copy_sources(i)
-        for i in stage
-        if i.keyword == "COPY" and "--from" not in i.arguments
-    }
-    assert copied.get(config_in_image) == ["bridge.toml"], "the image carries the example bridge.toml"
+    in_image, source = image_config()
+    assert in_image == command[2] and source == REPO / "deploy" / "container-bridge.toml"
 
 
 def test_copy_sources_exist_and_pass_the_dockerignore(instructions: list[Instruction]) -> None:
@@ -157,27 +87,36 @@ def test_copy_sources_exist_and_pass_the_dockerignore(instructions: list[Instruc
             assert sent_to_the_builder(source), f"COPY {source}: excluded by Dockerfile.dockerignore"
 
 
-def test_image_environment_is_a_valid_configuration(
-    instructions: list[Instruction], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    env = image_environment(instructions)
-    for key, value in env.items():
-        monkeypatch.setenv(key, value)
-    settings = load_settings(REPO / "bridge.toml")
+def test_the_image_sets_no_bridge_variable(instructions: list[Instruction]) -> None:
+    # A BRIDGE_* variable in the image would silently override the same key of a bridge.toml
+    # mounted over the image's (the Kubernetes ConfigMap's extra PROXY listeners, say).
+    assert [key for key in image_environment(instructions) if key.upper().startswith("BRIDGE_")] == []
+
+
+def test_image_configuration_is_valid_and_matches_the_exposed_ports(instructions: list[Instruction]) -> None:
+    settings = load_settings(image_config()[1])
     assert settings.pop3.listen == ["0.0.0.0:1110"]
     assert settings.logging.format == "json"
     exposed = {int(port) for port in one(final_stage(instructions), "EXPOSE").arguments.split()}
     assert {address.port for address in settings.pop3.listen_addresses} <= exposed
     admin = settings.admin.listen_address
     assert admin is not None and admin.port in exposed
+    # Everything else is the documented default.
+    defaults = load_settings(REPO / "bridge.toml").model_dump()
+    changed = {
+        f"{section}.{key}"
+        for section, values in settings.model_dump().items()
+        for key, value in values.items()
+        if defaults[section][key] != value
+    }
+    assert changed == {"pop3.listen", "admin.listen", "logging.format"}
 
 
-def test_healthcheck_asks_the_admin_listener_for_healthz(
-    instructions: list[Instruction], monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_healthcheck_asks_the_admin_listener_for_healthz(instructions: list[Instruction]) -> None:
     command = healthcheck_command(instructions)
     assert command[:2] == ["python", "-c"]
     url = command[2].split("'")[1]
     parts = urlsplit(url)
-    admin_port = parse_listen_address(image_environment(instructions)["BRIDGE_ADMIN__LISTEN"]).port
-    assert (parts.scheme, parts.hostname, parts.port, parts.path) == ("http", "127.0.0.1", admin_port, "/healthz")
+    admin = load_settings(image_config()[1]).admin.listen_address
+    assert admin is not None
+    assert (parts.scheme, parts.hostname, parts.port, parts.path) == ("http", "127.0.0.1", admin.port, "/healthz")
