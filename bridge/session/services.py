@@ -10,10 +10,10 @@ from bridge.net.client_timeouts import ClientWatchdog
 from bridge.net.login_limiter import LoginLimiter
 from bridge.net.maildrop_locks import MaildropLocks
 from bridge.net.tls import ServerTls
-from bridge.uidl.memory import UidlMemory
 from bridge.oauth2.tokens import OAuth2Accounts
 from bridge.session.message_cache import MessageCache
 from bridge.session.readahead import ReadaheadBudget
+from bridge.uidl.memory import UidlMemory
 
 
 @dataclass

@@ -89,6 +89,8 @@ def header_of(n: int, **changes: bytes) -> bytes:
 
 
 def imap_side(messages: list[tuple[int, bytes, bytes]]) -> tuple[MailboxSnapshot, dict[int, bytes]]:
+    # A snapshot lists its messages in UID order, whatever order they were copied in.
+    messages = sorted(messages)
     snapshot = MailboxSnapshot(7, [uid for uid, _h, _b in messages], [len(h) + len(b) for _u, h, b in messages])
     return snapshot, {uid: header for uid, header, _body in messages}
 
