@@ -32,6 +32,7 @@ from bridge.policy.device_state import (
 )
 from bridge.policy.identity import LoginIdentity
 from bridge.policy.uid_ranges import UidRanges
+from bridge.policy.windows import apply_window, imap_date
 from bridge.uidl.facts import FactsMailbox
 from bridge.uidl.memory import UidlMemory
 from bridge.uidl.serving import SessionUidls, open_uidls
@@ -42,9 +43,6 @@ _log = get_logger()
 class MaildropAndFolders(MaildropStore, StateBackend, FactsMailbox, Protocol):
     """The maildrop and the account's other folders (the state folder, the move folder), on
     one upstream connection: what bridge.imap.mailbox.ImapMailbox is."""
-
-_IMAP_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
-
 
 def expire_capability(settings: BridgeSettings, identity: LoginIdentity | None) -> str:
     """RFC 2449 EXPIRE: days the server keeps a message after a client leaves it, per user
@@ -59,10 +57,6 @@ def expire_capability(settings: BridgeSettings, identity: LoginIdentity | None) 
     per_account = {value(a.policy) for a in settings.delete.accounts.values() if a.policy}
     default = value(settings.delete.policy)
     return f"EXPIRE {default} USER" if per_account - {default} else f"EXPIRE {default}"
-
-
-def _imap_date(moment: datetime) -> str:
-    return f"{moment.day}-{_IMAP_MONTHS[moment.month - 1]}-{moment.year}"
 
 
 @dataclass
@@ -84,17 +78,27 @@ async def open_maildrop(
     snapshot = await mailbox.snapshot()
     all_uids = snapshot.uids
     uidls = await open_uidls(mailbox, identity.account, settings, memory, snapshot)
-    if identity.policy != "per-client":
-        return MaildropView(identity, snapshot, all_uids, uidls=uidls)
+    folder = settings.upstream.mailbox
+    if identity.policy != "per-client" and identity.first_login != "from-now-on":
+        shown = await apply_window(mailbox, folder, snapshot, identity.window, datetime.now(UTC).date())
+        return MaildropView(identity, shown, all_uids, uidls=uidls)
     delete = settings.delete
     signer = StateSigner(delete.signing_key, identity.account, accept_unsigned=delete.accept_unsigned_state)
     carry = uidls.carry if uidls is not None else None
-    store = DeviceStateStore(mailbox, delete.state_folder, settings.upstream.mailbox, signer, carry)
+    store = DeviceStateStore(mailbox, delete.state_folder, folder, signer, carry)
     state = await store.load(identity.device, snapshot.uidvalidity)
+    if identity.first_login == "from-now-on" and not state.versions:
+        # The device's first login: everything there now is "before" it (bridge.policy.windows).
+        state.hidden = UidRanges.of(all_uids)
+        await store.save(state, snapshot.uidvalidity)
+        _log.info("device_first_login", device=identity.device, hidden=len(all_uids))
     # Only the snapshot's messages are looked up, however wide the stored ranges are; the
     # save at QUIT keeps only the snapshot's UIDs.
-    visible = (info for info in snapshot.messages if not state.hides(info.uid))
-    return MaildropView(identity, MailboxSnapshot.of(snapshot.uidvalidity, visible), all_uids, state, store, uidls)
+    visible = MailboxSnapshot.of(snapshot.uidvalidity, (info for info in snapshot.messages if not state.hides(info.uid)))
+    shown = await apply_window(mailbox, folder, visible, identity.window, datetime.now(UTC).date())
+    if identity.policy != "per-client":
+        return MaildropView(identity, shown, all_uids, uidls=uidls)
+    return MaildropView(identity, shown, all_uids, state, store, uidls)
 
 
 async def apply_deletions(
@@ -144,7 +148,7 @@ async def _expire(mailbox: MaildropAndFolders, view: MaildropView, settings: Bri
     active = [s.hidden for s in states.values() if s.last_seen is not None and s.last_seen >= cutoff]
     hidden_by_all = reduce(UidRanges.intersection, active) if active else UidRanges()
     existing = set(view.all_uids)
-    old = await mailbox.search(settings.upstream.mailbox, "BEFORE", _imap_date(cutoff))
+    old = await mailbox.search(settings.upstream.mailbox, "BEFORE", imap_date(cutoff))
     # Over the snapshot's UIDs only: the ranges may be as wide as a record claims.
     doomed = sorted({uid for uid in view.all_uids if uid in hidden_by_all} | (set(old) & existing))
     if not doomed:
