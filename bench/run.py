@@ -2,6 +2,7 @@
 
     .venv/bin/python -m bench.run            # the full run (about 5-10 minutes on 2 cores)
     .venv/bin/python -m bench.run --quick    # smaller mailboxes, fewer rounds
+    .venv/bin/python -m bench.run --uidl     # the UIDL features' costs instead (bench/uidl.py)
 
 One run starts a store Dovecot (maildir; native POP3 + IMAP), an imapc Dovecot in front of
 it and the bridge (subprocess) in front of it, seeds the mailboxes over IMAP, then drives
@@ -279,8 +280,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-memory", action="store_true", help="leave out the bridge memory measurements")
     parser.add_argument("--keep-workdir", action="store_true", help="keep the servers' files and logs")
     parser.add_argument("--output", type=Path, help="where to write the raw JSON (default: bench/results/)")
+    parser.add_argument("--uidl", action="store_true", help="measure the UIDL features instead (bench/uidl.py)")
     parser.set_defaults(size="full")
     args = parser.parse_args(argv)
+    if args.uidl:
+        return _run_uidl(args)
     plan = PLANS[args.size]
     if args.rounds:
         plan = Plan(**{**asdict(plan), "rounds": args.rounds})
@@ -328,6 +332,31 @@ def main(argv: list[str] | None = None) -> int:
             },
             indent=1,
         )
+    )
+    _progress(f"raw samples: {output}")
+    return 0
+
+
+def _run_uidl(args: argparse.Namespace) -> int:
+    from bench import uidl
+
+    plan = uidl.PLANS[args.size]
+    if args.rounds:
+        plan = uidl.UidlPlan(**{**asdict(plan), "rounds": args.rounds})
+    started = dt.datetime.now(dt.UTC)
+    machine = machine_description()
+    samples = uidl.run(plan)
+    table, verdicts = uidl.summarise(samples, plan)
+    print(
+        f"{started:%Y-%m-%d}, `bench.run --uidl --size {args.size}` ({plan.rounds} rounds); {machine['cpu']}, "
+        f"{machine['cores']} cores, Python {machine['python']}, Dovecot {machine['dovecot']}, loopback.\n"
+    )
+    print(table)
+    output = args.output or RESULTS_DIR / f"{started:%Y%m%dT%H%M%SZ}-uidl-{args.size}.json"
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(
+        json.dumps({"started": started.isoformat(), "plan": asdict(plan), "machine": machine, "samples": samples,
+                    "verdicts": verdicts, "table": table}, indent=1)
     )
     _progress(f"raw samples: {output}")
     return 0

@@ -1,4 +1,5 @@
-"""Command line: `pop3-imap-bridge serve|check-config|admin|probe` (also `python -m bridge`)."""
+"""Command line: `pop3-imap-bridge serve|check-config|admin|probe|oauth2 ...|uidl import` (also
+`python -m bridge`)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import trio
 
 from bridge import __version__
 from bridge.config import BridgeSettings, ConfigError, environment_overrides, load_settings
+from bridge.oauth2.commands import register as register_oauth2_commands
 from bridge.ops.logs import configure_logging
 
 
@@ -151,6 +153,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     check.add_argument("--config", type=Path, help="path to bridge.toml")
     check.set_defaults(func=_check_config)
+    register_oauth2_commands(commands)
+
+    from bridge.uidl.command import add_parser as add_uidl_parser
+
+    add_uidl_parser(commands)
 
     from bridge.ops.admin_client import add_arguments
 

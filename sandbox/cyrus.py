@@ -10,9 +10,10 @@ Cyrus refuses to run as root: as root, every process runs as `unprivileged_user`
 `nobody`) and the working directory belongs to it; otherwise everything runs as the current
 user.
 
-The programs come from Debian's cyrus-common and cyrus-imapd. cyrus-imapd conflicts with
-Dovecot's IMAP package, so scripts/install-deps unpacks both into UNPACKED_CYRUS_DIR instead of
-installing them (their shared libraries are installed as packages; Cyrus's own libraries are
+The programs come from Debian's cyrus-common, cyrus-imapd and cyrus-pop3d (Cyrus's own POP3
+server, `pop3=True`: the "old server" of the UIDL import tests). cyrus-imapd and cyrus-pop3d
+conflict with Dovecot's IMAP and POP3 packages, so scripts/install-deps unpacks all three into
+UNPACKED_CYRUS_DIR instead of installing them (their shared libraries are installed as packages; Cyrus's own libraries are
 found through LD_LIBRARY_PATH); installed packages are used when both are there. Cyrus logs only to syslog; the master's own stdout/stderr go to
 `master.log` in the working directory.
 
@@ -43,11 +44,11 @@ from sandbox.seeding import AppendResult, ImapObserver, append_messages
 
 __all__ = ["CyrusError", "CyrusMailbox", "CyrusNotInstalledError", "CyrusSandbox"]
 
-_DEBIAN_PACKAGES = "cyrus-common cyrus-imapd sasl2-bin"
+_DEBIAN_PACKAGES = "cyrus-common cyrus-imapd cyrus-pop3d sasl2-bin"
 _CYRUS_BIN_DIRS = ("/usr/lib/cyrus/bin", "/usr/libexec/cyrus-imapd", "/usr/lib/cyrus-imapd")
 # Where scripts/install-deps unpacks cyrus-common and cyrus-imapd (see the module docstring).
 UNPACKED_CYRUS_DIR = Path("/usr/local/lib/pop3-imap-bridge/cyrus")
-_CYRUS_PROGRAMS = ("master", "imapd", "ctl_cyrusdb")
+_CYRUS_PROGRAMS = ("master", "imapd", "pop3d", "ctl_cyrusdb")
 _SBIN_DIRS = ("/usr/sbin", "/sbin", "/usr/local/sbin")
 # The SASL realm and Cyrus's servername must agree, or sasldb finds no user; pinning both
 # keeps it independent of the machine's host name.
@@ -121,10 +122,12 @@ class CyrusSandbox:
         imap_port: int | None = None,
         startup_timeout: float = 30.0,
         unprivileged_user: str = "nobody",
+        pop3: bool = False,
     ) -> None:
         located = _locate_programs()
         self._master_bin = located.programs["master"]
         self._imapd_bin = located.programs["imapd"]
+        self._pop3d_bin = located.programs["pop3d"]
         self._ctl_cyrusdb_bin = located.programs["ctl_cyrusdb"]
         self._library_path = located.library_path
         self._saslpasswd_bin = _find("saslpasswd2", _SBIN_DIRS)
@@ -138,7 +141,10 @@ class CyrusSandbox:
                 raise CyrusError(f"user {unprivileged_user!r} does not exist") from None
         else:
             self._run_as = pwd.getpwuid(os.getuid())
-        self._imap_port = imap_port or pick_free_ports(1)[0]
+        self._imap_port, self._pop3_port = pick_free_ports(2)
+        self._imap_port = imap_port or self._imap_port
+        # Cyrus's pop3d, its UIDLs its own ("uidvalidity.uid"), when asked for.
+        self._pop3 = pop3
         self._startup_timeout = startup_timeout
         self._proc: subprocess.Popen[bytes] | None = None
         self._users: dict[str, str] = {}
@@ -161,6 +167,13 @@ class CyrusSandbox:
     @property
     def imap_port(self) -> int:
         return self._imap_port
+
+    @property
+    def pop3_port(self) -> int:
+        """The port of Cyrus's own POP3 server (started only with `pop3=True`)."""
+        if not self._pop3:
+            raise CyrusError("this Cyrus runs without POP3 (CyrusSandbox(..., pop3=True))")
+        return self._pop3_port
 
     @property
     def config_path(self) -> Path:
@@ -239,7 +252,8 @@ class CyrusSandbox:
                 proc.kill()
                 proc.wait(timeout=timeout)
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and not port_closed(LOOPBACK, self._imap_port):
+        ports = [self._imap_port, self._pop3_port] if self._pop3 else [self._imap_port]
+        while time.monotonic() < deadline and not all(port_closed(LOOPBACK, port) for port in ports):
             time.sleep(0.05)
 
     def restart(self) -> None:
@@ -352,6 +366,10 @@ proxyservers: {self.admin_login}
 
     def _render_cyrus_conf(self) -> str:
         conf = self.config_path
+        pop3 = (
+            f'  pop3 cmd="{self._pop3d_bin} -C {conf}" listen="{LOOPBACK}:{self._pop3_port}" prefork=0 maxchild=100\n'
+            if self._pop3 else ""
+        )
         return f"""\
 # Written by sandbox.cyrus; regenerated on every start.
 START {{
@@ -359,7 +377,7 @@ START {{
 }}
 SERVICES {{
   imap cmd="{self._imapd_bin} -C {conf}" listen="{LOOPBACK}:{self._imap_port}" prefork=0 maxchild=500
-}}
+{pop3}}}
 EVENTS {{
 }}
 """
@@ -371,7 +389,7 @@ EVENTS {{
             code = self._proc.poll()
             if code is not None:
                 raise CyrusError(f"cyrus master exited with status {code} during start-up:\n{self.log_tail()}")
-            if greets(LOOPBACK, self._imap_port, b"* OK"):
+            if greets(LOOPBACK, self._imap_port, b"* OK") and (not self._pop3 or greets(LOOPBACK, self._pop3_port, b"+OK")):
                 return
             if time.monotonic() > deadline:
                 raise CyrusError(

@@ -597,29 +597,10 @@ first_valid_gid = 1
 
 {tls}# Loopback only; clients must be able to LOGIN without TLS.
 disable_plaintext_auth = no
-auth_mechanisms = plain login
 # Wrong-password tests would otherwise wait 2 s per failure (the auth penalty,
 # disabled at service anvil below, would then slow every later login too).
 auth_failure_delay = 0
-
-# Master users (add_master_user): SASL PLAIN as the master with the user as authorization
-# identity, or LOGIN "user*master"; `pass = yes` still requires the user to exist.
-auth_master_user_separator = *
-passdb {{
-  driver = passwd-file
-  master = yes
-  args = scheme=PLAIN {w}/masters
-  pass = yes
-}}
-# One passwd-file per user (see add_user); it also gives uid, gid and home.
-passdb {{
-  driver = passwd-file
-  args = scheme=PLAIN username_format=%u {w}/users/%u
-}}
-userdb {{
-  driver = passwd-file
-  args = username_format=%u {w}/users/%u
-}}
+{self._auth_config()}
 
 mail_location = maildir:~/Maildir
 namespace inbox {{
@@ -647,6 +628,32 @@ service ipc {{
   chroot =
 }}
 {self._extra_config}
+"""
+
+    def _auth_config(self) -> str:
+        """The mechanisms and the password database (a subclass may log users in otherwise:
+        sandbox.oauth2 adds OAuth2 bearer tokens)."""
+        w = self._workdir
+        return f"""\
+auth_mechanisms = plain login
+# Master users (add_master_user): SASL PLAIN as the master with the user as authorization
+# identity, or LOGIN "user*master"; `pass = yes` still requires the user to exist.
+auth_master_user_separator = *
+passdb {{
+  driver = passwd-file
+  master = yes
+  args = scheme=PLAIN {w}/masters
+  pass = yes
+}}
+# One passwd-file per user (see add_user); it also gives uid, gid and home.
+passdb {{
+  driver = passwd-file
+  args = scheme=PLAIN username_format=%u {w}/users/%u
+}}
+userdb {{
+  driver = passwd-file
+  args = username_format=%u {w}/users/%u
+}}
 """
 
     def _service_blocks(self, imaps: str, pop3s: str) -> str:

@@ -210,3 +210,89 @@ def tls_dovecot(tls_files: TlsFiles) -> Iterator[DovecotSandbox]:
 
     with running_sandbox(make, "bridge-dovecot-tls-") as sandbox:
         yield sandbox
+
+
+# ---------------------------------------------------------------------------
+# OAuth2 (issue 15): an OAuth2 provider on loopback, a Dovecot that checks its bearer tokens
+# (oauth2 passdb, introspection), a private Redis for the shared token store.
+# ---------------------------------------------------------------------------
+
+from sandbox.oauth2 import OAuth2Dovecot, OAuth2Provider  # noqa: E402
+from sandbox.redis import RedisSandbox  # noqa: E402
+from tests.oauth2_support import CLIENT_SECRET  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def oauth2_provider_server() -> Iterator[OAuth2Provider]:
+    with OAuth2Provider(client_secret=CLIENT_SECRET) as provider:
+        yield provider
+
+
+@pytest.fixture
+def oauth2_provider(oauth2_provider_server: OAuth2Provider) -> Iterator[OAuth2Provider]:
+    """The session's OAuth2 provider, its behaviour back to the defaults for each test
+    (confidential client, no rotation, one-hour access tokens, no outage)."""
+    provider = oauth2_provider_server
+    provider.client_secret = CLIENT_SECRET
+    provider.rotation = "none"
+    provider.access_lifetime = 3600.0
+    provider.consent_user = ""
+    provider.app_mailbox = ""
+    provider.set_outage(None)
+    provider.calls.clear()
+    yield provider
+    provider.set_outage(None)
+
+
+@pytest.fixture(scope="session")
+def oauth2_dovecot(request: pytest.FixtureRequest, oauth2_provider_server: OAuth2Provider) -> Iterator[DovecotSandbox]:
+    """A Dovecot whose XOAUTH2/OAUTHBEARER logins are checked by the session's provider (and
+    whose PLAIN/LOGIN logins use the users' passwords, for seeding and observing)."""
+
+    def make(workdir: Path) -> DovecotSandbox:
+        return OAuth2Dovecot(workdir, oauth2_provider_server.url)
+
+    with running_sandbox(make, "bridge-dovecot-oauth2-", request) as sandbox:
+        yield sandbox
+
+
+@pytest.fixture
+def oauth2_store(tmp_path: Path) -> str:
+    """A file token store of the test's own."""
+    return f"file:{tmp_path / 'oauth2-store'}"
+
+
+@pytest.fixture
+def redis_server() -> Iterator[RedisSandbox]:
+    """A private redis-server on a free loopback port (stopped by its pid at the end)."""
+    workdir = Path(tempfile.mkdtemp(prefix="bridge-redis-"))
+    server = RedisSandbox(workdir)
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.fixture
+def oauth2_bridge_factory(
+    oauth2_dovecot: DovecotSandbox, oauth2_provider: OAuth2Provider, oauth2_store: str
+) -> Iterator[Callable[..., ThreadedBridge]]:
+    """``oauth2_bridge_factory(**sections)``: a bridge with upstream.auth = "oauth2" in front of
+    the OAuth2 Dovecot, its [oauth2] pointing at the provider and the test's file store
+    (``oauth2={...}`` overrides keys of that section)."""
+    from tests.oauth2_support import oauth2_section
+
+    started: list[ThreadedBridge] = []
+
+    def start(**sections: dict[str, object]) -> ThreadedBridge:
+        oauth2 = oauth2_section(oauth2_provider, oauth2_store, **sections.pop("oauth2", {}))
+        upstream = {"auth": "oauth2", **sections.pop("upstream", {})}
+        bridge = ThreadedBridge(bridge_settings(oauth2_dovecot.imap_port, upstream=upstream, oauth2=oauth2, **sections)).start()
+        started.append(bridge)
+        return bridge
+
+    yield start
+    for bridge in started:
+        bridge.stop()

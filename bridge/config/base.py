@@ -22,3 +22,13 @@ def readable_file(value: str) -> str:
     return value
 
 
+def writable_directory(value: str) -> str:
+    if value:
+        path = Path(value)
+        if not path.is_dir():
+            raise ValueError(f"{value!r} is not a directory")
+        import os
+
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise ValueError(f"{value!r} is not writable by this process")
+    return value

@@ -11,6 +11,10 @@ from pydantic import Field, PrivateAttr, field_validator
 from bridge.config.base import ConfigError, Section, readable_file
 
 DeletePolicy = Literal["expunge", "move", "keep", "per-client"]
+FirstLogin = Literal["all", "from-now-on"]
+# What part of the maildrop a device sees: all of it, the last N days (by the server's arrival
+# date), or the last N messages.
+_WINDOW = re.compile(r"all|last-([1-9][0-9]{0,5})-(days|messages)")
 DEVICE_NAME_PATTERN = r"[A-Za-z0-9._-]{1,64}"
 _DEVICE_NAME = re.compile(DEVICE_NAME_PATTERN)
 # Per-client state records are signed with this key (bridge.policy.device_state); shorter keys are
@@ -36,9 +40,32 @@ def _device_name(value: str | None) -> str | None:
     return value
 
 
+def parse_window(value: str) -> tuple[str, int]:
+    """("all", 0), ("days", N) or ("messages", N) of a checked window setting."""
+    match = _WINDOW.fullmatch(value)
+    if match is None:
+        raise ValueError('must be "all", "last-N-days" or "last-N-messages" (N from 1 to 999999)')
+    return ("all", 0) if value == "all" else (match.group(2), int(match.group(1)))
+
+
+def _window(value: str | None) -> str | None:
+    if value is not None:
+        parse_window(value)
+    return value
+
+
 def _state_key_from_file(path: str) -> bytes:
     # Surrounding whitespace (the newline an editor or `echo` adds) is not part of the key.
     return Path(path).read_bytes().strip()
+
+
+class DeviceView(Section):
+    """What one device of an account sees ([delete.accounts."a@b".devices.NAME])."""
+
+    window: str | None = None
+    first_login: FirstLogin | None = None
+
+    _valid_window = field_validator("window")(_window)
 
 
 class AccountSettings(Section):
@@ -47,8 +74,19 @@ class AccountSettings(Section):
     policy: DeletePolicy | None = None
     folder: str | None = Field(default=None, min_length=1)
     default_device: str | None = None
+    window: str | None = None
+    first_login: FirstLogin | None = None
+    devices: dict[str, DeviceView] = Field(default_factory=dict)
 
     _valid_device = field_validator("default_device")(_device_name)
+    _valid_window = field_validator("window")(_window)
+
+    @field_validator("devices")
+    @classmethod
+    def _device_names(cls, value: dict[str, DeviceView]) -> dict[str, DeviceView]:
+        for name in value:
+            _device_name(name)
+        return value
 
 
 class DeleteSettings(Section):
@@ -64,6 +102,8 @@ class DeleteSettings(Section):
     default_device: str = "default"
     expire_after_days: int = Field(default=0, ge=0, le=36500)
     expire_action: Literal["expunge", "move"] = "expunge"
+    window: str = "all"
+    first_login: FirstLogin = "all"
     logins: dict[str, str] = Field(default_factory=dict)
     accounts: dict[str, AccountSettings] = Field(default_factory=dict)
 
@@ -73,6 +113,7 @@ class DeleteSettings(Section):
     _logins_by_key: dict[str, str] = PrivateAttr(default_factory=dict)
 
     _valid_device = field_validator("default_device")(_device_name)
+    _valid_window = field_validator("window")(_window)
 
     @field_validator("state_key")
     @classmethod
@@ -127,6 +168,15 @@ class DeleteSettings(Section):
     def uses_per_client(self) -> bool:
         return self.policy == "per-client" or any(a.policy == "per-client" for a in self.accounts.values())
 
+    @property
+    def uses_from_now_on(self) -> bool:
+        """Some device's first login starts "from now on" (recorded in its device state)."""
+        return (
+            self.first_login == "from-now-on"
+            or any(a.first_login == "from-now-on" for a in self.accounts.values())
+            or any(d.first_login == "from-now-on" for a in self.accounts.values() for d in a.devices.values())
+        )
+
 
 
 def _same_folder(a: str, b: str) -> bool:
@@ -165,14 +215,28 @@ def check_delete_names(delete: DeleteSettings) -> None:
                 )
 
 
-def check_state_key(delete: DeleteSettings) -> None:
+def check_state_key(delete: DeleteSettings, uidl_records: bool = False) -> None:
+    """The key that signs state records is there when records are used: per-device state
+    (`per-client`) or UIDL records (`uidl_records`: [uidl] imported, reuse_x_uidl,
+    keep_across_uidvalidity)."""
     if delete.state_key and delete.state_key_file:
         raise ConfigError("delete.state_key: give delete.state_key or delete.state_key_file, not both")
-    if delete.uses_per_client and not delete.signing_key:
-        raise ConfigError(
-            'delete.state_key: required when a delete policy is "per-client": the secret key that '
-            f"signs the device state records (at least {MIN_STATE_KEY_LENGTH} characters, the same on "
-            "every bridge host serving these mailboxes), or delete.state_key_file naming a file that holds it"
+    if delete.signing_key:
+        return
+    if delete.uses_per_client:
+        why = 'a delete policy is "per-client": the secret key that signs the device state records'
+    elif delete.uses_from_now_on:
+        why = 'a first_login is "from-now-on": the secret key that signs the device state records'
+    elif uidl_records:
+        why = (
+            "uidl.imported, uidl.reuse_x_uidl or uidl.keep_across_uidvalidity is on: the secret key that "
+            "signs the UIDL records in the state folder"
         )
+    else:
+        return
+    raise ConfigError(
+        f"delete.state_key: required when {why} (at least {MIN_STATE_KEY_LENGTH} characters, the same on "
+        "every bridge host serving these mailboxes), or delete.state_key_file naming a file that holds it"
+    )
 
 

@@ -36,8 +36,10 @@ from bridge.config.routing import (
     merged_upstream,
     route_names,
 )
+from bridge.config.oauth2 import OAuth2Settings, check_oauth2
 from bridge.config.sections import (
     AdminSettings,
+    CacheSettings,
     LoggingSettings,
     LoginLimitSettings,
     PoolSettings,
@@ -45,6 +47,7 @@ from bridge.config.sections import (
     ServerSettings,
     UpstreamSettings,
 )
+from bridge.config.uidl import UidlSettings
 from bridge.net.addresses import is_loopback_host
 from bridge.ops.secrets import MASK, is_secret_name
 
@@ -83,6 +86,7 @@ class BridgeSettings(BaseSettings):
     pop3: Pop3Settings = Field(default_factory=Pop3Settings)
     upstream: UpstreamSettings = Field(default_factory=UpstreamSettings)
     pool: PoolSettings = Field(default_factory=PoolSettings)
+    cache: CacheSettings = Field(default_factory=CacheSettings)
     delete: DeleteSettings = Field(default_factory=DeleteSettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
     login_limits: LoginLimitSettings = Field(default_factory=LoginLimitSettings)
@@ -91,6 +95,8 @@ class BridgeSettings(BaseSettings):
     routing: RoutingSettings = Field(default_factory=RoutingSettings)
     # [[routes]]: the first whose `match` fits an account decides its back end.
     routes: list[RouteSettings] = Field(default_factory=list)  # type: ignore[valid-type]
+    oauth2: OAuth2Settings = Field(default_factory=OAuth2Settings)
+    uidl: UidlSettings = Field(default_factory=UidlSettings)
 
     @classmethod
     def settings_customise_sources(
@@ -213,7 +219,9 @@ def load_settings(path: Path | None = None, overrides: dict[str, Any] | None = N
     )
     check_admin(settings)
     check_delete_names(settings.delete)
-    check_state_key(settings.delete)
+    check_state_key(settings.delete, uidl_records=settings.uidl.uses_records)
+    if settings.upstream.auth == "oauth2":
+        check_oauth2(settings.oauth2)
     return settings
 
 

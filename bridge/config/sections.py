@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 from pydantic import Field, PrivateAttr, ValidationInfo, field_validator
 
-from bridge.config.base import Section, readable_file
+from bridge.config.base import Section, readable_file, writable_directory
 from bridge.net.addresses import ListenAddress, parse_listen_address
 
 
@@ -107,11 +107,15 @@ class UpstreamSettings(Section):
     verify: bool = True
     mailbox: str = Field(default="INBOX", min_length=1)
     fetch_chunk: int = Field(default=1048576, ge=4096, le=64 * 1048576)
+    readahead_max_bytes: int = Field(default=64 * 1048576, ge=0, le=16 * 1024 * 1048576)
     timeout_seconds: float = Field(default=30.0, gt=0, le=300)
     ignore_capabilities: list[str] = Field(default_factory=list)
     engine: Literal["trio", "aioimaplib"] = "trio"
     reconnect_initial_seconds: float = Field(default=0.2, gt=0, le=60)
     reconnect_max_seconds: float = Field(default=5.0, gt=0, le=300)
+    # "password": the POP3 password is the upstream's; "oauth2": the bridge checks a device
+    # password and logs in upstream with an OAuth2 access token ([oauth2], docs/oauth2.md).
+    auth: Literal["password", "oauth2"] = "password"
     # The server's admin (a Dovecot master user, a Cyrus admin), for `pop3-imap-bridge admin
     # devices|device-reset`, which read and write an account's device state without its
     # owner's password: SASL PLAIN as `admin_login`, authorized as the account.
@@ -152,6 +156,21 @@ class PoolSettings(Section):
     max_per_account: int = Field(default=2, ge=1, le=64)
     # RFC 2177: re-issue IDLE at least every 29 minutes; many servers and NATs drop sooner.
     keepalive_seconds: float = Field(default=600.0, ge=1, le=1740)
+
+
+class CacheSettings(Section):
+    """Big messages kept after their first RETR for the next one (bridge/session/message_cache.py)."""
+
+    max_bytes: int = Field(default=1 << 30, ge=0, le=1 << 40)
+    min_message_bytes: int = Field(default=1 << 20, ge=65536, le=1 << 40)
+    # Each cached message is an open descriptor.
+    max_messages: int = Field(default=256, ge=1, le=4096)
+    directory: str = ""
+
+    @field_validator("directory")
+    @classmethod
+    def _directory(cls, value: str) -> str:
+        return writable_directory(value)
 
 
 # The whole name must match (re.fullmatch): with "$", "phone\n" would pass as "phone".

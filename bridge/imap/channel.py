@@ -13,7 +13,7 @@ never half-read, and is raised as an UpstreamError naming `what` was being done.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -105,6 +105,13 @@ class ImapChannel(Protocol):
         read up to its tagged answer; every untagged response goes to `view` (and, with
         `collect`, into the reply). `literal_budget`: the literal bytes the answer may bring
         back (bridge.imap.limits). `secret`: the command carries a password."""
+        ...
+
+    async def authenticate(self, what: str, command: Command, respond: Callable[[bytes], bytes]) -> Reply:
+        """A command the server may answer with continuation requests (AUTHENTICATE, RFC
+        3501 6.2.2): each `+ <text>` is answered with the line `respond(text)` (text without
+        the `+ `), up to the tagged answer. The command and the lines carry credentials: no
+        engine logs them."""
         ...
 
     async def pipeline(self, what: str, commands: Sequence[Command]) -> list[Reply]:

@@ -15,13 +15,13 @@ import importlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 import trio
 
 from bridge.config import UpstreamSettings
 from bridge.imap.channel import ImapChannel
-from bridge.imap.errors import UpstreamError
+from bridge.imap.errors import AuthenticationFailed, UpstreamError
 from bridge.imap.mailbox import ImapMailbox
 
 # engine name -> the module with its open_channel (and runtime, if it has one)
@@ -58,13 +58,45 @@ def engine_runtime(name: str) -> AbstractAsyncContextManager[None]:
     return engine(name).runtime()
 
 
-async def open_mailbox(settings: UpstreamSettings, username: str, password: str) -> ImapMailbox:
+class BearerTokens(Protocol):
+    """Where an OAuth2 login gets its access token (bridge.oauth2.TokenSource): the device
+    password is checked and the token refreshed there, never here."""
+
+    mechanism: str  # oauth2.mechanism
+
+    async def access_token(self, rejected: str | None = None) -> str:
+        """A valid access token; with `rejected` (a token the server just refused), a newer
+        one than that."""
+        ...
+
+
+# What a connection logs in with: the POP3 password (upstream.auth = "password"), or OAuth2.
+Credential = str | BearerTokens
+
+
+async def open_mailbox(settings: UpstreamSettings, username: str, credential: Credential) -> ImapMailbox:
     """A fresh connection from the configured engine, logged in as the POP3 user. Raises
-    AuthenticationFailed, UpstreamNotListening, UpstreamUnavailable or UpstreamError."""
+    AuthenticationFailed, UpstreamNotListening, UpstreamUnavailable or UpstreamError.
+
+    With OAuth2 the token comes first (a wrong device password or a token endpoint that is
+    down costs no IMAP connection), and a token the server refuses (revoked, or expired
+    early) is refreshed once and tried once more."""
+    token = None if isinstance(credential, str) else await credential.access_token()
     channel = await engine(settings.engine).open_channel(settings)
     mailbox = ImapMailbox(channel, settings)
     try:
-        await mailbox.log_in(username, password)
+        if isinstance(credential, str):
+            await mailbox.log_in(username, credential)
+            return mailbox
+        assert token is not None
+        try:
+            await mailbox.log_in_bearer(username, token, credential.mechanism)
+        except AuthenticationFailed:
+            token = await credential.access_token(rejected=token)
+            if not channel.usable:
+                channel = await engine(settings.engine).open_channel(settings)
+                mailbox = ImapMailbox(channel, settings)
+            await mailbox.log_in_bearer(username, token, credential.mechanism)
     except BaseException:
         channel.close()
         raise

@@ -12,6 +12,10 @@ from __future__ import annotations
 # Messages in a maildrop (EXISTS, sequence numbers, VANISHED counts): POP3 lists the whole
 # maildrop at every login, which stops being of use long before a few million messages.
 MAX_MAILDROP_MESSAGES = 2_000_000
+# A UID is a 32-bit number (RFC 3501 nz-number), a message size at most a 63-bit one
+# (RFC 9051 number64); anything else is not what the server meant.
+MAX_UID = 0xFFFFFFFF
+MAX_MESSAGE_SIZE = (1 << 63) - 1
 # Literal bytes one command may bring back when it asked for no message body (a folder
 # name, a flag list): small.
 MAX_OTHER_LITERAL_BYTES = 1 << 20
@@ -22,3 +26,6 @@ MAX_BODY_FETCH_BYTES = 1 << 30
 # fetch_texts reads at most this many bytes of each message's text (one partial FETCH):
 # state records are small, and anything read back from a mailbox may be hostile.
 TEXT_FETCH_LIMIT = 65536
+# A message's header is read (UIDL fingerprints, X-UIDL) up to this many bytes; the rest of
+# a longer one is not looked at.
+HEADER_FETCH_LIMIT = 256 * 1024

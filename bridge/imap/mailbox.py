@@ -25,11 +25,16 @@ from contextlib import asynccontextmanager
 import trio
 
 from bridge.config import UpstreamSettings
-from bridge.imap import syntax
+from bridge.imap import bearer, syntax
 from bridge.imap.channel import Command, ImapChannel, Reply, TlsSession
 from bridge.imap.errors import AuthenticationFailed, MessageGone, UpstreamError
 from bridge.imap.interface import ChunkedRangeReader, RangeReader
-from bridge.imap.limits import MAX_BODY_FETCH_BYTES, MAX_OTHER_LITERAL_BYTES, TEXT_FETCH_LIMIT
+from bridge.imap.limits import (
+    HEADER_FETCH_LIMIT,
+    MAX_BODY_FETCH_BYTES,
+    MAX_OTHER_LITERAL_BYTES,
+    TEXT_FETCH_LIMIT,
+)
 from bridge.imap.listing import MaildropListing
 from bridge.imap.snapshot import MailboxSnapshot
 from bridge.ops.logs import get_logger
@@ -126,6 +131,28 @@ class ImapMailbox:
             b"\0".join(text.encode("utf-8", "surrogateescape") for text in (account, admin_login, password))
         )
         await self._logged_in(await self._run("login", Command(b"AUTHENTICATE", (b"PLAIN", token)), secret=True))
+
+    async def log_in_bearer(self, username: str, token: str, mechanism: str) -> None:
+        """Authenticate as `username` with an OAuth2 access token: XOAUTH2 or OAUTHBEARER as
+        `mechanism` (oauth2.mechanism) and the server's capabilities say, with SASL-IR when
+        advertised (bridge.imap.bearer). An error challenge is answered as the mechanism
+        requires and the server's NO read; a server may also answer NO without one
+        (Microsoft 365). Raises AuthenticationFailed when the token is refused, UpstreamError
+        when the server says "not now" or fails otherwise."""
+        if not self._channel.view.capabilities:
+            await self._checked("capability", Command(b"CAPABILITY"))
+        caps = self.capabilities
+        chosen = bearer.choose_mechanism(mechanism, caps)
+        if chosen == bearer.OAUTHBEARER:
+            initial = bearer.oauthbearer_response(username, token, self._settings.host, self._settings.port)
+        else:
+            initial = bearer.xoauth2_response(username, token)
+        sasl_ir = "SASL-IR" in caps
+        exchange = bearer.BearerExchange(chosen, initial, initial_sent=sasl_ir)
+        args = (chosen.encode(), initial) if sasl_ir else (chosen.encode(),)
+        reply = await self._channel.authenticate("login", Command(b"AUTHENTICATE", args), exchange.respond)
+        _log.debug("upstream_bearer_login", mechanism=chosen, sasl_ir=sasl_ir, challenged=bool(exchange.challenges), result=reply.result)
+        await self._logged_in(reply)
 
     async def _logged_in(self, reply: Reply) -> None:
         """The login's answer: refused (wrong credentials, or "not now"), or the session set up."""
@@ -254,7 +281,7 @@ class ImapMailbox:
         if self._condstore:
             self._listing_modseq = view.highest_modseq
         # The count check: every message the server says exists is known, and no more.
-        return listing.consistent and len(listing.by_sequence) == view.exists and listing.complete()
+        return listing.consistent and len(listing) == view.exists and listing.complete()
 
     # -- parking (bridge.imap.pool) ------------------------------------------------------------
 
@@ -305,6 +332,24 @@ class ImapMailbox:
 
     async def fetch_messages(self, uids: Sequence[int]) -> dict[int, bytes]:
         return await self._fetch_sections(self._settings.mailbox, uids, b"BODY.PEEK[]", MAX_BODY_FETCH_BYTES)
+
+    async def fetch_headers(self, uids: Sequence[int]) -> dict[int, bytes]:
+        """The header (BODY[HEADER], at most HEADER_FETCH_LIMIT bytes) of maildrop messages."""
+        item = b"BODY.PEEK[HEADER]<0.%d>" % HEADER_FETCH_LIMIT
+        return await self._fetch_sections(self._settings.mailbox, uids, item, HEADER_FETCH_LIMIT)
+
+    async def fetch_emailids(self, uids: Sequence[int]) -> dict[int, str]:
+        """RFC 8474 EMAILIDs of maildrop messages (the server has OBJECTID)."""
+        found: dict[int, str] = {}
+        if not uids:
+            return found
+        async with self._lock:
+            await self._ensure_selected(self._settings.mailbox)
+            for piece in syntax.chunked_uid_sets(uids):
+                command = Command(b"FETCH", (piece, b"(UID EMAILID)"), uid=True)
+                reply = await self._checked("fetch", command, collect=True)
+                found.update(syntax.emailids_by_uid(reply.responses))
+        return found
 
     async def fetch_texts(self, folder: str, uids: Sequence[int]) -> dict[int, bytes]:
         """BODY[TEXT] of small messages (state records), at most TEXT_FETCH_LIMIT bytes of each."""
@@ -380,9 +425,27 @@ class ImapMailbox:
             # [ALREADYEXISTS] is RFC 5530; older servers just say NO. STATUS tells for sure.
             await self._checked("status", Command(b"STATUS", (name, b"(UIDNEXT)")))
 
-    async def append(self, folder: str, message: bytes) -> None:
+    async def append(self, folder: str, message: bytes) -> tuple[int, int] | None:
+        """APPEND to `folder`; (UIDVALIDITY, UID) of the new message when the server says
+        (UIDPLUS's APPENDUID), else None."""
         async with self._lock:
-            await self._checked("append", Command(b"APPEND", (syntax.folder_argument(folder),)), literal=message)
+            reply = await self._checked("append", Command(b"APPEND", (syntax.folder_argument(folder),)), literal=message)
+        return syntax.appended_uid(reply.text)
+
+    async def folder_status(self, folder: str) -> tuple[int, int, int] | None:
+        """(UIDVALIDITY, UIDNEXT, MESSAGES) of a folder that is not the maildrop, without
+        selecting it (the maildrop stays selected); None if the folder does not exist."""
+        command = Command(b"STATUS", (syntax.folder_argument(folder), b"(UIDVALIDITY UIDNEXT MESSAGES)"))
+        async with self._lock:
+            reply = await self._run("status", command, collect=True)
+        if reply.result == "NO":
+            return None
+        reply.require("status")
+        items = syntax.status_items(reply.responses)
+        try:
+            return items["UIDVALIDITY"], items["UIDNEXT"], items["MESSAGES"]
+        except KeyError:
+            raise UpstreamError("status: server left out UIDVALIDITY, UIDNEXT or MESSAGES") from None
 
     async def search(self, folder: str, *criteria: str) -> list[int]:
         """UID SEARCH in `folder`; criteria are IMAP search keys, strings already quoted."""

@@ -53,7 +53,7 @@ from dataclasses import dataclass, field
 import trio
 
 from bridge.config import BridgeSettings, UpstreamSettings, account_key
-from bridge.imap.engines import open_mailbox
+from bridge.imap.engines import Credential, open_mailbox
 from bridge.imap.errors import UpstreamError, UpstreamNotListening, UpstreamUnavailable
 from bridge.imap.mailbox import ImapMailbox
 from bridge.ops import metrics
@@ -64,7 +64,7 @@ _log = get_logger(component="pool")
 _SHUTDOWN_GRACE_SECONDS = 3.0
 
 
-Opener = Callable[[UpstreamSettings, str, str], Awaitable[ImapMailbox]]
+Opener = Callable[[UpstreamSettings, str, Credential], Awaitable[ImapMailbox]]
 
 
 def _digest(salt: bytes, password: str) -> bytes:
@@ -133,10 +133,14 @@ class UpstreamPool:
         """[upstream] as it is now, logged in as the account itself (no routes)."""
         return Backend("default", self._settings().upstream, account)
 
-    async def checkout(self, account: str, password: str, *, backend: Backend | None = None) -> Lease:
+    async def checkout(
+        self, account: str, password: str, credential: Credential | None = None, *, backend: Backend | None = None
+    ) -> Lease:
         """A logged-in connection for `account` on `backend` (default: [upstream]): a parked
-        one of that back end whose password matches, else a fresh one. Raises
-        AuthenticationFailed, UpstreamUnavailable or UpstreamError."""
+        one of that back end whose password matches, else a fresh one. `credential`: what a
+        fresh connection logs in with, if not `password` (OAuth2: the session's device
+        password is `password`, compared with the parked connections', and the token comes
+        from `credential`). Raises AuthenticationFailed, UpstreamUnavailable or UpstreamError."""
         settings = self._settings()
         backend = backend or self.default_backend(account)
         salt = secrets.token_bytes(16)
@@ -171,7 +175,7 @@ class UpstreamPool:
             backend=backend.name,
         )
         logged_in_at = trio.current_time()
-        mailbox = await self._open(backend, password)
+        mailbox = await self._open(backend, password if credential is None else credential)
         self._retire_other_passwords(key, password)
         return self._lease(mailbox, key, salt, digest, logged_in_at, backend)
 
@@ -244,7 +248,7 @@ class UpstreamPool:
         await entry.mailbox.aclose()
         return None
 
-    async def _open(self, backend: Backend, password: str) -> ImapMailbox:
+    async def _open(self, backend: Backend, credential: Credential) -> ImapMailbox:
         upstream = backend.upstream
         started = deadline = trio.current_time()
         deadline += upstream.timeout_seconds
@@ -253,7 +257,7 @@ class UpstreamPool:
         while True:
             try:
                 with trio.fail_at(deadline):
-                    mailbox = await self._opener(upstream, backend.login, password)
+                    mailbox = await self._opener(upstream, backend.login, credential)
                 metrics.backend_connect_time(backend.name).observe(trio.current_time() - started)
                 return mailbox
             except trio.TooSlowError:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+from array import array
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -17,9 +19,14 @@ class MessageInfo:
 
 class MailboxSnapshot:
     """The maildrop as it was when the session logged in, in UID order: UIDs and sizes as
-    two columns, so a 5,000-message poll builds no object per message. Immutable; an engine
-    may hand the same snapshot to every session while the mailbox stays unchanged, and what
-    sessions derive from it is kept with it (`derived`)."""
+    two packed columns (`array`), so a poll builds no object per message and a 200,000-message
+    snapshot takes about 2.4 MB. Immutable: nobody changes the columns once made (columns
+    handed in as arrays of the right type are taken as they are, not copied); an engine may
+    hand the same snapshot to every session while the mailbox stays unchanged, and what
+    sessions derive from it is kept with it (`derived`). UIDs must be 32-bit and strictly
+    ascending (ValueError otherwise: what sessions derive relies on no UID being there twice),
+    sizes 63-bit (OverflowError otherwise; bridge.imap.listing checks what a server sends
+    first)."""
 
     __slots__ = ("_derived", "sizes", "uids", "uidvalidity")
 
@@ -27,8 +34,10 @@ class MailboxSnapshot:
         if len(uids) != len(sizes):
             raise ValueError("a snapshot needs one size per UID")
         self.uidvalidity = uidvalidity
-        self.uids: tuple[int, ...] = tuple(uids)
-        self.sizes: tuple[int, ...] = tuple(sizes)
+        self.uids = _column("I", uids)
+        self.sizes = _column("q", sizes)
+        if not all(map(int.__lt__, self.uids, itertools.islice(self.uids, 1, None))):
+            raise ValueError("a snapshot's UIDs must be strictly ascending")
         self._derived: dict[Callable[[MailboxSnapshot], Any], Any] = {}
 
     @classmethod
@@ -58,3 +67,9 @@ class MailboxSnapshot:
 
     def __repr__(self) -> str:
         return f"MailboxSnapshot(uidvalidity={self.uidvalidity}, messages={len(self.uids)})"
+
+
+def _column(typecode: str, values: Sequence[int]) -> array[int]:
+    if isinstance(values, array) and values.typecode == typecode:
+        return values
+    return array(typecode, values)

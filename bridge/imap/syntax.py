@@ -20,6 +20,10 @@ FETCH_UID = re.compile(rb"\bUID (\d+)", re.IGNORECASE)
 FETCH_SIZE = re.compile(rb"\bRFC822\.SIZE (\d+)", re.IGNORECASE)
 FETCH_FLAGS = re.compile(rb"\bFLAGS \(([^)]*)\)", re.IGNORECASE)
 FETCH_MODSEQ = re.compile(rb"\bMODSEQ \((\d+)\)", re.IGNORECASE)
+# RFC 8474: EMAILID (objectid), 1-255 of A-Z a-z 0-9 _ -.
+FETCH_EMAILID = re.compile(rb"\bEMAILID \(([A-Za-z0-9_-]{1,255})\)", re.IGNORECASE)
+_APPENDUID = re.compile(rb"\[APPENDUID (\d{1,10}) (\d{1,10})\]", re.IGNORECASE)
+_STATUS_ITEMS = re.compile(rb"\(((?:[A-Z-]+ \d{1,20} ?)*)\)\s*$", re.IGNORECASE)
 BODY_LITERAL = re.compile(rb"BODY\[[^\]]*\](?:<\d+>)? \{(\d+)\}", re.IGNORECASE)
 _BODY_EMPTY = re.compile(rb'BODY\[[^\]]*\](?:<\d+>)? (""|NIL)', re.IGNORECASE)
 _LITERAL_MARKER = re.compile(rb"\{\d+\}")
@@ -158,3 +162,30 @@ def search_results(responses: Iterable[Response]) -> list[int]:
         if response.text[2:9].upper() == b"SEARCH ":
             found.extend(int(token) for token in response.text[9:].split() if token.isdigit())
     return found
+
+
+def appended_uid(status_text: bytes) -> tuple[int, int] | None:
+    """(UIDVALIDITY, UID) from an APPEND's `[APPENDUID v u]` (RFC 4315), or None."""
+    match = _APPENDUID.search(status_text)
+    return (int(match.group(1)), int(match.group(2))) if match else None
+
+
+def status_items(responses: Iterable[Response]) -> dict[str, int]:
+    """The items of a `* STATUS folder (NAME n ...)` answer, names upper-cased."""
+    for response in responses:
+        if response.text[2:9].upper() != b"STATUS ":
+            continue
+        match = _STATUS_ITEMS.search(response.text)
+        if match is not None:
+            words = match.group(1).split()
+            return {words[i].decode("ascii").upper(): int(words[i + 1]) for i in range(0, len(words) - 1, 2)}
+    return {}
+
+
+def emailids_by_uid(responses: Iterable[Response]) -> Iterator[tuple[int, str]]:
+    """(uid, EMAILID) of every FETCH response that carries both."""
+    for response in responses:
+        uid = FETCH_UID.search(response.text)
+        emailid = FETCH_EMAILID.search(response.text)
+        if uid is not None and emailid is not None:
+            yield int(uid.group(1)), emailid.group(1).decode("ascii")

@@ -26,6 +26,14 @@ _BODY_FETCH = re.compile(rb"\* (\d+) FETCH \(UID (\d+) BODY\[[^\]]*\](?:<\d+>)? 
 _LISTING_LINE = re.compile(
     rb"\* (\d+) FETCH \(UID (\d+) RFC822\.SIZE (\d+) FLAGS \(([^)]*)\)(?: MODSEQ \((\d+)\))?\)$", re.IGNORECASE
 )
+# The same line as the reader holds it, CRLF included, for `ResponseReader.take_matching_lines`:
+# every repeated part bounded (numbers of at most 20 digits, a flag list of at most 1,000
+# bytes), since lines taken this way are not held to the reader's line limit.
+LISTING_LINES = re.compile(
+    rb"\* (\d{1,20}) FETCH \(UID (\d{1,20}) RFC822\.SIZE (\d{1,20}) FLAGS \(([^)\r\n]{0,1000})\)"
+    rb"(?: MODSEQ \((\d{1,20})\))?\)\r\n",
+    re.IGNORECASE,
+)
 
 
 class ServerView:
@@ -71,6 +79,17 @@ class ServerView:
             self.status(body)
         elif upper.startswith(b"BYE"):
             self.bye = True
+
+    def listing_rows(self, rows: list[tuple[bytes | None, ...]]) -> None:
+        """Listing lines taken in bulk (`LISTING_LINES` groups), as `untagged` would take
+        them one by one: the hot path of a full listing, thousands per chunk received."""
+        listing = self.listing
+        assert listing is not None
+        fetched = listing.fetched
+        for number, uid, size, flags, modseq in rows:
+            if modseq is not None:
+                self._saw_modseq(int(modseq))
+            fetched(int(number), int(uid), int(size), b"\\deleted" in flags.lower())  # type: ignore[arg-type, union-attr]
 
     def status(self, text: bytes) -> None:
         """The response codes of a status text (tagged, or an untagged OK/NO)."""

@@ -240,6 +240,27 @@ class ResponseReader:
         else:
             assembly.state = "literal"
 
+    # -- the listing shortcut -----------------------------------------------------------------------
+
+    def take_matching_lines(self, pattern: re.Pattern[bytes]) -> list[tuple[bytes | None, ...]]:
+        """The groups of the complete lines at the front of the buffer that `pattern` matches
+        whole, CRLF included, taken out at once; stops at the first line that does not match
+        or is not complete (read that one with next_response). `pattern` must bound every
+        part it repeats: a line taken here is not held to max_line."""
+        if self._literal_remaining or self._assembly is not None:
+            return []
+        buffer = self._buffer
+        match = pattern.match
+        found = []
+        position = 0
+        while (line := match(buffer, position)) is not None:
+            found.append(line.groups())
+            position = line.end()
+        if position:
+            del buffer[:position]
+            self._searched = 0
+        return found
+
     # -- the batch FETCH shortcut -------------------------------------------------------------------
 
     def take_body_fetch(self) -> BodyFetch | NeedData | None:

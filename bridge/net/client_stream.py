@@ -109,6 +109,35 @@ class ClientStream:
             self._sends_without_yield = 0
             await trio.lowlevel.checkpoint()
 
+    async def send_file(self, fd: int, length: int, allowed_seconds: float) -> None:
+        """The first `length` bytes of the file `fd`: with sendfile on a plain socket (the
+        kernel copies from its page cache), read and sent in pieces over TLS. Ends as
+        "send_timeout" like `send`; raises EOFError if the file is shorter than `length`."""
+        if self._fd < 0:
+            for offset in range(0, length, SEND_PIECE):
+                piece = os.pread(fd, min(SEND_PIECE, length - offset), offset)
+                if not piece:
+                    raise EOFError("file ended early")
+                await self.send(piece, allowed_seconds)
+            return
+        offset = 0
+        while offset < length:
+            try:
+                sent = os.sendfile(self._fd, fd, offset, length - offset)
+            except BlockingIOError:
+                self._waiting(allowed_seconds, "send_timeout")
+                try:
+                    await trio.lowlevel.wait_writable(self._fd)
+                finally:
+                    self.wait.due = math.inf
+                continue
+            except OSError as exc:
+                raise _stream_error(exc) from exc
+            if not sent:
+                raise EOFError("file ended early")
+            offset += sent
+        await trio.lowlevel.checkpoint()
+
     def _write(self, view: memoryview) -> int:
         try:
             return os.write(self._fd, view)

@@ -57,9 +57,11 @@ class Pop3Service:
         self.reload_hooks.append(self._reload_pool)
 
     async def _reload_pool(self, settings: BridgeSettings) -> None:
-        """SIGHUP: connections opened under other `[upstream]` settings (another host, TLS
-        mode, CA, mailbox, ...) serve no further session. Only when [upstream] changed: any
+        """SIGHUP: the read-ahead budget takes its new size; connections opened under other
+        `[upstream]` settings (another host, TLS mode, CA, mailbox, ...) serve no further session. Only when [upstream] changed: any
         other reload keeps the parked connections and the devices' next polls fast."""
+        self.state.readahead_budget.limit = settings.upstream.readahead_max_bytes
+        self.state.message_cache.settings = settings.cache
         evicted = self.state.pool.retire_stale()
         if evicted:
             _log.info("pool_evicted", reason="upstream_changed", connections=evicted)
@@ -180,3 +182,5 @@ class Pop3Service:
             self.listening = False
             for listener in listeners:
                 await trio.aclose_forcefully(listener)
+            self.state.oauth2.close()
+            self.state.message_cache.close()

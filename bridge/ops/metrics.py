@@ -51,6 +51,16 @@ RETRIEVE_SECONDS = Histogram(
     ["command"],
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
 )
+READAHEAD_HITS = Counter(
+    "bridge_readahead_hits", "RETRs answered from the read-ahead, without a FETCH of their own."
+)
+MESSAGE_CACHE_HITS = Counter(
+    "bridge_message_cache_hits", "RETRs of big messages sent from the message cache instead of the upstream."
+)
+MESSAGE_CACHE_BYTES = Gauge(
+    "bridge_message_cache_bytes", "Bytes of messages held in the message cache (temporary files).",
+    multiprocess_mode="livesum",
+)
 UPSTREAM_CONNECTS = Counter(
     "bridge_upstream_connects", "IMAP connections opened (TCP connect and greeting received)."
 )
@@ -79,6 +89,18 @@ POOL_MAX_CONNECTIONS = Gauge(
 DELETIONS_APPLIED = Counter(
     "bridge_deletions_applied", "Messages deleted, moved, kept or hidden at QUIT, by delete policy.",
     ["policy"],
+)
+OAUTH2_REFRESHES = Counter(
+    "bridge_oauth2_refreshes",
+    "Requests to the OAuth2 token endpoint for logins (a refresh, or a new token for the app-only "
+    "grants), by outcome (ok, invalid_grant, refused, unavailable).",
+    ["outcome"],
+)
+OAUTH2_REENROLMENT_NEEDED = Gauge(
+    "bridge_oauth2_accounts_needing_reenrolment",
+    "Accounts whose OAuth2 grant died (invalid_grant) as this process last saw them at a login; "
+    "the log event oauth2_reenrolment_needed names each, `pop3-imap-bridge oauth2 list` shows all.",
+    multiprocess_mode="max",
 )
 
 # Per back end (a route's name, "default" for [upstream], a server a lookup named): bounded by
@@ -111,6 +133,8 @@ for _reason in ("credentials", "upstream", "in_use"):
     LOGIN_FAILURES.labels(_reason)
 for _result in ("ok", "failed"):
     LOGINS.labels(_result)
+for _outcome in ("ok", "invalid_grant", "refused", "unavailable"):
+    OAUTH2_REFRESHES.labels(_outcome)
 
 
 for _result in ("ok", "cached", "refused", "unavailable"):

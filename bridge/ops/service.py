@@ -19,6 +19,7 @@ from bridge.ops.admin import AdminServer
 from bridge.ops.admin_api import AdminApi
 from bridge.ops.health import BackendHealth
 from bridge.ops.helpdesk import LocalHelpdesk
+from bridge.ops.descriptors import raise_descriptor_limit
 from bridge.ops.logs import get_logger
 from bridge.ops.reload import reload_settings
 from bridge.ops.worker_admin import open_unix_listener
@@ -40,6 +41,7 @@ async def run_until_signalled(
     `reload()`. `notify` hears "ready" and "draining" (a worker tells its supervisor);
     `admin_socket`: a worker's private socket for the supervisor's admin API
     (bridge.ops.worker_admin)."""
+    raise_descriptor_limit(settings)
     service = Pop3Service(settings, reuse_port=reuse_port)
     probe = BackendHealth(lambda: service.settings)
 

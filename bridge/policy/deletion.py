@@ -32,16 +32,17 @@ from bridge.policy.device_state import (
 )
 from bridge.policy.identity import LoginIdentity
 from bridge.policy.uid_ranges import UidRanges
+from bridge.policy.windows import apply_window, imap_date
+from bridge.uidl.facts import FactsMailbox
+from bridge.uidl.memory import UidlMemory
+from bridge.uidl.serving import SessionUidls, open_uidls
 
 _log = get_logger()
 
 
-class MaildropAndFolders(MaildropStore, StateBackend, Protocol):
+class MaildropAndFolders(MaildropStore, StateBackend, FactsMailbox, Protocol):
     """The maildrop and the account's other folders (the state folder, the move folder), on
     one upstream connection: what bridge.imap.mailbox.ImapMailbox is."""
-
-_IMAP_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
-
 
 def expire_capability(settings: BridgeSettings, identity: LoginIdentity | None) -> str:
     """RFC 2449 EXPIRE: days the server keeps a message after a client leaves it, per user
@@ -58,10 +59,6 @@ def expire_capability(settings: BridgeSettings, identity: LoginIdentity | None) 
     return f"EXPIRE {default} USER" if per_account - {default} else f"EXPIRE {default}"
 
 
-def _imap_date(moment: datetime) -> str:
-    return f"{moment.day}-{_IMAP_MONTHS[moment.month - 1]}-{moment.year}"
-
-
 @dataclass
 class MaildropView:
     """The session's maildrop: the snapshot the device sees, and what is needed at QUIT."""
@@ -71,21 +68,37 @@ class MaildropView:
     all_uids: tuple[int, ...]
     device_state: DeviceState | None = None
     store: DeviceStateStore | None = field(default=None, repr=False)
+    # The UIDLs (bridge.uidl.serving); None: the default format from the snapshot.
+    uidls: SessionUidls | None = None
 
 
-async def open_maildrop(mailbox: MaildropAndFolders, identity: LoginIdentity, settings: BridgeSettings) -> MaildropView:
+async def open_maildrop(
+    mailbox: MaildropAndFolders, identity: LoginIdentity, settings: BridgeSettings, memory: UidlMemory
+) -> MaildropView:
     snapshot = await mailbox.snapshot()
     all_uids = snapshot.uids
-    if identity.policy != "per-client":
-        return MaildropView(identity, snapshot, all_uids)
+    uidls = await open_uidls(mailbox, identity.account, settings, memory, snapshot)
+    folder = settings.upstream.mailbox
+    if identity.policy != "per-client" and identity.first_login != "from-now-on":
+        shown = await apply_window(mailbox, folder, snapshot, identity.window, datetime.now(UTC).date())
+        return MaildropView(identity, shown, all_uids, uidls=uidls)
     delete = settings.delete
     signer = StateSigner(delete.signing_key, identity.account, accept_unsigned=delete.accept_unsigned_state)
-    store = DeviceStateStore(mailbox, delete.state_folder, settings.upstream.mailbox, signer)
+    carry = uidls.carry if uidls is not None else None
+    store = DeviceStateStore(mailbox, delete.state_folder, folder, signer, carry)
     state = await store.load(identity.device, snapshot.uidvalidity)
+    if identity.first_login == "from-now-on" and not state.versions:
+        # The device's first login: everything there now is "before" it (bridge.policy.windows).
+        state.hidden = UidRanges.of(all_uids)
+        await store.save(state, snapshot.uidvalidity)
+        _log.info("device_first_login", device=identity.device, hidden=len(all_uids))
     # Only the snapshot's messages are looked up, however wide the stored ranges are; the
     # save at QUIT keeps only the snapshot's UIDs.
-    visible = (info for info in snapshot.messages if not state.hides(info.uid))
-    return MaildropView(identity, MailboxSnapshot.of(snapshot.uidvalidity, visible), all_uids, state, store)
+    visible = MailboxSnapshot.of(snapshot.uidvalidity, (info for info in snapshot.messages if not state.hides(info.uid)))
+    shown = await apply_window(mailbox, folder, visible, identity.window, datetime.now(UTC).date())
+    if identity.policy != "per-client":
+        return MaildropView(identity, shown, all_uids, uidls=uidls)
+    return MaildropView(identity, shown, all_uids, state, store, uidls)
 
 
 async def apply_deletions(
@@ -112,7 +125,7 @@ async def _hide_for_device(
     assert view.store is not None and view.device_state is not None
     expire_days = settings.delete.expire_after_days
     state = view.device_state
-    if not marked and not expire_days and not state.needs_signing:
+    if not marked and not expire_days and not state.needs_signing and not state.carried:
         return  # nothing to record; last_seen only matters for expiry
     state.hidden = state.hidden.union(UidRanges.of(marked))
     state.restrict_to(view.all_uids)
@@ -135,7 +148,7 @@ async def _expire(mailbox: MaildropAndFolders, view: MaildropView, settings: Bri
     active = [s.hidden for s in states.values() if s.last_seen is not None and s.last_seen >= cutoff]
     hidden_by_all = reduce(UidRanges.intersection, active) if active else UidRanges()
     existing = set(view.all_uids)
-    old = await mailbox.search(settings.upstream.mailbox, "BEFORE", _imap_date(cutoff))
+    old = await mailbox.search(settings.upstream.mailbox, "BEFORE", imap_date(cutoff))
     # Over the snapshot's UIDs only: the ranges may be as wide as a record claims.
     doomed = sorted({uid for uid in view.all_uids if uid in hidden_by_all} | (set(old) & existing))
     if not doomed:

@@ -79,7 +79,7 @@ class StateBackend(Protocol):
     """What the store needs from an upstream connection (bridge.imap.mailbox.ImapMailbox provides it)."""
 
     async def ensure_folder(self, folder: str) -> None: ...
-    async def append(self, folder: str, message: bytes) -> None: ...
+    async def append(self, folder: str, message: bytes) -> tuple[int, int] | None: ...
     async def search(self, folder: str, *criteria: str) -> list[int]: ...
     async def fetch_texts(self, folder: str, uids: Sequence[int]) -> dict[int, bytes]: ...
     async def delete_in(self, folder: str, uids: Sequence[int]) -> None: ...
@@ -302,6 +302,20 @@ def render_versions(
     ]
 
 
+@dataclass(frozen=True)
+class UidCarry:
+    """The maildrop's messages before its UIDVALIDITY changed, paired with the ones now
+    (bridge.uidl, `[uidl] keep_across_uidvalidity`): what a device hid under the old UIDs it
+    keeps hidden under the new ones."""
+
+    from_uidvalidity: int
+    new_uid_of: Mapping[int, int]
+
+    def translate(self, hidden: UidRanges) -> UidRanges:
+        """The new UIDs of the old ones in `hidden` (old UIDs with no partner are dropped)."""
+        return UidRanges.of(new for old, new in self.new_uid_of.items() if old in hidden)
+
+
 @dataclass
 class DeviceState:
     device: str
@@ -316,6 +330,9 @@ class DeviceState:
     versions: list[int] = field(default_factory=list)
     # Read from an unsigned record: to be saved signed at the next QUIT.
     needs_signing: bool = False
+    # Read from a record of the maildrop before its UIDVALIDITY changed (UidCarry): to be
+    # saved under the new one at the next QUIT.
+    carried: bool = False
 
     def hides(self, uid: int) -> bool:
         return uid in self.hidden or uid in self.hidden_unsigned
@@ -329,11 +346,14 @@ class DeviceState:
 
 
 class DeviceStateStore:
-    def __init__(self, backend: StateBackend, folder: str, mailbox: str, signer: StateSigner) -> None:
+    def __init__(
+        self, backend: StateBackend, folder: str, mailbox: str, signer: StateSigner, carry: UidCarry | None = None
+    ) -> None:
         self._backend = backend
         self._folder = folder
         self._mailbox = mailbox
         self._signer = signer
+        self._carry = carry
 
     async def _read(self, device: str | None, uidvalidity: int) -> dict[str, DeviceState]:
         await self._backend.ensure_folder(self._folder)
@@ -384,9 +404,20 @@ class DeviceStateStore:
         state = states.setdefault(record.device, DeviceState(record.device))
         state.versions.append(uid)
         state.needs_signing |= not record.signed
+        carry = self._carry
         if record.uidvalidity == uidvalidity:
             state.hidden = state.hidden.union(record.hidden)
             state.hidden_unsigned = state.hidden_unsigned.union(record.hidden_unsigned)
+        elif carry is not None and record.uidvalidity == carry.from_uidvalidity:
+            # The folder was recreated and its messages re-matched: the same messages under
+            # their new UIDs.
+            state.hidden = state.hidden.union(carry.translate(record.hidden))
+            state.hidden_unsigned = state.hidden_unsigned.union(carry.translate(record.hidden_unsigned))
+            state.carried = True
+            _log.debug(
+                "device_state_carried", device=record.device, stored_uidvalidity=record.uidvalidity,
+                uidvalidity=uidvalidity,
+            )
         else:
             # The folder was recreated: old UIDs mean other messages now. Forgetting
             # them makes the device download again, the safe direction. The device

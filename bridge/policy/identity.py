@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from bridge.config import DeletePolicy, DeleteSettings, account_key, is_device_name
+from bridge.config.deletion import FirstLogin
 
 __all__ = ["InvalidLogin", "LoginIdentity", "account_key", "resolve_login"]
 
@@ -27,6 +28,9 @@ class LoginIdentity:
     device: str
     policy: DeletePolicy
     folder: str
+    # What of the maildrop the device sees (bridge.policy.windows).
+    window: str = "all"
+    first_login: FirstLogin = "all"
 
     @property
     def account_key(self) -> str:
@@ -56,9 +60,15 @@ def resolve_login(login: str, settings: DeleteSettings) -> LoginIdentity:
         device = (overrides.default_device if overrides else None) or settings.default_device
     if not is_device_name(device):
         raise InvalidLogin("device names are 1-64 letters, digits, '.', '_' or '-'")
+    # The most specific setting wins: the account's device, the account, [delete].
+    view = overrides.devices.get(device) if overrides else None
     return LoginIdentity(
         account=account,
         device=device,
         policy=(overrides.policy if overrides else None) or settings.policy,
         folder=(overrides.folder if overrides else None) or settings.folder,
+        window=(view.window if view else None) or (overrides.window if overrides else None) or settings.window,
+        first_login=(view.first_login if view else None)
+        or (overrides.first_login if overrides else None)
+        or settings.first_login,
     )

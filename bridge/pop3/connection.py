@@ -27,7 +27,9 @@ are allowed there, and CAPA advertises only what would be accepted now.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
+import itertools
 from collections.abc import Sequence
 
 from .commands import (
@@ -63,7 +65,7 @@ from .events import (
 )
 from .linebuffer import LINE_TOO_LONG, LineBuffer
 from .maildrop import Maildrop, Unavailable
-from .responses import ResponseCode, continuation, err, multiline, multiline_lines, ok
+from .responses import ResponseCode, continuation, err, multiline, ok
 from .sasl import (
     MAX_RESPONSE_LINE,
     SUPPORTED_MECHANISMS,
@@ -134,6 +136,8 @@ class _Awaiting(enum.Enum):
 
 # Our reply texts.  Parse errors come with their own text from `commands`.
 _LINE_TOO_LONG = "line too long"
+# A LIST/UIDL body up to this size is sent with its status line in one write.
+_LISTING_IN_ONE_WRITE = 64 * 1024
 _USER_FIRST = "send USER first"
 _USER_ACCEPTED = "send PASS"
 _LOGGED_IN = "logged in."
@@ -275,7 +279,7 @@ class Pop3Server:
         event = self._execute(command)
         if isinstance(event, Send) and event.command is None:
             named = command.command if isinstance(command, BadCommand) else type(command)
-            return Send(event.data, command=named.__name__.upper() if named else "UNKNOWN")
+            return dataclasses.replace(event, command=named.__name__.upper() if named else "UNKNOWN")
         return event
 
     # -- commands ----------------------------------------------------------
@@ -321,14 +325,14 @@ class Pop3Server:
                 return Send(ok(f"{count} {octets}"))
             case List(number=None):
                 count, _octets = self._drop.stat()
-                return Send(multiline_lines(f"{count} messages:", self._drop.listing_lines(unique_ids=False)))
+                return self._listing(f"{count} messages:", unique_ids=False)
             case List(number=int(number)):
                 found = self._drop.lookup(number)
                 if isinstance(found, Unavailable):
                     return Send(err(self._unavailable(number, found)))
                 return Send(ok(f"{number} {found.size}"))
             case Uidl(number=None):
-                return Send(multiline_lines("", self._drop.listing_lines(unique_ids=True)))
+                return self._listing("", unique_ids=True)
             case Uidl(number=int(number)):
                 found = self._drop.lookup(number)
                 if isinstance(found, Unavailable):
@@ -449,6 +453,19 @@ class Pop3Server:
         except SaslFailure as failure:
             return Send(err(str(failure)))
 
+    def _listing(self, text: str, unique_ids: bool) -> Send:
+        """LIST or UIDL without an argument. A small listing is one write; a big one goes
+        out piece by piece (`Send.rest`), so no session copies a huge maildrop's listing
+        into one string of its own."""
+        command = "UIDL" if unique_ids else "LIST"
+        pieces = self._drop.listing_pieces(unique_ids)
+        first = next(pieces, b"")
+        second = next(pieces, None)
+        if second is None and len(first) <= _LISTING_IN_ONE_WRITE:
+            return Send(ok(text) + first + b".\r\n", command)
+        head = () if second is None else (second,)
+        return Send(ok(text), command, rest=itertools.chain((first,), head, pieces, (b".\r\n",)))
+
     @staticmethod
     def _unavailable(number: int, why: Unavailable) -> str:
         if why is Unavailable.DELETED:
@@ -534,6 +551,16 @@ class Pop3Server:
             raise LocalProtocolError("end_message() before the encoder's finish()")
         self._retrieval = None
         self._encoder = None
+        self._awaiting = _Awaiting.NOTHING
+
+    def end_cached_message(self) -> None:
+        """RETR only: the body went out as this core's encoder made it for an earlier RETR
+        of the same message, terminator included, instead of through message_body_encoder()
+        (the session layer's message cache keeps a finished encoder's output only)."""
+        self._expect(_Awaiting.MESSAGE_BODY)
+        if self._encoder is not None or self._current().body_lines is not None:
+            raise LocalProtocolError("end_cached_message() is for a RETR sent without an encoder")
+        self._retrieval = None
         self._awaiting = _Awaiting.NOTHING
 
     def abort_message(self) -> None:

@@ -8,6 +8,7 @@ Each is small and frozen.  The request events (`LoginRequest`,
 from __future__ import annotations
 
 import enum
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from .maildrop import MaildropEntry
@@ -43,10 +44,17 @@ NEED_DATA = NeedData.NEED_DATA
 @dataclass(frozen=True, slots=True)
 class Send:
     """Bytes to write to the client; the core has already moved on. ``command`` names the
-    POP3 command answered (e.g. "STAT"; "UNKNOWN" for an unrecognised one), for metrics."""
+    POP3 command answered (e.g. "STAT"; "UNKNOWN" for an unrecognised one), for metrics.
+    ``rest``: more bytes to write after ``data``, in pieces, for a response too big to be
+    built as one string per session (LIST and UIDL of a huge maildrop); ``whole()`` joins
+    them (tests)."""
 
     data: bytes
     command: str | None = field(default=None, compare=False)
+    rest: Iterable[bytes] = field(default=(), compare=False)
+
+    def whole(self) -> bytes:
+        return self.data + b"".join(self.rest)
 
 
 @dataclass(frozen=True, slots=True)

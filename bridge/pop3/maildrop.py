@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import enum
 import re
-from collections.abc import Iterable, Sequence
+from array import array
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 __all__ = ["Maildrop", "MaildropEntry", "MessageList", "Unavailable"]
@@ -21,6 +22,8 @@ __all__ = ["Maildrop", "MaildropEntry", "MessageList", "Unavailable"]
 # every message of every login is checked (a 5,000-message maildrop on each poll).
 _UNIQUE_ID = re.compile(r"[\x21-\x7e]{1,70}")
 _UNIQUE_IDS = re.compile(r"[\x21-\x7e]{1,70}(?:\n[\x21-\x7e]{1,70})*")
+# Lines per piece of a listing made for one session (about 100 KiB of UIDL lines).
+_CHUNK_LINES = 4096
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,25 +56,34 @@ class MessageList:
     """A maildrop's messages, fixed: sizes, UIDL strings and I/O refs as three columns,
     checked once. Immutable, so sessions that see the same mailbox state can share one, with
     the STAT figures and the LIST and UIDL lines built from it (a device polling an
-    unchanged 5,000-message maildrop every few minutes gets them without a rebuild)."""
+    unchanged 5,000-message maildrop every few minutes gets them without a rebuild).
+
+    Sizes and refs are kept packed (`array`); `unique_ids` may be any sequence, e.g. one that
+    formats each id when asked instead of holding 200,000 strings. `checked=True` says the
+    caller made the ids itself in a form RFC 1939 allows and that they differ (formatted
+    from distinct UIDs, say), so they are not checked again here; otherwise they are."""
 
     __slots__ = ("_lines", "octets", "refs", "sizes", "unique_ids")
 
-    def __init__(self, sizes: Sequence[int], unique_ids: Sequence[str], refs: Sequence[int]) -> None:
+    def __init__(
+        self, sizes: Sequence[int], unique_ids: Sequence[str], refs: Sequence[int], *, checked: bool = False
+    ) -> None:
         if not len(sizes) == len(unique_ids) == len(refs):
             raise ValueError("every message needs a size, a unique id and a ref")
-        if sizes and min(sizes) < 0:
+        self.sizes = _packed(sizes)
+        if self.sizes and min(self.sizes) < 0:
             raise ValueError("message size must not be negative")
-        # One pass over all of them, not a regex match per message (the count: no id may
-        # hide a line break of its own).
-        joined = "\n".join(unique_ids)
-        if unique_ids and (joined.count("\n") != len(unique_ids) - 1 or _UNIQUE_IDS.fullmatch(joined) is None):
-            raise ValueError("unique id must be 1 to 70 characters from 0x21 to 0x7E")
-        if len(set(unique_ids)) != len(unique_ids):
-            raise ValueError("unique ids must differ between the messages of a maildrop")
-        self.sizes: tuple[int, ...] = tuple(sizes)
-        self.unique_ids: tuple[str, ...] = tuple(unique_ids)
-        self.refs: tuple[int, ...] = tuple(refs)
+        if not checked:
+            unique_ids = tuple(unique_ids)
+            # One pass over all of them, not a regex match per message (the count: no id
+            # may hide a line break of its own).
+            joined = "\n".join(unique_ids)
+            if unique_ids and (joined.count("\n") != len(unique_ids) - 1 or _UNIQUE_IDS.fullmatch(joined) is None):
+                raise ValueError("unique id must be 1 to 70 characters from 0x21 to 0x7E")
+            if len(set(unique_ids)) != len(unique_ids):
+                raise ValueError("unique ids must differ between the messages of a maildrop")
+        self.unique_ids: Sequence[str] = unique_ids
+        self.refs = _packed(refs)
         self.octets = sum(self.sizes)
         self._lines: dict[bool, bytes] = {}
 
@@ -92,6 +104,13 @@ class MessageList:
         return self._lines[unique_ids]
 
 
+def _packed(values: Sequence[int]) -> array[int]:
+    """64-bit integers as one packed column (arrays of that type are taken as they are)."""
+    if isinstance(values, array) and values.typecode == "q":
+        return values
+    return array("q", values)
+
+
 def _listing_lines(numbers: Iterable[int], values: Iterable[object]) -> bytes:
     # Numbers and checked unique ids: printable ASCII, and no line starts with a dot, so
     # nothing needs stuffing.
@@ -100,22 +119,25 @@ def _listing_lines(numbers: Iterable[int], values: Iterable[object]) -> bytes:
 
 class Maildrop:
     def __init__(self, messages: MessageList | Iterable[MaildropEntry]) -> None:
-        # Entries are made when a command names their message (RETR, DELE, ...), not for all.
-        self._entries: list[MaildropEntry | None]
+        # Entries are made when a command names their message (RETR, DELE, ...), not for all:
+        # by list position.
+        self._entries: dict[int, MaildropEntry]
         if isinstance(messages, MessageList):
             self._messages = messages
-            self._entries = [None] * len(messages)
+            self._entries = {}
         else:
-            self._entries = list(messages)
-            self._messages = MessageList.of(self._entries)  # type: ignore[arg-type]
+            listed = list(messages)
+            self._messages = MessageList.of(listed)
+            self._entries = dict(enumerate(listed))
+        self._count = len(self._messages)
         self._marked: set[int] = set()  # list positions, not message numbers
 
     def __len__(self) -> int:
         """All messages, marked ones included (the highest valid number)."""
-        return len(self._entries)
+        return self._count
 
     def _index(self, number: int) -> int | None:
-        if 1 <= number <= len(self._entries):
+        if 1 <= number <= self._count:
             return number - 1
         return None
 
@@ -124,7 +146,7 @@ class Maildrop:
         return index + 1
 
     def _entry(self, index: int) -> MaildropEntry:
-        entry = self._entries[index]
+        entry = self._entries.get(index)
         if entry is None:
             messages = self._messages
             entry = MaildropEntry(messages.sizes[index], messages.unique_ids[index], messages.refs[index])
@@ -146,7 +168,7 @@ class Maildrop:
 
     def _live(self) -> list[int]:
         marked = self._marked
-        return [index for index in range(len(self._entries)) if index not in marked]
+        return [index for index in range(self._count) if index not in marked]
 
     def stat(self) -> tuple[int, int]:
         """(count, octets) of the messages not marked as deleted."""
@@ -159,12 +181,21 @@ class Maildrop:
     def listing_lines(self, unique_ids: bool) -> bytes:
         """The body of LIST (``n size``) or UIDL (``n unique-id``) without arguments: one
         CRLF-terminated line per message not marked as deleted."""
+        return b"".join(self.listing_pieces(unique_ids))
+
+    def listing_pieces(self, unique_ids: bool) -> Iterator[bytes]:
+        """The same body in pieces: without DELE marks the lines every session of this
+        maildrop shares, as they are; with marks, made `_CHUNK_LINES` lines at a time as the
+        pieces are taken (a huge maildrop's listing is never built whole per session)."""
         messages = self._messages
         if not self._marked:
-            return messages.all_lines(unique_ids)
+            yield messages.all_lines(unique_ids)
+            return
         live = self._live()
         column = messages.unique_ids if unique_ids else messages.sizes
-        return _listing_lines((self._number(index) for index in live), (column[index] for index in live))
+        for start in range(0, len(live), _CHUNK_LINES):
+            chunk = live[start : start + _CHUNK_LINES]
+            yield _listing_lines((self._number(index) for index in chunk), (column[index] for index in chunk))
 
     def mark_deleted(self, number: int) -> MaildropEntry | Unavailable:
         """Mark a message; returns its entry, or why it could not be marked."""

@@ -69,7 +69,3 @@ def multiline(text: str, lines: Iterable[str]) -> bytes:
     return ok(text) + data.replace(b"\n", CRLF) + CRLF + b"." + CRLF
 
 
-def multiline_lines(text: str, lines: bytes) -> bytes:
-    """``+OK text``, then `lines` (CRLF-terminated lines already checked and stuffed, as
-    `Maildrop.listing_lines` makes them), then the terminating ``.`` line."""
-    return ok(text) + lines + b"." + CRLF

@@ -45,6 +45,8 @@ from bridge.pop3 import (
 )
 from bridge.session.errors import EndSession
 from bridge.session.login import LoginRefused, log_in, refuse
+from bridge.session.message_cache import AccountCache
+from bridge.session.readahead import Readahead
 from bridge.session.registry import SessionRecord
 from bridge.session.retrieval import Retriever
 from bridge.session.services import SharedServices
@@ -87,6 +89,7 @@ class Pop3Session:
         self._lease: Lease | None = None
         self._view: MaildropView | None = None
         self._retriever: Retriever | None = None
+        self._background: trio.Nursery | None = None
         self._exits = ExitStack()
         self._session_deadline = math.inf
         self.session_id = secrets.token_hex(6)
@@ -141,6 +144,8 @@ class Pop3Session:
             metrics.SESSIONS_ACTIVE.dec()
 
     async def _cleanup(self) -> None:
+        if self._retriever is not None:
+            self._retriever.readahead.close()
         with trio.CancelScope(shield=True):
             if self._lease is not None:
                 await self._lease.release()
@@ -154,12 +159,16 @@ class Pop3Session:
         _BYTES_SENT.inc(len(data))
         self.record.bytes_sent += len(data)
 
+    async def _send_file(self, fd: int, length: int) -> None:
+        await self._io.send_file(fd, length, self._settings.pop3.send_timeout_seconds)
+        _BYTES_SENT.inc(length)
+
     async def _receive(self) -> bytes:
         return await self._io.receive(_RECEIVE_SIZE, self._settings.pop3.autologout_seconds)
 
     async def _converse_in_time(self) -> str:
         with self._wait.scope:
-            return await self._converse()
+            return await self._converse_with_background()
         # The watchdog ended a wait for the client that ran out of time.
         reason = self._wait.reason
         pop3 = self._settings.pop3
@@ -174,6 +183,21 @@ class Pop3Session:
         else:
             _log.info("session_timeout", seconds=pop3.session_timeout_seconds)
         raise EndSession(reason)
+
+    async def _converse_with_background(self) -> str:
+        """The conversation, with a nursery for the work it starts in the background (the
+        read-ahead's next FETCH); what is still running when it ends is cancelled."""
+        try:
+            async with trio.open_nursery() as background:
+                self._background = background
+                try:
+                    return await self._converse()
+                finally:
+                    background.cancel_scope.cancel()
+        except BaseExceptionGroup as group:
+            # Background tasks keep their errors to themselves: what arrives here came from
+            # the conversation, and its handlers in run() expect it as it was raised.
+            raise _sole_exception(group) from None
 
     async def _converse(self) -> str:
         core = self._core
@@ -194,6 +218,8 @@ class Pop3Session:
                     # TOP and QUIT are counted where their work is done.
                     metrics.command_count(event.command, "ok" if event.data[:1] == b"+" else "err").inc()
                 await self._send(event.data)
+                for piece in event.rest:
+                    await self._send(piece)
             elif isinstance(event, StartTls):
                 await self._send(event.data)
                 await self._start_tls()
@@ -254,9 +280,19 @@ class Pop3Session:
             "login_ok", messages=len(snapshot.uids), uidvalidity=snapshot.uidvalidity, policy=identity.policy,
             mechanism=request.mechanism, tls=core.tls_active,
         )
-        maildrop = maildrop_from_snapshot(snapshot)
+        maildrop = maildrop_from_snapshot(snapshot, logged_in.view.uidls)
+        upstream = self._settings.upstream
+        assert self._background is not None
+        readahead = Readahead(
+            logged_in.lease.mailbox, maildrop, upstream.fetch_chunk, self._services.readahead_budget, self._background
+        )
+        lease = logged_in.lease
+        cache = AccountCache(
+            self._services.message_cache, f"{lease.upstream.host}:{lease.upstream.port}", lease.account,
+            lease.upstream.mailbox, snapshot.uidvalidity,
+        )
         self._retriever = Retriever(
-            core, logged_in.lease.mailbox, maildrop, self._settings.upstream, self._send, self._command_log,
+            core, lease.mailbox, readahead, upstream, self._send, self._command_log, cache, self._send_file,
             self._backend,
         )
         return core.accept_login(maildrop, extra_capabilities=[expire_capability(self._settings, identity)])
@@ -274,3 +310,9 @@ class Pop3Session:
             metrics.backend_error(self._backend, "quit").inc()
             return core.commit_failed("could not apply the deletions on the mail server; try again"), "quit_failed"
         return core.commit_succeeded(), "quit"
+
+
+def _sole_exception(group: BaseException) -> BaseException:
+    while isinstance(group, BaseExceptionGroup) and len(group.exceptions) == 1:
+        group = group.exceptions[0]
+    return group

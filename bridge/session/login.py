@@ -7,7 +7,12 @@ a log event, a metric and an -ERR in one place (`refuse`).
 The account's back end (bridge.routing: its route, or the lookup service's answer) decides the
 upstream settings of the session: where its connection is opened, as whom, and its maildrop.
 A lookup that refuses is an `-ERR [AUTH]` with its text (and counts as a failed login); one
-that fails is `-ERR [SYS/TEMP]`, as a back end that is down is for its own accounts only."""
+that fails is `-ERR [SYS/TEMP]`, as a back end that is down is for its own accounts only.
+
+With `upstream.auth = "oauth2"` (for the account's back end) the password is the device's,
+checked by the bridge against the account's enrolment (bridge.oauth2): a wrong one, or an
+account nobody enrolled, is refused like a wrong password; the upstream sees an access token
+instead."""
 
 from __future__ import annotations
 
@@ -22,6 +27,7 @@ from bridge.imap.errors import AuthenticationFailed, UpstreamError
 from bridge.imap.pool import Lease
 from bridge.net.listeners import ClientConnection
 from bridge.net.maildrop_locks import MaildropInUse
+from bridge.oauth2.errors import DeviceLoginRefused, ReauthorisationNeeded
 from bridge.ops import metrics
 from bridge.ops.logs import get_logger
 from bridge.policy.deletion import MaildropView, open_maildrop
@@ -94,23 +100,41 @@ async def log_in(
             warning=True, delay=limiter.blocked_delay(address, account), fields={"retry_after": round(attempt.retry_after, 1)},
         )
     backend: Backend | None = None
+    oauth2 = False
     try:
         backend = await services.router.route(lookup_request(identity.account, request.password, client, attempt_number))
         structlog.contextvars.bind_contextvars(backend=backend.name)
-        lease = await services.pool.checkout(identity.account, request.password, backend=backend)
+        oauth2 = backend.upstream.auth == "oauth2"
+        if oauth2:
+            lease = await _checkout_oauth2(identity.account, request.password, services, backend)
+        else:
+            lease = await services.pool.checkout(identity.account, request.password, backend=backend)
     except LookupRefused as exc:
         delay = max(attempt.failed(), exc.wait)
         raise LoginRefused("lookup_refused", exc.text, ResponseCode.AUTH, delay=delay, fields={"delay": delay}) from None
     except LookupUnavailable as exc:
         raise LoginRefused("lookup", _UNAVAILABLE, ResponseCode.SYS_TEMP, warning=True, fields={"error": str(exc)}) from None
-    except AuthenticationFailed:
+    except ReauthorisationNeeded:
+        raise LoginRefused(
+            "reauthorisation", "re-authorisation needed: the administrator must enrol this account again",
+            ResponseCode.AUTH, warning=True,
+        ) from None
+    except AuthenticationFailed as exc:
         assert backend is not None
+        if oauth2 and not isinstance(exc, DeviceLoginRefused):
+            # The device password was right; the mail server refused a token just refreshed
+            # (the application's permissions or the mailbox's): for the operator to fix.
+            metrics.backend_login(backend.name, "upstream").inc()
+            raise LoginRefused(
+                "token_refused", "the mail server refused the bridge's authorisation for this account",
+                ResponseCode.SYS_PERM, warning=True,
+            ) from None
         metrics.backend_login(backend.name, "credentials").inc()
         delay = attempt.failed()
-        raise LoginRefused(
-            "credentials", "invalid user name or password", ResponseCode.AUTH, delay=delay,
-            fields={"mechanism": request.mechanism, "delay": delay},
-        ) from None
+        fields: dict[str, object] = {"mechanism": request.mechanism, "delay": delay}
+        if isinstance(exc, DeviceLoginRefused):
+            fields["oauth2"] = exc.reason
+        raise LoginRefused("credentials", "invalid user name or password", ResponseCode.AUTH, delay=delay, fields=fields) from None
     except UpstreamError as exc:
         assert backend is not None
         metrics.backend_login(backend.name, "upstream").inc()
@@ -127,7 +151,7 @@ async def log_in(
             await lease.release()
             raise LoginRefused("in_use", "maildrop already in use by another session", ResponseCode.IN_USE) from None
         try:
-            view = await open_maildrop(lease.mailbox, identity, settings)
+            view = await open_maildrop(lease.mailbox, identity, settings, services.uidls)
         except UpstreamError as exc:
             await lease.release()
             metrics.backend_error(backend.name, "login").inc()
@@ -137,6 +161,18 @@ async def log_in(
     metrics.LOGINS.labels("ok").inc()
     metrics.backend_login(backend.name, "ok").inc()
     return LoggedIn(identity, lease, view, backend, settings)
+
+
+async def _checkout_oauth2(account: str, password: str, services: SharedServices, backend: Backend) -> Lease:
+    """A connection for an OAuth2 account: a parked one whose device password matches and
+    whose enrolment is the current one (so a new device password, a re-enrolment or a
+    removal takes effect at the next login), else a fresh one logged in with a token."""
+    fingerprint = await services.oauth2.fingerprint(account)
+    if fingerprint is None:
+        raise DeviceLoginRefused("not_enrolled")
+    return await services.pool.checkout(
+        account, f"{fingerprint}\0{password}", services.oauth2.tokens(account, password), backend=backend
+    )
 
 
 async def refuse(refusal: LoginRefused) -> None:

@@ -1,9 +1,9 @@
 """RETR and TOP: a message from the upstream to the POP3 client, dot-stuffed by the core.
 
 How the first piece is found decides the cost:
-- a client downloading in order (1, 2, 3, ...) gets the next small messages read ahead, up to
-  `READAHEAD_MESSAGES` of them and `upstream.fetch_chunk` bytes in one FETCH: a download of
-  1,000 small messages waits for the upstream a few times instead of 1,000;
+- a client downloading in order (1, 2, 3, ...) gets the next small messages read ahead
+  (`bridge.session.readahead`): a download of 1,000 small messages seldom waits for the
+  upstream at all;
 - any other RETR is one partial FETCH of the whole message whose literal is passed on as it
   arrives (memory stays flat however big the message);
 - TOP reads `fetch_chunk` pieces (it usually ends within the first).
@@ -23,31 +23,31 @@ from bridge.imap import ChunkedRangeReader, MaildropStore, MessageGone, RangeRea
 from bridge.net.client_stream import SEND_PIECE
 from bridge.ops import metrics
 from bridge.ops.logs import get_logger
-from bridge.pop3 import Maildrop, MaildropEntry, Pop3Server, ResponseCode, RetrieveRequest
+from bridge.pop3 import Pop3Server, ResponseCode, RetrieveRequest
 from bridge.session.errors import EndSession
+from bridge.session.message_cache import AccountCache, CacheWriter
+from bridge.session.readahead import Readahead
 
 _log = get_logger()
-# At most this many messages are fetched in one read-ahead round trip (and at most
-# upstream.fetch_chunk bytes of them).
-READAHEAD_MESSAGES = 256
+_READAHEAD_HITS = metrics.READAHEAD_HITS
 
 
 class Retriever:
     def __init__(
-        self, core: Pop3Server, store: MaildropStore, maildrop: Maildrop, settings: UpstreamSettings,
-        send: Callable[[bytes], Awaitable[None]], command_log: Any, backend: str = "default",
+        self, core: Pop3Server, store: MaildropStore, readahead: Readahead, settings: UpstreamSettings,
+        send: Callable[[bytes], Awaitable[None]], command_log: Any,
+        cache: AccountCache | None = None, send_file: Callable[[int, int], Awaitable[None]] | None = None, backend: str = "default",
     ) -> None:
         self._core = core
+        self._cache = cache
+        self._send_file = send_file
         self._store = store
-        self._maildrop = maildrop
+        self.readahead = readahead
         self._chunk = settings.fetch_chunk
         self._send = send
         # A logger for the per-command debug event, or None below debug level.
         self._command_log = command_log
         self._backend = backend  # the metrics label of its upstream failures
-        # Read ahead for a client downloading small messages in order: UID -> whole message,
-        # at most upstream.fetch_chunk bytes in all.
-        self._readahead: dict[int, bytes] = {}
         self._last_retrieved = 0
 
     async def retrieve(self, request: RetrieveRequest) -> None:
@@ -61,9 +61,14 @@ class Retriever:
                 elif data is not None:
                     rest = ChunkedRangeReader(self._store, entry.ref, len(data), entry.size - len(data), self._chunk)
                     await self._send_message(request, data, rest)
-                else:
-                    async with self._store.open_range(entry.ref, 0, entry.size) as reader:
-                        await self._send_message(request, await reader.next_piece(), reader)
+                elif not await self._sent_from_cache(request):
+                    writer = self._cache_writer(request)
+                    try:
+                        async with self._store.open_range(entry.ref, 0, entry.size) as reader:
+                            await self._send_message(request, await reader.next_piece(), reader, writer)
+                    finally:
+                        if writer is not None:
+                            writer.abort()
             except MessageGone:
                 _log.info("message_gone", uid=entry.ref, number=request.number)
                 timing.value = "err"
@@ -74,48 +79,31 @@ class Retriever:
                 timing.value = "err"
                 await self._send(self._core.refuse_message("mail server unavailable, try again later", ResponseCode.SYS_TEMP))
 
-    def _readahead_batch(self, number: int) -> list[MaildropEntry]:
-        """This message and the next small, not deleted ones: at most READAHEAD_MESSAGES of
-        them and upstream.fetch_chunk bytes."""
-        maildrop = self._maildrop
-        budget = self._chunk
-        small = budget // 4
-        batch: list[MaildropEntry] = []
-        while len(batch) < READAHEAD_MESSAGES:
-            found = maildrop.lookup(number)
-            number += 1
-            if not isinstance(found, MaildropEntry):
-                if number > len(maildrop):
-                    break
-                continue
-            if found.size > small or found.size > budget:
-                break
-            budget -= found.size
-            batch.append(found)
-        return batch
-
     async def _first_piece(self, request: RetrieveRequest) -> bytes | None:
         """The first piece of a message: from the read-ahead, or one batched FETCH of this
         and the following small messages when the client reads them in order, or for TOP a
         partial FETCH of the first chunk. None: a RETR to stream. Raises MessageGone."""
         entry = request.entry
-        sequential = request.number == self._last_retrieved + 1
+        # A session's first RETR starts an order too: a device that keeps mail on the server
+        # downloads only its new messages, from wherever they begin.
+        sequential = request.number == self._last_retrieved + 1 or not self._last_retrieved
         self._last_retrieved = request.number
         if not entry.size:
             return b""
-        cached = self._readahead.pop(entry.ref, None)
+        readahead = self.readahead
+        cached = readahead.take(entry.ref)
+        if cached is None:
+            # It may be in the batch being fetched; the FETCH of anything else would wait
+            # for that batch's anyway.
+            await readahead.settle()
+            cached = readahead.take(entry.ref)
         if cached is not None:
+            _READAHEAD_HITS.inc()
             return cached
         if request.body_lines is not None:
             return await self._store.fetch_range(entry.ref, 0, min(self._chunk, entry.size))
         if sequential:
-            batch = self._readahead_batch(request.number)
-            if len(batch) > 1 and batch[0] is entry:
-                found = await self._store.fetch_messages([e.ref for e in batch])
-                self._readahead = {e.ref: found[e.ref] for e in batch[1:] if len(found.get(e.ref, b"")) == e.size}
-                if entry.ref not in found:
-                    raise MessageGone(f"UID {entry.ref} no longer exists")
-                return found[entry.ref]
+            return await readahead.fetch_from(entry, request.number)
         return None
 
     async def _send_whole(self, data: bytes) -> None:
@@ -127,15 +115,48 @@ class Retriever:
         await self._send(b"".join((status_line, encoder.feed(data), encoder.finish())))
         core.end_message()
 
-    async def _send_message(self, request: RetrieveRequest, data: bytes, rest: RangeReader) -> None:
+    async def _sent_from_cache(self, request: RetrieveRequest) -> bool:
+        """A RETR of a message kept in the message cache: the status line, then the kept wire
+        form with sendfile. False: not kept (or not a RETR)."""
+        cache, entry = self._cache, request.entry
+        if cache is None or request.body_lines is not None or not cache.cache.worth_keeping(entry.size):
+            return False
+        cached = cache.cache.get(cache.key(entry.ref), entry.size)
+        if cached is None:
+            return False
+        core = self._core
+        with cached:
+            await self._send(core.start_message())
+            try:
+                await self._send_file(cached.fd, cached.length)
+            except EOFError:
+                core.abort_message()
+                _log.error("message_cache_failed", uid=entry.ref)
+                raise EndSession("upstream_failed_mid_message") from None
+        core.end_cached_message()
+        return True
+
+    def _cache_writer(self, request: RetrieveRequest) -> CacheWriter | None:
+        cache, entry = self._cache, request.entry
+        if cache is None or request.body_lines is not None or not cache.cache.worth_keeping(entry.size):
+            return None
+        return cache.cache.writer(cache.key(entry.ref), entry.size)
+
+    async def _send_message(
+        self, request: RetrieveRequest, data: bytes, rest: RangeReader, writer: CacheWriter | None = None
+    ) -> None:
         """The +OK line, the body (starting with `data`, which is in hand, then what `rest`
-        reads) and the terminator."""
+        reads) and the terminator; what went out after the status line also to `writer`,
+        which keeps it once the whole message, as listed, went out."""
         core, entry = self._core, request.entry
         pending = [core.start_message()]
         encoder = core.message_body_encoder()
         offset = 0
         while True:
-            pending.append(encoder.feed(data))
+            piece = encoder.feed(data)
+            pending.append(piece)
+            if writer is not None:
+                writer.write(piece)
             offset += len(data)
             if encoder.done or offset >= entry.size or not data:
                 break
@@ -153,6 +174,9 @@ class Retriever:
         pending.append(encoder.finish())
         await self._send_pieces(pending)
         core.end_message()
+        if writer is not None and offset == entry.size:
+            writer.write(pending[-1])
+            writer.commit()
 
     async def _send_pieces(self, pieces: list[bytes]) -> None:
         # Small pieces are joined into one write; a big chunk of a message goes out as it

@@ -12,6 +12,10 @@ from bridge.net.maildrop_locks import MaildropLocks
 from bridge.net.tls import ServerTls
 from bridge.routing.router import Router
 from bridge.session.registry import SessionRegistry
+from bridge.oauth2.tokens import OAuth2Accounts
+from bridge.session.message_cache import MessageCache
+from bridge.session.readahead import ReadaheadBudget
+from bridge.uidl.memory import UidlMemory
 
 
 @dataclass
@@ -35,10 +39,22 @@ class SharedServices:
     router: Router = field(init=False)
     # The sessions of this process, for the admin API (bridge.session.registry).
     sessions: SessionRegistry = field(default_factory=SessionRegistry)
+    # What this process remembers of maildrops' UIDL records between logins (bridge.uidl.memory).
+    uidls: UidlMemory = field(default_factory=UidlMemory)
+    # upstream.auth = "oauth2": the token store and one refresh at a time per account
+    # (bridge.oauth2); nothing is opened until an OAuth2 login.
+    oauth2: OAuth2Accounts = field(init=False)
+    # The read-ahead bytes all sessions share (bridge.session.readahead).
+    readahead_budget: ReadaheadBudget = field(init=False)
+    # Big messages kept after their first RETR (bridge.session.message_cache).
+    message_cache: MessageCache = field(init=False)
 
     def __post_init__(self) -> None:
         self.pool = UpstreamPool(lambda: self.settings)
+        self.oauth2 = OAuth2Accounts(lambda: self.settings)
         self.login_limiter = LoginLimiter(self.settings.login_limits)
         self.router = Router(lambda: self.settings)
         # Parked connections follow the routes: a reload retires only changed back ends'.
         self.pool.is_current = self.router.is_current
+        self.readahead_budget = ReadaheadBudget(self.settings.upstream.readahead_max_bytes)
+        self.message_cache = MessageCache(self.settings.cache)

@@ -40,6 +40,20 @@ def scrape(port: int) -> Samples:
     return samples
 
 
+def quiet_metrics(admin_port: int) -> Samples:
+    """The metrics once no POP3 session is open (every session_end has been counted). The
+    admin listener may open a moment after the POP3 one: refused connections are retried."""
+
+    def scrape_if_quiet() -> Samples | None:
+        try:
+            samples = scrape(admin_port)
+        except ConnectionRefusedError:
+            return None
+        return samples if value(samples, "bridge_sessions_active") == 0 else None
+
+    return wait_for(scrape_if_quiet, "no POP3 session open")
+
+
 def value(samples: Samples, name: str, **labels: str) -> float:
     """A sample's value; 0 for a labelled series that was never touched (no line at all)."""
     return samples.get((name, frozenset(labels.items())), 0.0)

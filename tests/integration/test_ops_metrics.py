@@ -10,15 +10,7 @@ from pathlib import Path
 
 from sandbox import Mailbox, numbered_messages
 from tests.harness import RawPop3, SubprocessBridge, free_port
-from tests.integration.ops_support import Samples, events_named, scrape, value, wait_for
-
-
-def _quiet(admin_port: int) -> Samples:
-    """Metrics once no session is open (every session_end has been counted)."""
-    return wait_for(
-        lambda: (s := scrape(admin_port)) and value(s, "bridge_sessions_active") == 0 and s,
-        "no POP3 session open",
-    )
+from tests.integration.ops_support import events_named, quiet_metrics, value
 
 
 def test_counters_after_a_scripted_session(mailbox: Mailbox, tmp_path: Path) -> None:
@@ -29,7 +21,7 @@ def test_counters_after_a_scripted_session(mailbox: Mailbox, tmp_path: Path) -> 
         env={"BRIDGE_UPSTREAM__TLS": "none"},
     )
     with bridge:
-        before = _quiet(admin_port)
+        before = quiet_metrics(admin_port)
         received = 0
         with RawPop3("127.0.0.1", bridge.port) as client:
             received += len(client.greeting)
@@ -57,7 +49,7 @@ def test_counters_after_a_scripted_session(mailbox: Mailbox, tmp_path: Path) -> 
                 assert reply.startswith(b"+OK")
                 received += len(reply)
             assert client.at_eof()
-        after = _quiet(admin_port)
+        after = quiet_metrics(admin_port)
 
     def delta(name: str, **labels: str) -> float:
         return value(after, name, **labels) - value(before, name, **labels)
@@ -96,11 +88,11 @@ def test_a_down_upstream_counts_as_connect_failure(mailbox: Mailbox, tmp_path: P
         env={"BRIDGE_UPSTREAM__TLS": "none", "BRIDGE_UPSTREAM__TIMEOUT_SECONDS": "2"},
     )
     with bridge:
-        before = _quiet(admin_port)
+        before = quiet_metrics(admin_port)
         with RawPop3("127.0.0.1", bridge.port) as client:
             assert client.command(b"USER " + mailbox.user.encode()).startswith(b"+OK")
             assert client.command(b"PASS " + mailbox.password.encode()).startswith(b"-ERR [SYS/TEMP]")
-        after = _quiet(admin_port)
+        after = quiet_metrics(admin_port)
     failures = value(after, "bridge_upstream_connect_failures_total", reason="refused") - value(
         before, "bridge_upstream_connect_failures_total", reason="refused"
     )

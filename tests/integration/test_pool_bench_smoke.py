@@ -25,3 +25,21 @@ def test_benchmark_runs_end_to_end_in_tiny_mode(tmp_path: Path) -> None:
     for metric in ("poll_first", "poll_warm", "setup", "retr_big", "download", "concurrent"):
         assert set(data["samples"][metric]) == {"native", "imapc", "bridge"}, metric
     assert data["samples"]["idle_rss"]["bridge"][0]["sessions"] == data["plan"]["idle_sessions"]
+
+
+def test_the_uidl_benchmark_runs_end_to_end_in_tiny_mode(tmp_path: Path) -> None:
+    """`bench.run --uidl` (bench/uidl.py): an import, first polls and warm polls with
+    fingerprints off and on, a table and the raw JSON; the timings are not looked at."""
+    output = tmp_path / "uidl.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.run", "--uidl", "--size", "tiny", "--output", str(output)],
+        capture_output=True, text=True, timeout=300, cwd=Path(__file__).resolve().parents[2],
+        stdin=subprocess.DEVNULL,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    for label in ("uidl import, 20 msgs", "first poll 30 msgs", "warm poll 20 msgs", "CPU per warm poll", "fingerprints on"):
+        assert label in result.stdout, f"{label!r} missing from:\n{result.stdout}"
+    data = json.loads(output.read_text())
+    assert len(data["samples"]["import"]["import"]) == data["plan"]["rounds"]
+    for metric in ("poll_first", "poll_warm", "poll_warm_cpu"):
+        assert set(data["samples"][metric]) == {"off", "on"}, metric

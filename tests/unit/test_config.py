@@ -151,3 +151,60 @@ def test_check_config_masks_the_state_key(monkeypatch: pytest.MonkeyPatch, capsy
     out = capsys.readouterr().out
     assert STATE_KEY not in out
     assert 'state_key = "********"' in out
+
+
+# -- windows and first logins (bridge.policy.windows) -------------------------------------
+
+
+@pytest.mark.parametrize("window", ["all", "last-1-days", "last-30-days", "last-999999-messages"])
+def test_windows_that_are_accepted(window: str) -> None:
+    assert load_settings(None, {"delete": {"window": window}}).delete.window == window
+
+
+@pytest.mark.parametrize("window", ["", "last-0-days", "last-30-day", "last-1000000-messages", "30d", "last--1-days"])
+def test_windows_that_are_refused_name_the_key(window: str) -> None:
+    with pytest.raises(ConfigError, match=r"delete\.window"):
+        load_settings(None, {"delete": {"window": window}})
+    with pytest.raises(ConfigError, match=r"delete\.accounts\.a@b\.devices\.phone\.window"):
+        load_settings(None, {"delete": {"accounts": {"a@b": {"devices": {"phone": {"window": window}}}}}})
+
+
+def test_the_most_specific_window_and_first_login_win() -> None:
+    from bridge.policy.identity import resolve_login
+
+    delete = load_settings(
+        None,
+        {
+            "delete": {
+                "window": "last-30-days",
+                "state_key": "k" * 32,
+                "accounts": {
+                    "Alice@Example.org": {
+                        "window": "last-90-days",
+                        "first_login": "from-now-on",
+                        "devices": {"printer": {"window": "last-5-messages", "first_login": "all"}},
+                    }
+                },
+            }
+        },
+    ).delete
+    views = {
+        login: (identity.window, identity.first_login)
+        for login in ("alice@example.org#printer", "alice@example.org#phone", "bob@example.org")
+        for identity in [resolve_login(login, delete)]
+    }
+    assert views == {
+        "alice@example.org#printer": ("last-5-messages", "all"),
+        "alice@example.org#phone": ("last-90-days", "from-now-on"),
+        "bob@example.org": ("last-30-days", "all"),
+    }
+
+
+def test_a_first_login_from_now_on_needs_the_state_key() -> None:
+    with pytest.raises(ConfigError, match=r"delete\.state_key: required when a first_login is \"from-now-on\""):
+        load_settings(None, {"delete": {"accounts": {"a@b": {"devices": {"p": {"first_login": "from-now-on"}}}}}})
+
+
+def test_device_names_in_the_device_table_are_checked() -> None:
+    with pytest.raises(ConfigError, match=r"delete\.accounts\.a@b\.devices"):
+        load_settings(None, {"delete": {"accounts": {"a@b": {"devices": {"bad name": {"window": "all"}}}}}})

@@ -171,3 +171,84 @@ def test_a_long_line_in_small_pieces_is_searched_once() -> None:
         assert reader.next_event() is NEED_DATA
     reader.receive_data(b"\r\n")
     assert reader.next_event() == Line(b"x" * 100_000)
+
+
+# -- listing lines in bulk (ResponseReader.take_matching_lines + ServerView.listing_rows) -----
+
+
+def _listing_stream(count: int, deleted: set[int]) -> bytes:
+    lines = [b"* %d EXISTS\r\n" % count]
+    for number in range(1, count + 1):
+        flags = b"\\Seen \\Deleted" if number in deleted else b"\\Seen"
+        lines.append(b"* %d FETCH (UID %d RFC822.SIZE %d FLAGS (%s))\r\n" % (number, number * 2, 100 + number, flags))
+        if number % 7 == 0:
+            # Something else in between: taken the ordinary way.
+            lines.append(b"* %d FETCH (FLAGS (\\Seen) UID %d)\r\n" % (number, number * 2))
+    lines.append(b"A1 OK done\r\n")
+    return b"".join(lines)
+
+
+def _listed(data: bytes, chunk: int, bulk: bool) -> tuple[list[int], list[int]]:
+    from bridge.imap.listing import MaildropListing
+    from bridge.imap.untagged import LISTING_LINES, ServerView
+
+    view = ServerView()
+    view.listing = MaildropListing()
+    reader = ResponseReader()
+    for start in range(0, len(data), chunk):
+        reader.receive_data(data[start : start + chunk])
+        while True:
+            if bulk:
+                rows = reader.take_matching_lines(LISTING_LINES)
+                if rows:
+                    view.listing_rows(rows)
+            response = reader.next_response()
+            if response is NEED_DATA:
+                break
+            assert isinstance(response, Response)
+            if response.text.startswith(b"* "):
+                view.untagged(response.text)
+    snapshot = view.listing.snapshot(1)
+    return list(snapshot.uids), list(snapshot.sizes)
+
+
+@given(st.integers(1, 60), st.sets(st.integers(1, 60)), st.integers(1, 300))
+def test_listing_lines_in_bulk_give_what_one_by_one_gives(count: int, deleted: set[int], chunk: int) -> None:
+    data = _listing_stream(count, deleted)
+    assert _listed(data, chunk, bulk=True) == _listed(data, len(data), bulk=False)
+
+
+def test_bulk_lines_stop_at_another_line_and_at_an_incomplete_one() -> None:
+    from bridge.imap.untagged import LISTING_LINES
+
+    reader = ResponseReader()
+    reader.receive_data(
+        b"* 1 FETCH (UID 5 RFC822.SIZE 10 FLAGS ())\r\n* 2 FETCH (UID 6 RFC822.SIZE 20 FLAGS (\\Seen))\r\n"
+        b"* 3 EXPUNGE\r\n* 3 FETCH (UID 7 RFC822.SIZE 30 FLAGS ())\r\n* 4 FETCH (UID 8 RFC8"
+    )
+    assert reader.take_matching_lines(LISTING_LINES) == [
+        (b"1", b"5", b"10", b"", None),
+        (b"2", b"6", b"20", b"\\Seen", None),
+    ]
+    assert reader.take_matching_lines(LISTING_LINES) == []
+    assert next_text(reader) == b"* 3 EXPUNGE"
+    assert reader.take_matching_lines(LISTING_LINES) == [(b"3", b"7", b"30", b"", None)]
+    assert reader.take_matching_lines(LISTING_LINES) == []
+    reader.receive_data(b"22.SIZE 40 FLAGS ())\r\n")
+    assert reader.take_matching_lines(LISTING_LINES) == [(b"4", b"8", b"40", b"", None)]
+
+
+def test_an_overlong_number_is_left_to_the_ordinary_path() -> None:
+    """Lines taken in bulk are not held to max_line, so the pattern bounds every number: a
+    21-digit number never matches, and the ordinary path refuses or checks it."""
+    from bridge.imap.untagged import LISTING_LINES
+
+    reader = ResponseReader()
+    reader.receive_data(b"* 1 FETCH (UID 5 RFC822.SIZE 123456789012345678901 FLAGS ())\r\n")
+    assert reader.take_matching_lines(LISTING_LINES) == []
+
+
+def next_text(reader: ResponseReader) -> bytes:
+    response = reader.next_response()
+    assert isinstance(response, Response)
+    return response.text

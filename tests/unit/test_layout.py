@@ -110,7 +110,8 @@ def test_modules_stay_short_enough_to_read_in_one_sitting(name: str) -> None:
 
 
 SANS_IO = ["bridge.pop3", "bridge.imap.wire", "bridge.imap.untagged", "bridge.imap.listing", "bridge.imap.syntax",
-           "bridge.imap.snapshot", "bridge.imap.limits", "bridge.imap.errors"]
+           "bridge.imap.snapshot", "bridge.imap.limits", "bridge.imap.errors",
+           "bridge.uidl.formats", "bridge.uidl.headers", "bridge.uidl.matching", "bridge.uidl.records"]
 _IO_LIBRARIES = {"trio", "socket", "ssl", "asyncio", "selectors", "aioimaplib", "trio_asyncio"}
 
 

@@ -28,6 +28,7 @@ from bridge.pop3 import (
     Send,
     State,
 )
+from bridge.pop3.maildrop import MessageList
 
 M1 = b"From: a@example.org\r\nSubject: one\r\n\r\nHello\r\n.\r\nBye\r\n"
 M2 = b"Subject: two\r\n\r\n" + b"".join(b"line %d\r\n" % i for i in range(1, 6))
@@ -86,6 +87,7 @@ class Harness:
         self.messages = MESSAGES if messages is None else messages
         self.body_chunk = body_chunk
         self.out = bytearray()
+        self.writes: list[bytes] = []
         self.requests: list[object] = []
         self.commits: list[tuple[MaildropEntry, ...]] = []
         self.closed = False
@@ -120,6 +122,10 @@ class Harness:
             if isinstance(event, Send):
                 assert event.data, "empty Send"
                 self.out += event.data
+                self.writes.append(event.data)
+                for piece in event.rest:
+                    self.out += piece
+                    self.writes.append(piece)
                 continue
             self.requests.append(event)
             if isinstance(event, LoginRequest):
@@ -524,6 +530,45 @@ def test_empty_maildrop() -> None:
         ],
     )
     assert harness.commits == [()]
+
+
+def _huge_maildrop_session(count: int) -> tuple[Harness, MessageList]:
+    shared = MessageList([1000 + n for n in range(count)], [f"uid-{n}" for n in range(count)], list(range(count)))
+    harness = Harness()
+    harness.login = lambda request: harness.server.accept_login(Maildrop(shared))
+    assert harness.send(LOGIN) == LOGGED_IN
+    return harness, shared
+
+
+def _expected_listing(numbers_and_values: list[tuple[int, object]]) -> bytes:
+    return b"".join(b"%d %s\r\n" % (n, str(v).encode()) for n, v in numbers_and_values)
+
+
+def test_listing_of_a_huge_maildrop_goes_out_in_pieces() -> None:
+    count = 20_000
+    harness, shared = _huge_maildrop_session(count)
+    uidl = harness.send(b"UIDL\r\n")
+    assert uidl == b"+OK\r\n" + _expected_listing([(n + 1, f"uid-{n}") for n in range(count)]) + b".\r\n"
+    # Unmarked: the listing every session of this maildrop shares goes out as it is.
+    assert any(write is shared.all_lines(unique_ids=True) for write in harness.writes)
+    harness.writes.clear()
+    for number in range(1, count + 1, 2):
+        harness.send(b"DELE %d\r\n" % number)
+    harness.writes.clear()
+    listing = harness.send(b"LIST\r\n")
+    kept = [(n, 1000 + n - 1) for n in range(2, count + 1, 2)]
+    assert listing == b"+OK %d messages:\r\n" % len(kept) + _expected_listing(kept) + b".\r\n"
+    # Marked: made a bounded number of lines at a time, never as one string.
+    assert len(harness.writes) > 2
+    assert max(len(write) for write in harness.writes) < len(listing) // 2
+    assert harness.send(b"LIST 3\r\n") == b"-ERR message 3 already deleted\r\n"
+
+
+def test_listing_of_a_small_maildrop_is_one_write() -> None:
+    harness = logged_in()
+    harness.writes.clear()
+    harness.send(b"UIDL\r\n")
+    assert harness.writes == [b"+OK\r\n1 uid0\r\n2 uid1\r\n3 uid2\r\n.\r\n"]
 
 
 def test_every_message_deleted() -> None:
@@ -1042,3 +1087,36 @@ def test_replies_name_the_command_they_answer() -> None:
     named = [server.next_event().command for _ in range(4)]
     # STAT before login is refused, and still counted as a STAT.
     assert named == ["CAPA", "STAT", "UNKNOWN", "UNKNOWN"]
+
+
+def test_a_retr_sent_from_a_cache_ends_without_an_encoder() -> None:
+    harness = logged_in()
+    sent: list[bytes] = []
+
+    def from_cache(request: RetrieveRequest) -> None:
+        sent.append(harness.server.start_message())
+        harness.server.end_cached_message()
+
+    harness.retrieve = from_cache
+    harness.send(b"RETR 1\r\n")
+    assert sent == [b"+OK %d octets\r\n" % len(M1)]
+    assert harness.send(b"NOOP\r\n") == b"+OK\r\n"
+
+
+@pytest.mark.parametrize("line", [b"TOP 1 0\r\n", b"RETR 1\r\n"])
+def test_a_cached_end_is_refused_for_top_and_after_an_encoder(line: bytes) -> None:
+    harness = logged_in()
+    refused: list[LocalProtocolError] = []
+
+    def misuse(request: RetrieveRequest) -> None:
+        harness.server.start_message()
+        if request.body_lines is None:
+            harness.server.message_body_encoder()
+        with pytest.raises(LocalProtocolError) as caught:
+            harness.server.end_cached_message()
+        refused.append(caught.value)
+        harness.server.abort_message()
+
+    harness.retrieve = misuse
+    harness.send(line)
+    assert len(refused) == 1

@@ -251,6 +251,15 @@ class AioChannel:
         view.status(status_text)
         return Reply(status, responses if collect else [])
 
+    async def authenticate(self, what: str, command: Command, respond: Callable[[bytes], bytes]) -> Reply:
+        # aioimaplib's own xoauth2() never answers an error challenge and hangs until its
+        # timeout; the protocol (`.protocol`) answers continuations with `respond` instead.
+        self._protocol.sasl_respond = respond
+        try:
+            return await self.run(what, command, secret=True)
+        finally:
+            self._protocol.sasl_respond = None
+
     async def pipeline(self, what: str, commands: Sequence[Command]) -> list[Reply]:
         # aioimaplib runs one command at a time on a connection.
         return [await self.run(what, command) for command in commands]

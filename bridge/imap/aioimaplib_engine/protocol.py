@@ -12,6 +12,8 @@
   status alone and refuses PREAUTH (bridge.imap.errors.PreauthGreeting);
 - it reads a literal of whatever size the server announces; each command has a budget of
   literal bytes (bridge.imap.limits), and a literal beyond it drops the connection;
+- it answers no continuation request of AUTHENTICATE (its xoauth2() hangs on an error
+  challenge until its timeout); `_continuation` answers them with the channel's `sasl_respond`;
 - it has no STARTTLS: the plaintext the server sends after its STARTTLS OK must be dropped
   (a response-injection defence): `starttls_tag` and `plaintext_closed`.
 """
@@ -60,6 +62,9 @@ class ClientProtocol(_aio.IMAP4ClientProtocol):
         # the channel's run); `violation` says why the connection was dropped past it.
         self.literal_budget = MAX_OTHER_LITERAL_BYTES
         self.violation: str | None = None
+        # While an AUTHENTICATE runs: the line to send for each `+ <challenge>` (the channel's
+        # `authenticate`, bridge.imap.bearer).
+        self.sasl_respond: Callable[[bytes], bytes] | None = None
 
     def data_received(self, d: bytes) -> None:
         if self.plaintext_closed or self.violation is not None:
@@ -75,6 +80,13 @@ class ClientProtocol(_aio.IMAP4ClientProtocol):
     def send(self, line: str, scrub: str | None = None) -> None:
         # surrogateescape: credentials that were not valid UTF-8 go out as the bytes the client sent.
         self.transport.write(line.encode("utf-8", "surrogateescape") + b"\r\n")
+
+    def _continuation(self, line: bytes) -> None:
+        command = self.pending_sync_command
+        if command is not None and command.name == "AUTHENTICATE" and self.sasl_respond is not None:
+            self.transport.write(self.sasl_respond(line[1:].strip()) + b"\r\n")
+            return
+        super()._continuation(line)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True

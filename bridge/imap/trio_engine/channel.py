@@ -22,7 +22,7 @@ from bridge.imap.channel import Command, Reply, TlsSession
 from bridge.imap.errors import MessageGone, UpstreamError, UpstreamImplausible, UpstreamUnavailable
 from bridge.imap.interface import RangeReader
 from bridge.imap.limits import MAX_OTHER_LITERAL_BYTES
-from bridge.imap.untagged import ServerView
+from bridge.imap.untagged import LISTING_LINES, ServerView
 from bridge.imap.wire import (
     NEED_DATA,
     BodyFetch,
@@ -127,7 +127,13 @@ class TrioChannel:
         """Reads up to the tagged answer of `tag` and returns its status; untagged responses
         on the way go to the view (and into `collected`, if given)."""
         prefix = tag + b" "
+        view, reader = self.view, self.reader
         while True:
+            if view.listing is not None and collected is None:
+                # A listing's lines are taken in bulk, not as a response object each.
+                rows = reader.take_matching_lines(LISTING_LINES)
+                if rows:
+                    view.listing_rows(rows)
             response = await self.response()
             text = response.text
             if text.startswith(b"* "):
@@ -174,6 +180,24 @@ class TrioChannel:
         collected: list[Response] = []
         status = await self.to_tagged(tag, collected if collect else None)
         return Reply(status, collected)
+
+    async def authenticate(self, what: str, command: Command, respond: Callable[[bytes], bytes]) -> Reply:
+        return await self.guarded(what, self._exchange_continued, command, respond)
+
+    async def _exchange_continued(self, command: Command, respond: Callable[[bytes], bytes]) -> Reply:
+        tag = self.next_tag()
+        await self.stream.send_all(tag + b" " + command.line() + b"\r\n")
+        prefix = tag + b" "
+        while True:
+            text = (await self.response()).text
+            if text.startswith(b"+"):
+                await self.stream.send_all(respond(text[1:].strip()) + b"\r\n")
+            elif text.startswith(prefix):
+                status = text[len(prefix) :]
+                self.view.status(status)
+                return Reply(status)
+            elif text.startswith(b"* "):
+                self.view.untagged(text)
 
     async def pipeline(self, what: str, commands: Sequence[Command]) -> list[Reply]:
         return await self.guarded(what, self._exchange_pipelined, commands)
