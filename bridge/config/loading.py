@@ -28,6 +28,7 @@ from bridge.config.deletion import (
     check_delete_names,
     check_state_key,
 )
+from bridge.config.oauth2 import OAuth2Settings, check_oauth2
 from bridge.config.routing import (
     RouteSettings,
     RoutingSettings,
@@ -36,7 +37,6 @@ from bridge.config.routing import (
     merged_upstream,
     route_names,
 )
-from bridge.config.oauth2 import OAuth2Settings, check_oauth2
 from bridge.config.sections import (
     AdminSettings,
     CacheSettings,

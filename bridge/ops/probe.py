@@ -35,7 +35,9 @@ from bridge.routing.routes import Backend
 
 POLICIES = ("expunge", "move", "keep", "per-client")
 # The UIDL formats this bridge has (bridge.session.uidl).
-UIDL_FORMATS = ("uid-uidvalidity",)
+# [uidl] format: every pop3_uidl_format and preset needs only UID and UIDVALIDITY; "emailid"
+# the server's OBJECTID; reuse_x_uidl (X-UIDL headers) a header FETCH, which every server has.
+UIDL_FORMATS = ("dovecot", "uw", "cyrus", "custom", "emailid", "x-uidl")
 _SERVED = ("yes", "fallback", "unknown")
 
 
@@ -130,10 +132,25 @@ def policy_verdicts(caps: frozenset[str], known: bool, usable: bool, why_not: st
     return {"expunge": expunge, "move": move, "keep": _verdict("yes", "\\Seen is set; nothing is deleted"), "per-client": per_client}
 
 
-def uidl_verdicts(usable: bool, why_not: str = "") -> dict[str, dict[str, str]]:
+def uidl_verdicts(caps: frozenset[str], known: bool, usable: bool, why_not: str = "") -> dict[str, dict[str, str]]:
+    """A verdict per `[uidl]` choice. `known`: the capabilities after login."""
     if not usable:
         return {name: _verdict("no", why_not) for name in UIDL_FORMATS}
-    return {"uid-uidvalidity": _verdict("yes", "UID and UIDVALIDITY as %08x%08x (Dovecot's default pop3_uidl_format)")}
+    uid_only = "UID and UIDVALIDITY, which every IMAP server has"
+    if "OBJECTID" in caps:
+        emailid = _verdict("yes", "the server's RFC 8474 EMAILID (OBJECTID)")
+    elif known:
+        emailid = _verdict("no", "the server offers no OBJECTID (RFC 8474): logins would be refused")
+    else:
+        emailid = _verdict("unknown", "OBJECTID is announced after login: probe with --account")
+    return {
+        "dovecot": _verdict("yes", "%08Xu%08Xv: " + uid_only),
+        "uw": _verdict("yes", "%08Xv%08Xu: " + uid_only),
+        "cyrus": _verdict("yes", "%v.%u: " + uid_only),
+        "custom": _verdict("yes", "a pop3_uidl_format of %u and %v: " + uid_only),
+        "emailid": emailid,
+        "x-uidl": _verdict("yes", "reuse_x_uidl: X-UIDL headers read with a header FETCH"),
+    }
 
 
 def _certificate(tls: Any) -> dict[str, Any] | None:
@@ -171,7 +188,7 @@ async def probe(settings: BridgeSettings, backend: Backend, password: str | None
     why_not = "; ".join(report["problems"])
     report["features"] = _features(caps, offered, before_login, offered_before_login, upstream.engine, known) if offered else []
     report["policies"] = policy_verdicts(caps, known, usable, why_not)
-    report["uidl_formats"] = uidl_verdicts(usable, why_not)
+    report["uidl_formats"] = uidl_verdicts(caps, known, usable, why_not)
     report["served"] = report["policies"][policy]["verdict"] in _SERVED
     return report
 

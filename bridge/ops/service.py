@@ -17,9 +17,9 @@ from bridge.net.server import Pop3Service
 from bridge.ops import metrics
 from bridge.ops.admin import AdminServer
 from bridge.ops.admin_api import AdminApi
+from bridge.ops.descriptors import raise_descriptor_limit
 from bridge.ops.health import BackendHealth
 from bridge.ops.helpdesk import LocalHelpdesk
-from bridge.ops.descriptors import raise_descriptor_limit
 from bridge.ops.logs import get_logger
 from bridge.ops.reload import reload_settings
 from bridge.ops.worker_admin import open_unix_listener

@@ -10,11 +10,11 @@ from bridge.net.client_timeouts import ClientWatchdog
 from bridge.net.login_limiter import LoginLimiter
 from bridge.net.maildrop_locks import MaildropLocks
 from bridge.net.tls import ServerTls
-from bridge.routing.router import Router
-from bridge.session.registry import SessionRegistry
 from bridge.oauth2.tokens import OAuth2Accounts
+from bridge.routing.router import Router
 from bridge.session.message_cache import MessageCache
 from bridge.session.readahead import ReadaheadBudget
+from bridge.session.registry import SessionRegistry
 from bridge.uidl.memory import UidlMemory
 
 

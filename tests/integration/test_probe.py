@@ -52,7 +52,9 @@ def test_probe_dovecot_with_an_account(dovecot: DovecotSandbox, tmp_path: Path) 
         "LITERAL+": "offered", "SASL-IR": "offered", "OBJECTID": "absent",
     }
     assert verdicts(report) == {"expunge": "yes", "move": "yes", "keep": "yes", "per-client": "yes"}
-    assert report["uidl_formats"]["uid-uidvalidity"]["verdict"] == "yes"
+    uidl = {name: verdict["verdict"] for name, verdict in report["uidl_formats"].items()}
+    # Dovecot 2.3 has no OBJECTID: every format but "emailid".
+    assert uidl == {"dovecot": "yes", "uw": "yes", "cyrus": "yes", "custom": "yes", "emailid": "no", "x-uidl": "yes"}
     assert report["login_mechanisms"] == ["LOGIN", "PLAIN"]
     assert "verdict: the policy in force (expunge) can be served" in text
 
@@ -96,6 +98,7 @@ def test_probe_cyrus_through_its_route(cyrus: CyrusSandbox, tmp_path: Path) -> N
     assert report["backend"] == "cyrus" and report["login"] == {"user": box.user, "result": "ok"}
     assert features(report)["OBJECTID"] == "offered"
     assert verdicts(report)["expunge"] == "yes"
+    assert report["uidl_formats"]["emailid"]["verdict"] == "yes"
     # --route probes one back end without an account.
     status, report, _ = probe(tmp_path, config, "--route", "cyrus")
     assert status == 0 and report["server"] == f"127.0.0.1:{cyrus.imap_port}"
