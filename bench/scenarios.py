@@ -11,9 +11,9 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 
 from bench.pop3client import Pop3Client, Pop3Error, poll, session_setup
+from bench.proc import peak_rss_bytes, reset_peak, rss_bytes
 from bench.servers import Target
 from sandbox import DovecotSandbox, Mailbox
 
@@ -121,17 +121,6 @@ def percentile(values: list[float], pct: float) -> float:
 # -- memory (the bridge process only) ---------------------------------------------------------
 
 
-def rss_bytes(pid: int) -> int:
-    return _status_field(pid, "VmRSS")
-
-
-def _status_field(pid: int, name: str) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(name + ":"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"/proc/{pid}/status has no {name}")
-
-
 def measure_idle_sessions(target: Target, pid: int, accounts: list[Account]) -> dict[str, float]:
     """RSS of the process `pid` before and while `accounts` each hold one logged-in, idle
     POP3 session."""
@@ -168,9 +157,9 @@ def measure_retr_memory(target: Target, pid: int, account: Account, number: int,
         client.login(account.user, account.password)
         client.stat()
         before = rss_bytes(pid)
-        Path(f"/proc/{pid}/clear_refs").write_text("5")
+        reset_peak(pid)
         got = client.multiline(b"RETR %d" % number)
-        peak = _status_field(pid, "VmHWM")
+        peak = peak_rss_bytes(pid)
         client.quit()
     if got < size:
         raise Pop3Error(f"RETR {number} sent {got} bytes, expected at least {size}")

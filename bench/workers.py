@@ -1,0 +1,56 @@
+"""`server.workers = 2` against 1: the 100-client concurrency row (bench/scenarios.py
+`measure_concurrent`) on two fresh bridges that differ only in that setting, with Dovecot's
+own POP3 for reference, in interleaved rounds whose order rotates. On a 2-core machine the
+benchmark's client threads share the cores with the workers, so the factor is what this
+machine gives, not what two dedicated cores would."""
+
+from __future__ import annotations
+
+from bench import scenarios
+from bench.classic import concurrent_accounts, rotated
+from bench.plans import Plan
+from bench.report import Fact, Recorder, Row, progress
+from bench.servers import BenchServers, Target
+
+
+def run(servers: BenchServers, plan: Plan, rec: Recorder) -> None:
+    accounts = concurrent_accounts(servers, plan)
+    one = servers.start_bridge("workers-1", "[server]\nworkers = 1\n")
+    two = servers.start_bridge("workers-2", "[server]\nworkers = 2\n")
+    rec.add("workers_listening", "bridge_w2", two.wait_workers(2))
+    targets = [
+        servers.targets[0],
+        Target("bridge", "127.0.0.1", one.port),
+        Target("bridge_w2", "127.0.0.1", two.port),
+    ]
+    progress("workers: warm-up")
+    for target in targets:
+        for account in accounts:
+            scenarios.measure_setup(target, account)
+    for round_number in range(plan.workers_rounds):
+        order = rotated(targets, round_number)
+        progress(f"workers round {round_number + 1}/{plan.workers_rounds}: {', '.join(t.name for t in order)}")
+        for target in order:
+            rec.add("concurrent_workers", target.name, scenarios.measure_concurrent(target, accounts, plan.concurrent_sessions))
+    rec.add("bridge_log", "workers-1", one.log_summary())
+    rec.add("bridge_log", "workers-2", two.log_summary())
+    one.stop()
+    two.stop()
+
+
+def rows(rec: Recorder, plan: Plan) -> list[Row | Fact]:
+    ms = 1000.0
+    c = plan.concurrent_clients
+    w1 = "bridge, workers = 1"
+    return [
+        Row(f"{c} clients, workers = 1: sessions/s", "concurrent_workers", "sessions_per_second", 1.0, True, ()),
+        Row(
+            f"{c} clients, workers = 2: sessions/s", "concurrent_workers", "sessions_per_second", 1.0, True,
+            (("bridge", 1.0),), subject="bridge_w2", against_text=w1,
+        ),
+        Row(f"{c} clients, workers = 1: p95 (ms)", "concurrent_workers", "p95_seconds", ms, False, ()),
+        Row(
+            f"{c} clients, workers = 2: p95 (ms)", "concurrent_workers", "p95_seconds", ms, False,
+            (("bridge", 1.0),), subject="bridge_w2", against_text=w1,
+        ),
+    ]
