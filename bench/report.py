@@ -35,10 +35,9 @@ class Recorder:
         return list(self.samples.get(metric, {}).get(target, []))
 
     def median(self, metric: str, target: str, key: str | None = None) -> float | None:
-        values = self.values(metric, target)
-        if not values:
-            return None
-        return statistics.median(v[key] if key else v for v in values)
+        values = [v[key] if key else v for v in self.values(metric, target)]
+        values = [v for v in values if v is not None]  # e.g. no latency: every session failed
+        return statistics.median(values) if values else None
 
 
 @dataclass(frozen=True)

@@ -256,8 +256,15 @@ def rows(rec: Recorder, plan: Plan) -> list[Row | Fact]:
         ),
     ]
     bridge = rec.values("scale", "bridge")
+    native = rec.values("scale", "native")
     if bridge:
         got = bridge[0]
+        out.append(Fact(
+            f"{n} sessions: seconds to log in all / to finish all ({plan.scale_parallel} at a time)",
+            f"{got['open_seconds']:,.1f} / {got['finish_seconds']:,.1f}", "(reported)", None,
+            {key: got[key] for key in ("open_seconds", "finish_seconds")},
+            native=f"{native[0]['open_seconds']:,.1f} / (QUIT only)" if native else "",
+        ))
         ok = (
             got["opened"] == got["sessions"] == got["completed"] == got["deleted_upstream"]
             and got["mailboxes_wrong"] == 0
@@ -267,6 +274,6 @@ def rows(rec: Recorder, plan: Plan) -> list[Row | Fact]:
             f"{got['opened']:,} / {got['completed']:,} / {got['deleted_upstream']:,}",
             f"all {n}, no other mail touched", ok,
             {key: got[key] for key in ("sessions", "opened", "completed", "deleted_upstream", "mailboxes_wrong", "errors")},
-            native=f"{rec.values('scale', 'native')[0]['opened']:,} opened" if rec.values("scale", "native") else "",
+            native=f"{native[0]['opened']:,} opened" if native else "",
         ))
     return out

@@ -84,18 +84,31 @@ def _poll_and_retrieve(target: Target, account: Account) -> float:
     return time.perf_counter() - started
 
 
-def measure_concurrent(target: Target, accounts: list[Account], sessions_each: int) -> dict[str, float]:
+def measure_concurrent(
+    target: Target, accounts: list[Account], sessions_each: int, *, count_failures: bool = False,
+) -> dict[str, float]:
     """One client thread per account, all started together, each running `sessions_each`
-    poll-and-retrieve sessions back to back. Returns sessions/s and latency percentiles."""
+    poll-and-retrieve sessions back to back. Returns sessions/s and latency percentiles.
+    A failed session raises, unless `count_failures`: then it is counted ("failed") and
+    left out of the figures, and the client goes on with its next session."""
     barrier = threading.Barrier(len(accounts) + 1)
     latencies: list[float] = []
+    failures: list[str] = []
     lock = threading.Lock()
 
     def client(account: Account) -> None:
         barrier.wait()
-        mine = [_poll_and_retrieve(target, account) for _ in range(sessions_each)]
-        with lock:
-            latencies.extend(mine)
+        for _ in range(sessions_each):
+            try:
+                latency = _poll_and_retrieve(target, account)
+            except (OSError, Pop3Error) as exc:
+                if not count_failures:
+                    raise
+                with lock:
+                    failures.append(f"{type(exc).__name__}: {exc}")
+                continue
+            with lock:
+                latencies.append(latency)
 
     with ThreadPoolExecutor(max_workers=len(accounts)) as pool:
         futures = [pool.submit(client, account) for account in accounts]
@@ -104,11 +117,18 @@ def measure_concurrent(target: Target, accounts: list[Account], sessions_each: i
         for future in futures:
             future.result()
         wall = time.perf_counter() - started
-    return {
+    if not latencies and not count_failures:
+        raise Pop3Error(f"{target.name}: no session of the concurrency row completed")
+    result = {
         "sessions_per_second": len(latencies) / wall,
-        "p95_seconds": percentile(latencies, 95),
-        "median_seconds": statistics.median(latencies),
+        # None when every session failed (count_failures): no latency to speak of.
+        "p95_seconds": percentile(latencies, 95) if latencies else None,
+        "median_seconds": statistics.median(latencies) if latencies else None,
     }
+    if count_failures:
+        result["failed"] = len(failures)
+        result["failures"] = sorted(set(failures))[:5]  # type: ignore[assignment]
+    return result
 
 
 def percentile(values: list[float], pct: float) -> float:

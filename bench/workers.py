@@ -10,7 +10,7 @@ from bench import scenarios
 from bench.classic import concurrent_accounts, rotated
 from bench.plans import Plan
 from bench.report import Fact, Recorder, Row, progress
-from bench.servers import BenchServers, Target
+from bench.servers import BenchServers, BridgeProcess, Target
 
 
 def run(servers: BenchServers, plan: Plan, rec: Recorder) -> None:
@@ -31,18 +31,30 @@ def run(servers: BenchServers, plan: Plan, rec: Recorder) -> None:
         order = rotated(targets, round_number)
         progress(f"workers round {round_number + 1}/{plan.workers_rounds}: {', '.join(t.name for t in order)}")
         for target in order:
-            rec.add("concurrent_workers", target.name, scenarios.measure_concurrent(target, accounts, plan.concurrent_sessions))
+            result = scenarios.measure_concurrent(target, accounts, plan.concurrent_sessions, count_failures=True)
+            rec.add("concurrent_workers", target.name, result)
     rec.add("bridge_log", "workers-1", one.log_summary())
     rec.add("bridge_log", "workers-2", two.log_summary())
+    # A worker that exited while the supervisor ran (it restarts it): sessions in between fail.
+    rec.add("workers_restarted", "bridge_w2", _log_events(two, "worker_exited"))
     one.stop()
     two.stop()
+
+
+def _log_events(bridge: BridgeProcess, event: str) -> int:
+    needle = f'"event": "{event}"'
+    return sum(needle in line for line in bridge.log_path.read_text(errors="replace").splitlines())
 
 
 def rows(rec: Recorder, plan: Plan) -> list[Row | Fact]:
     ms = 1000.0
     c = plan.concurrent_clients
     w1 = "bridge, workers = 1"
-    return [
+    failed = {
+        name: sum(sample.get("failed", 0) for sample in rec.values("concurrent_workers", name))
+        for name in ("native", "bridge", "bridge_w2")
+    }
+    out: list[Row | Fact] = [
         Row(f"{c} clients, workers = 1: sessions/s", "concurrent_workers", "sessions_per_second", 1.0, True, ()),
         Row(
             f"{c} clients, workers = 2: sessions/s", "concurrent_workers", "sessions_per_second", 1.0, True,
@@ -54,3 +66,14 @@ def rows(rec: Recorder, plan: Plan) -> list[Row | Fact]:
             (("bridge", 1.0),), subject="bridge_w2", against_text=w1,
         ),
     ]
+    if rec.values("concurrent_workers", "bridge_w2"):
+        restarted = rec.values("workers_restarted", "bridge_w2")
+        listening = rec.values("workers_listening", "bridge_w2")
+        out.append(Fact(
+            f"{c} clients: failed sessions, workers = 1 / workers = 2 (worker restarts)",
+            f"{failed['bridge']} / {failed['bridge_w2']} ({restarted[0] if restarted else 'n/a'})",
+            "none", failed["bridge"] == failed["bridge_w2"] == 0 and restarted == [0],
+            {"failed": failed, "workers_listening": listening, "worker_exited_events": restarted},
+            native=str(failed["native"]),
+        ))
+    return out
