@@ -9,6 +9,7 @@ process's side (the sockets in its descriptor table).
 
 from __future__ import annotations
 
+import os
 import re
 import resource
 from pathlib import Path
@@ -35,6 +36,12 @@ def reset_peak(pid: int) -> None:
 
 def peak_rss_bytes(pid: int) -> int:
     return status_field(pid, "VmHWM")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time `pid` has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def tree_memory(pid: int) -> dict[str, int]:

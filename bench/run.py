@@ -1,14 +1,16 @@
 """Benchmark the bridge against Dovecot's native POP3 and Dovecot-on-imapc, side by side.
 
-    .venv/bin/python -m bench.run            # the full run (about 5-10 minutes on 2 cores)
-    .venv/bin/python -m bench.run --quick    # smaller mailboxes, fewer rounds
+    .venv/bin/python -m bench.run                  # the full run (about 25 minutes on 2 cores)
+    .venv/bin/python -m bench.run --quick          # smaller mailboxes, fewer rounds
+    .venv/bin/python -m bench.run --rows scale     # one row group only
 
 One run starts a store Dovecot (maildir; native POP3 + IMAP), an imapc Dovecot in front of
-it and the bridge (subprocess) in front of it, seeds the mailboxes over IMAP, then drives
-all three with the same client. Rounds are interleaved and the order rotates per round, so
-drift of the machine hits all three alike. Prints medians and the ratios bridge/native and
-bridge/imapc as a Markdown table (pasted into docs/performance.md) and writes every raw
-sample to bench/results/ (not in git).
+it and the bridge (subprocess) in front of it, then runs the row groups (GROUPS below), each
+seeding what it needs and driving the servers with the same client. Rounds are interleaved
+and the order rotates per round, so drift of the machine hits all servers alike. Prints
+medians and the ratios bridge/native and bridge/imapc as a Markdown table with a verdict per
+target (pasted into docs/performance.md) and writes every raw sample to bench/results/ (not
+in git).
 """
 
 from __future__ import annotations

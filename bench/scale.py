@@ -30,7 +30,13 @@ from bench.asyncclient import AsyncPop3, unstuff
 from bench.maildirs import SeededAccount, remaining_files, write_accounts
 from bench.plans import MIB, Plan
 from bench.pop3client import Pop3Error
-from bench.proc import process_connections_to, rss_bytes, server_connections, tree_memory
+from bench.proc import (
+    cpu_seconds,
+    process_connections_to,
+    rss_bytes,
+    server_connections,
+    tree_memory,
+)
 from bench.report import Fact, Recorder, Row, progress
 from bench.servers import BenchServers, Target
 from sandbox import DovecotSandbox
@@ -213,17 +219,20 @@ def run(servers: BenchServers, plan: Plan, rec: Recorder) -> None:
         max_connections=sessions + 100, store=store,
     )
     rss_before = rss_bytes(bridge.pid)
+    cpu_before = cpu_seconds(bridge.pid)
 
     def bridge_idle() -> dict[str, Any]:
         return {
             "rss_before": rss_before,
             "rss": rss_bytes(bridge.pid),
             "upstream_held": process_connections_to(bridge.pid, store.imap_port),
+            "cpu_seconds_to_idle": cpu_seconds(bridge.pid) - cpu_before,
         }
 
     progress(f"scale: {sessions:,} sessions on the bridge (pool.max_connections = {plan.scale_pool})")
     storm = Storm(Target("bridge", "127.0.0.1", bridge.port), accounts, plan, store.imap_port)
     result = trio.run(storm.run, bridge_idle, True)
+    result["cpu_seconds"] = cpu_seconds(bridge.pid) - cpu_before
     result.update(_check_deletions(store, accounts, storm.retrieved))
     result["pool_max_connections"] = plan.scale_pool
     result["bridge_log"] = bridge.log_summary()

@@ -36,7 +36,7 @@ from bench.asyncclient import AsyncPop3
 from bench.maildirs import message_file, write_accounts
 from bench.plans import KIB, MIB, Plan, size_text
 from bench.pop3client import Pop3Error, poll
-from bench.proc import peak_rss_bytes, reset_peak, rss_bytes
+from bench.proc import cpu_seconds, peak_rss_bytes, reset_peak, rss_bytes
 from bench.report import Fact, Recorder, Row, progress
 from bench.scenarios import Account, make_accounts, percentile
 from bench.servers import BenchServers, Target
@@ -200,10 +200,12 @@ def run(servers: BenchServers, plan: Plan, rec: Recorder) -> None:
         memory: dict[str, int] = {}
         if target.name == "bridge":
             memory["rss_before"] = rss_bytes(bridge.pid)
+            cpu = cpu_seconds(bridge.pid)
             reset_peak(bridge.pid)
         loaded, report = _loaded(_start_clients(target, accounts, plan, "retr"), target, poller, plan)
         if target.name == "bridge":
             memory["peak"] = peak_rss_bytes(bridge.pid)
+            memory["cpu_seconds"] = cpu_seconds(bridge.pid) - cpu
             rec.add("slow_rss_growth", "bridge", memory["peak"] - memory["rss_before"])
         unloaded_p95 = percentile(unloaded, 95)
         loaded_p95 = percentile(loaded, 95) if loaded else None
