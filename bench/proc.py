@@ -12,6 +12,8 @@ from __future__ import annotations
 import os
 import re
 import resource
+import socket
+import sys
 from pathlib import Path
 
 import psutil
@@ -72,15 +74,22 @@ def _tcp_tables() -> bytes:
     return b"\n".join(parts)
 
 
-def server_connections(port: int) -> int:
-    """Established TCP connections whose local end is `port` on this host: the connections
-    the server listening there holds (loopback benchmark: its clients are all local)."""
-    local = re.compile(rb"^ *\d+: [0-9A-F]+:%04X [0-9A-F]+:[0-9A-F]+ 01 " % port, re.MULTILINE)
-    return len(local.findall(_tcp_tables()))
+def _ipv4_hex(host: str) -> bytes:
+    # /proc/net/tcp writes an IPv4 address as the hex of its 32 bits in host byte order.
+    return b"%08X" % int.from_bytes(socket.inet_aton(host), sys.byteorder)
 
 
-def process_connections_to(pid: int, port: int) -> int:
-    """Established TCP connections from process `pid` to a server on `port`: its sockets
+def server_connections(host: str, port: int) -> int:
+    """Established TCP connections whose local end is host:port (IPv4) on this host: the
+    connections the server listening there holds (loopback benchmark: its clients are local).
+    Counted by their remote ends: the kernel writes the table in pieces, and a connection
+    can appear twice when the table changes between two of them."""
+    local = re.compile(rb"^ *\d+: %s:%04X ([0-9A-F]+:[0-9A-F]+) 01 " % (_ipv4_hex(host), port), re.MULTILINE)
+    return len(set(local.findall(_tcp_tables())))
+
+
+def process_connections_to(pid: int, host: str, port: int) -> int:
+    """Established TCP connections from process `pid` to a server on host:port: its sockets
     (inodes under /proc/<pid>/fd) matched against the kernel's TCP table."""
     inodes = set()
     for entry in Path(f"/proc/{pid}/fd").iterdir():
@@ -91,9 +100,9 @@ def process_connections_to(pid: int, port: int) -> int:
         if target.startswith("socket:["):
             inodes.add(target[8:-1].encode())
     remote = re.compile(
-        rb"^ *\d+: [0-9A-F]+:[0-9A-F]+ [0-9A-F]+:%04X 01 (?:\S+ +){5}(\d+) " % port, re.MULTILINE
+        rb"^ *\d+: [0-9A-F]+:[0-9A-F]+ %s:%04X 01 (?:\S+ +){5}(\d+) " % (_ipv4_hex(host), port), re.MULTILINE
     )
-    return sum(1 for inode in remote.findall(_tcp_tables()) if inode in inodes)
+    return len(inodes.intersection(remote.findall(_tcp_tables())))
 
 
 def open_descriptors(pid: int) -> int:

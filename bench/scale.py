@@ -78,22 +78,23 @@ def _short(exc: BaseException) -> str:
 class Storm:
     """The sessions of one server, driven from one Trio loop."""
 
-    def __init__(self, target: Target, accounts: list[SeededAccount], plan: Plan, watch_port: int | None) -> None:
+    def __init__(self, target: Target, accounts: list[SeededAccount], plan: Plan, watch: tuple[str, int] | None) -> None:
         self.target = target
         self.accounts = accounts
         self.plan = plan
-        self.watch_port = watch_port
+        self.watch = watch  # the store's IMAP host and port, whose connections are sampled
         self.clients: dict[int, AsyncPop3] = {}
         self.errors: Counter[str] = Counter()
         self.retrieved: dict[int, str] = {}  # account index -> the file RETR 1 returned
-        self.most_connections = 0
+        self.phase = "log-in"
+        self.most_by_phase: dict[str, int] = {}
         self.samples = 0
 
     async def _sample(self) -> None:
-        assert self.watch_port is not None
+        assert self.watch is not None
         while True:
-            count = await trio.to_thread.run_sync(server_connections, self.watch_port)
-            self.most_connections = max(self.most_connections, count)
+            count = await trio.to_thread.run_sync(server_connections, *self.watch)
+            self.most_by_phase[self.phase] = max(self.most_by_phase.get(self.phase, 0), count)
             self.samples += 1
             await trio.sleep(_SAMPLE_SECONDS)
 
@@ -144,7 +145,7 @@ class Storm:
     async def run(self, at_idle: Callable[[], dict[str, Any]], delete: bool) -> dict[str, Any]:
         limiter = trio.CapacityLimiter(self.plan.scale_parallel)
         async with trio.open_nursery() as watchers:
-            if self.watch_port is not None:
+            if self.watch is not None:
                 watchers.start_soon(self._sample)
             started = time.perf_counter()
             async with trio.open_nursery() as nursery:
@@ -152,9 +153,11 @@ class Storm:
                     nursery.start_soon(self._open, index, limiter)
             opened_in = time.perf_counter() - started
             progress(f"{self.target.name}: {len(self.clients):,} sessions idle after STAT; measuring")
+            self.phase = "idle"
             # Let the server finish what logging in left behind (a settle, not readiness).
             await trio.sleep(1.0)
             idle = await trio.to_thread.run_sync(at_idle)
+            self.phase = "finish"
             started = time.perf_counter()
             async with trio.open_nursery() as nursery:
                 for index in list(self.clients):
@@ -169,7 +172,8 @@ class Storm:
             "error_count": sum(self.errors.values()),
             "open_seconds": opened_in,
             "finish_seconds": finished_in,
-            "most_upstream_connections": self.most_connections if self.watch_port else None,
+            "most_upstream_connections": max(self.most_by_phase.values()) if self.watch else None,
+            "most_upstream_connections_by_phase": self.most_by_phase,
             "connection_samples": self.samples,
             **idle,
         }
@@ -225,12 +229,12 @@ def run(servers: BenchServers, plan: Plan, rec: Recorder) -> None:
         return {
             "rss_before": rss_before,
             "rss": rss_bytes(bridge.pid),
-            "upstream_held": process_connections_to(bridge.pid, store.imap_port),
+            "upstream_held": process_connections_to(bridge.pid, store.host, store.imap_port),
             "cpu_seconds_to_idle": cpu_seconds(bridge.pid) - cpu_before,
         }
 
     progress(f"scale: {sessions:,} sessions on the bridge (pool.max_connections = {plan.scale_pool})")
-    storm = Storm(Target("bridge", "127.0.0.1", bridge.port), accounts, plan, store.imap_port)
+    storm = Storm(Target("bridge", "127.0.0.1", bridge.port), accounts, plan, (store.host, store.imap_port))
     result = trio.run(storm.run, bridge_idle, True)
     result["cpu_seconds"] = cpu_seconds(bridge.pid) - cpu_before
     result.update(_check_deletions(store, accounts, storm.retrieved))
