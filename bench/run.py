@@ -1,6 +1,6 @@
 """Benchmark the bridge against Dovecot's native POP3 and Dovecot-on-imapc, side by side.
 
-    .venv/bin/python -m bench.run                  # the full run (about 25 minutes on 2 cores)
+    .venv/bin/python -m bench.run                  # the full run (about 12-15 minutes on 2 cores)
     .venv/bin/python -m bench.run --quick          # smaller mailboxes, fewer rounds
     .venv/bin/python -m bench.run --rows scale     # one row group only
 

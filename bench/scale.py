@@ -52,7 +52,9 @@ _ERRORS = (OSError, Pop3Error, trio.BrokenResourceError, trio.ClosedResourceErro
 def store_config(sessions: int) -> str:
     """What Dovecot needs to hold `sessions` IMAP (or POP3) connections at once."""
     processes = sessions // _PER_PROCESS + 100
-    clients = 2 * sessions + 1000
+    # Also the limit of auth, anvil and the login processes; Dovecot warns when it exceeds the
+    # descriptor limit, which must cover the bridge's connections too (sessions + pool).
+    clients = sessions + 1000
     mail_service = f"  client_limit = {_PER_PROCESS}\n  service_count = 0\n  process_limit = {processes}\n"
     login_service = "  service_count = 0\n  process_min_avail = 2\n"
     return (

@@ -42,6 +42,8 @@ from bench.scenarios import Account, make_accounts, percentile
 from bench.servers import BenchServers, Target
 from sandbox import big_message, numbered_messages
 
+# Slow clients logging in at once (then they all read at the same time).
+_PARALLEL_LOGINS = 100
 _ERRORS = (OSError, Pop3Error, trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError)
 
 
@@ -138,7 +140,7 @@ def _start_clients(target: Target, accounts: list[Any], plan: Plan, action: str)
     assert child.stdin is not None
     spec = {
         "host": target.host, "port": target.port, "action": action, "size": plan.slow_size,
-        "rate": plan.slow_rate, "receive_buffer": plan.slow_receive_buffer, "parallel": 100,
+        "rate": plan.slow_rate, "receive_buffer": plan.slow_receive_buffer, "parallel": _PARALLEL_LOGINS,
         "accounts": [[a.user, a.password] for a in accounts],
     }
     child.stdin.write(json.dumps(spec) + "\n")
