@@ -11,9 +11,9 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 
 from bench.pop3client import Pop3Client, Pop3Error, poll, session_setup
+from bench.proc import peak_rss_bytes, reset_peak, rss_bytes
 from bench.servers import Target
 from sandbox import DovecotSandbox, Mailbox
 
@@ -84,18 +84,31 @@ def _poll_and_retrieve(target: Target, account: Account) -> float:
     return time.perf_counter() - started
 
 
-def measure_concurrent(target: Target, accounts: list[Account], sessions_each: int) -> dict[str, float]:
+def measure_concurrent(
+    target: Target, accounts: list[Account], sessions_each: int, *, count_failures: bool = False,
+) -> dict[str, float]:
     """One client thread per account, all started together, each running `sessions_each`
-    poll-and-retrieve sessions back to back. Returns sessions/s and latency percentiles."""
+    poll-and-retrieve sessions back to back. Returns sessions/s and latency percentiles.
+    A failed session raises, unless `count_failures`: then it is counted ("failed") and
+    left out of the figures, and the client goes on with its next session."""
     barrier = threading.Barrier(len(accounts) + 1)
     latencies: list[float] = []
+    failures: list[str] = []
     lock = threading.Lock()
 
     def client(account: Account) -> None:
         barrier.wait()
-        mine = [_poll_and_retrieve(target, account) for _ in range(sessions_each)]
-        with lock:
-            latencies.extend(mine)
+        for _ in range(sessions_each):
+            try:
+                latency = _poll_and_retrieve(target, account)
+            except (OSError, Pop3Error) as exc:
+                if not count_failures:
+                    raise
+                with lock:
+                    failures.append(f"{type(exc).__name__}: {exc}")
+                continue
+            with lock:
+                latencies.append(latency)
 
     with ThreadPoolExecutor(max_workers=len(accounts)) as pool:
         futures = [pool.submit(client, account) for account in accounts]
@@ -104,11 +117,18 @@ def measure_concurrent(target: Target, accounts: list[Account], sessions_each: i
         for future in futures:
             future.result()
         wall = time.perf_counter() - started
-    return {
+    if not latencies and not count_failures:
+        raise Pop3Error(f"{target.name}: no session of the concurrency row completed")
+    result = {
         "sessions_per_second": len(latencies) / wall,
-        "p95_seconds": percentile(latencies, 95),
-        "median_seconds": statistics.median(latencies),
+        # None when every session failed (count_failures): no latency to speak of.
+        "p95_seconds": percentile(latencies, 95) if latencies else None,
+        "median_seconds": statistics.median(latencies) if latencies else None,
     }
+    if count_failures:
+        result["failed"] = len(failures)
+        result["failures"] = sorted(set(failures))[:5]  # type: ignore[assignment]
+    return result
 
 
 def percentile(values: list[float], pct: float) -> float:
@@ -119,17 +139,6 @@ def percentile(values: list[float], pct: float) -> float:
 
 
 # -- memory (the bridge process only) ---------------------------------------------------------
-
-
-def rss_bytes(pid: int) -> int:
-    return _status_field(pid, "VmRSS")
-
-
-def _status_field(pid: int, name: str) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(name + ":"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"/proc/{pid}/status has no {name}")
 
 
 def measure_idle_sessions(target: Target, pid: int, accounts: list[Account]) -> dict[str, float]:
@@ -168,9 +177,9 @@ def measure_retr_memory(target: Target, pid: int, account: Account, number: int,
         client.login(account.user, account.password)
         client.stat()
         before = rss_bytes(pid)
-        Path(f"/proc/{pid}/clear_refs").write_text("5")
+        reset_peak(pid)
         got = client.multiline(b"RETR %d" % number)
-        peak = _status_field(pid, "VmHWM")
+        peak = peak_rss_bytes(pid)
         client.quit()
     if got < size:
         raise Pop3Error(f"RETR {number} sent {got} bytes, expected at least {size}")

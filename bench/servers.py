@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import socket
@@ -20,6 +21,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+from typing import Any
+
+import psutil
 
 from sandbox import DovecotSandbox
 
@@ -71,17 +75,24 @@ userdb {{
 class BridgeProcess:
     """The bridge as a child process (the real command line), stopped by pid."""
 
-    def __init__(self, workdir: Path, imap_port: int, extra_toml: str = "") -> None:
+    def __init__(
+        self, workdir: Path, imap_port: int, extra_toml: str = "", *,
+        sections: str = "", max_connections: int = 5000,
+    ) -> None:
+        """`extra_toml`: more lines for [upstream]; `sections`: whole further sections
+        (e.g. "[pool]\\nmax_connections = 200"); `max_connections`: pop3.max_connections,
+        and the per-address cap (every benchmark client comes from 127.0.0.1)."""
+        workdir.mkdir(parents=True, exist_ok=True)
         self.port = _free_port()
+        self.imap_port = imap_port
         self.config_path = workdir / "bridge.toml"
         self.log_path = workdir / "bridge.log"
         self.config_path.write_text(
-            # Every benchmark client comes from 127.0.0.1: lift the per-address cap too.
-            f'[pop3]\nlisten = ["127.0.0.1:{self.port}"]\nmax_connections = 5000\n'
-            f"max_connections_per_address = 5000\n"
+            f'[pop3]\nlisten = ["127.0.0.1:{self.port}"]\nmax_connections = {max_connections}\n'
+            f"max_connections_per_address = {max_connections}\n"
             # The store Dovecot runs without TLS: loopback only.
             f'[upstream]\nhost = "127.0.0.1"\nport = {imap_port}\ntls = "none"\n{extra_toml}\n'
-            f'[logging]\nlevel = "info"\nformat = "json"\n'
+            f'[logging]\nlevel = "info"\nformat = "json"\n{sections}\n'
         )
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -124,6 +135,43 @@ class BridgeProcess:
         self.stop()
         self.start()
 
+    def wait_workers(self, count: int, timeout: float = 30.0) -> int:
+        """With server.workers > 1: wait until `count` worker processes listen on the POP3
+        port (the supervisor itself serves none); returns how many do."""
+        deadline = time.monotonic() + timeout
+        listening = 0
+        while time.monotonic() < deadline:
+            listening = 0
+            for child in psutil.Process(self.pid).children(recursive=True):
+                with contextlib.suppress(psutil.Error):
+                    if any(
+                        c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == self.port
+                        for c in child.net_connections(kind="tcp")
+                    ):
+                        listening += 1
+            if listening >= count:
+                return listening
+            time.sleep(0.1)
+        raise RuntimeError(f"only {listening} of {count} bridge workers listen after {timeout:.0f} s")
+
+    def log_summary(self) -> dict[str, object]:
+        """Log events at warning level or worse, counted by (level, event): what went wrong
+        in the bridge during a row."""
+        counts: dict[str, int] = {}
+        with contextlib.suppress(OSError):
+            for line in self.log_path.read_text(errors="replace").splitlines():
+                try:
+                    event = json.loads(line)
+                except ValueError:
+                    if line.strip():
+                        counts["(not JSON) " + line[:80]] = counts.get("(not JSON) " + line[:80], 0) + 1
+                    continue
+                level = str(event.get("level", ""))
+                if level in ("warning", "error", "critical"):
+                    key = f"{level}: {event.get('event')}"
+                    counts[key] = counts.get(key, 0) + 1
+        return {"log": str(self.log_path), "problems": counts}
+
 
 class BenchServers:
     """Starts the store Dovecot, the imapc Dovecot and the bridge; stops all three on exit."""
@@ -135,6 +183,8 @@ class BenchServers:
         self._bridge_toml = bridge_toml
         self._keep = keep_workdir
         self._stack = contextlib.ExitStack()
+        # What one row made and another may reuse (e.g. the concurrency row's accounts).
+        self.shared: dict[str, Any] = {}
         self.store: DovecotSandbox
         self.imapc: DovecotSandbox
         self.bridge: BridgeProcess
@@ -166,6 +216,30 @@ class BenchServers:
         self._stack.close()
         if not self._keep:
             shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def start_bridge(
+        self, name: str, sections: str = "", *, max_connections: int = 5000,
+        store: DovecotSandbox | None = None,
+    ) -> BridgeProcess:
+        """Another bridge (its own config, log and port under workdir/name) in front of
+        `store` (default: the store), stopped with the rest or by `stop_bridge`."""
+        bridge = BridgeProcess(
+            self.workdir / name, (store or self.store).imap_port, self._bridge_toml,
+            sections=sections, max_connections=max_connections,
+        )
+        self._stack.callback(bridge.stop)
+        bridge.start()
+        return bridge
+
+    def start_store(self, name: str, extra_config: str) -> DovecotSandbox:
+        """Another store Dovecot (maildir, native POP3 and IMAP) under workdir/name."""
+        store = DovecotSandbox(self.workdir / name, extra_config=extra_config)
+        self._stack.enter_context(store)
+        return store
+
+    def target_set(self, bridge: BridgeProcess) -> list[Target]:
+        """native, imapc and `bridge` (instead of the first one)."""
+        return [*self.targets[:2], Target("bridge", "127.0.0.1", bridge.port)]
 
     @property
     def targets(self) -> list[Target]:

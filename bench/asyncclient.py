@@ -1,0 +1,118 @@
+"""A POP3 client on Trio, for the rows that need thousands of connections from one process
+(threads would not do): the 10,000 idle sessions and the slow readers.
+
+Like bench/pop3client.py it parses no more than finding the end of a response needs. A
+multi-line body is consumed as it arrives (only a few bytes of it are kept to find the
+terminator, unless the caller wants the body), optionally at a fixed rate with a small
+receive buffer: a slow device on a slow line.
+"""
+
+from __future__ import annotations
+
+import socket
+
+import trio
+
+from bench.pop3client import Pop3Error
+
+_TERMINATOR = b"\r\n.\r\n"
+_DEFAULT_CHUNK = 65536
+
+
+def unstuff(body: bytes) -> bytes:
+    """The message a dot-stuffed multi-line body carries (RFC 1939, section 3)."""
+    return (b"\r\n" + body).replace(b"\r\n..", b"\r\n.")[2:]
+
+
+class AsyncPop3:
+    def __init__(self, stream: trio.SocketStream, chunk: int = _DEFAULT_CHUNK) -> None:
+        self._stream = stream
+        self._buf = bytearray()
+        self._chunk = chunk
+        self.greeting = b""
+
+    @classmethod
+    async def connect(cls, host: str, port: int, *, receive_buffer: int | None = None) -> AsyncPop3:
+        """Connect and read the greeting. `receive_buffer` sets SO_RCVBUF before connecting
+        (so the window the server sees is small from the start) and the read size."""
+        sock = trio.socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            if receive_buffer:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+            await sock.connect((host, port))
+        except BaseException:
+            sock.close()
+            raise
+        client = cls(trio.SocketStream(sock), chunk=receive_buffer or _DEFAULT_CHUNK)
+        try:
+            client.greeting = await client._status()
+        except BaseException:
+            await client.aclose()
+            raise
+        return client
+
+    async def aclose(self) -> None:
+        await self._stream.aclose()
+
+    async def _fill(self) -> None:
+        data = await self._stream.receive_some(self._chunk)
+        if not data:
+            raise Pop3Error("server closed the connection")
+        self._buf += data
+
+    async def _status(self) -> bytes:
+        while (end := self._buf.find(b"\r\n")) < 0:
+            await self._fill()
+        line = bytes(self._buf[:end])
+        del self._buf[: end + 2]
+        if not line.startswith(b"+OK"):
+            raise Pop3Error(line.decode("ascii", "replace"))
+        return line
+
+    async def command(self, line: bytes) -> bytes:
+        await self._stream.send_all(line + b"\r\n")
+        return await self._status()
+
+    async def multiline(self, line: bytes, *, rate: float | None = None, keep: bool = False) -> tuple[int, bytes]:
+        """Send `line`, consume the multi-line answer. Returns (body bytes, the body if
+        `keep` else b""). With `rate` (bytes/s) it reads no faster than that."""
+        await self._stream.send_all(line + b"\r\n")
+        await self._status()
+        kept = bytearray()
+        total = 0
+        # The status line's CRLF: an empty body is ".\r\n" right after it.
+        tail = b"\r\n"
+        started = trio.current_time()
+        while True:
+            data = bytes(self._buf)
+            combined = tail + data
+            found = combined.find(_TERMINATOR)
+            if found >= 0:
+                in_data = found + 2 - len(tail)  # negative: the body ended inside `tail`
+                total += in_data
+                if keep:
+                    if in_data >= 0:
+                        kept += data[:in_data]
+                    else:
+                        del kept[len(kept) + in_data:]
+                del self._buf[: found + len(_TERMINATOR) - len(tail)]
+                return total, bytes(kept)
+            total += len(data)
+            if keep:
+                kept += data
+            tail = combined[-4:]
+            self._buf.clear()
+            if rate:
+                await trio.sleep_until(started + total / rate)
+            await self._fill()
+
+    async def login(self, user: str, password: str) -> None:
+        await self.command(b"USER " + user.encode())
+        await self.command(b"PASS " + password.encode())
+
+    async def stat(self) -> tuple[int, int]:
+        _ok, count, size = (await self.command(b"STAT")).split()[:3]
+        return int(count), int(size)
+
+    async def quit(self) -> None:
+        await self.command(b"QUIT")
