@@ -27,6 +27,7 @@ from bridge.pop3 import Pop3Server, ResponseCode, RetrieveRequest
 from bridge.session.errors import EndSession
 from bridge.session.message_cache import AccountCache, CacheWriter
 from bridge.session.readahead import Readahead
+from bridge.session.upstream import StoreAccess
 
 _log = get_logger()
 _READAHEAD_HITS = metrics.READAHEAD_HITS
@@ -34,14 +35,15 @@ _READAHEAD_HITS = metrics.READAHEAD_HITS
 
 class Retriever:
     def __init__(
-        self, core: Pop3Server, store: MaildropStore, readahead: Readahead, settings: UpstreamSettings,
+        self, core: Pop3Server, upstream: StoreAccess, readahead: Readahead, settings: UpstreamSettings,
         send: Callable[[bytes], Awaitable[None]], command_log: Any,
-        cache: AccountCache | None = None, send_file: Callable[[int, int], Awaitable[None]] | None = None, backend: str = "default",
+        cache: AccountCache | None = None, send_file: Callable[[int, int], Awaitable[None]] | None = None,
+        backend: str = "default",
     ) -> None:
         self._core = core
         self._cache = cache
         self._send_file = send_file
-        self._store = store
+        self._upstream = upstream
         self.readahead = readahead
         self._chunk = settings.fetch_chunk
         self._send = send
@@ -49,26 +51,19 @@ class Retriever:
         self._command_log = command_log
         self._backend = backend  # the metrics label of its upstream failures
         self._last_retrieved = 0
+        self._sequential = False
 
     async def retrieve(self, request: RetrieveRequest) -> None:
         entry = request.entry
         command = "RETR" if request.body_lines is None else "TOP"
         with metrics.CommandTimer(command, self._command_log) as timing:
             try:
-                data = await self._first_piece(request)
-                if data is not None and len(data) >= entry.size:
+                data = self._in_hand(request)
+                if data is not None:
                     await self._send_whole(data)
-                elif data is not None:
-                    rest = ChunkedRangeReader(self._store, entry.ref, len(data), entry.size - len(data), self._chunk)
-                    await self._send_message(request, data, rest)
                 elif not await self._sent_from_cache(request):
-                    writer = self._cache_writer(request)
-                    try:
-                        async with self._store.open_range(entry.ref, 0, entry.size) as reader:
-                            await self._send_message(request, await reader.next_piece(), reader, writer)
-                    finally:
-                        if writer is not None:
-                            writer.abort()
+                    async with self._upstream.using() as store:
+                        await self._retrieve_from(store, request)
             except MessageGone:
                 _log.info("message_gone", uid=entry.ref, number=request.number)
                 timing.value = "err"
@@ -79,30 +74,53 @@ class Retriever:
                 timing.value = "err"
                 await self._send(self._core.refuse_message("mail server unavailable, try again later", ResponseCode.SYS_TEMP))
 
-    async def _first_piece(self, request: RetrieveRequest) -> bytes | None:
-        """The first piece of a message: from the read-ahead, or one batched FETCH of this
-        and the following small messages when the client reads them in order, or for TOP a
-        partial FETCH of the first chunk. None: a RETR to stream. Raises MessageGone."""
+    def _in_hand(self, request: RetrieveRequest) -> bytes | None:
+        """The message, if it needs no upstream: empty, or read ahead already."""
         entry = request.entry
         # A session's first RETR starts an order too: a device that keeps mail on the server
         # downloads only its new messages, from wherever they begin.
-        sequential = request.number == self._last_retrieved + 1 or not self._last_retrieved
+        self._sequential = request.number == self._last_retrieved + 1 or not self._last_retrieved
         self._last_retrieved = request.number
         if not entry.size:
             return b""
-        readahead = self.readahead
+        cached = self.readahead.take(entry.ref)
+        if cached is not None:
+            _READAHEAD_HITS.inc()
+        return cached
+
+    async def _retrieve_from(self, store: MaildropStore, request: RetrieveRequest) -> None:
+        entry = request.entry
+        data = await self._first_piece(store, request)
+        if data is not None and len(data) >= entry.size:
+            await self._send_whole(data)
+        elif data is not None:
+            rest = ChunkedRangeReader(store, entry.ref, len(data), entry.size - len(data), self._chunk)
+            await self._send_message(request, data, rest)
+        else:
+            writer = self._cache_writer(request)
+            try:
+                async with store.open_range(entry.ref, 0, entry.size) as reader:
+                    await self._send_message(request, await reader.next_piece(), reader, writer)
+            finally:
+                if writer is not None:
+                    writer.abort()
+
+    async def _first_piece(self, store: MaildropStore, request: RetrieveRequest) -> bytes | None:
+        """The first piece of a message not in hand: from the batch being read ahead, or one
+        batched FETCH of this and the following small messages when the client reads them in
+        order, or for TOP a partial FETCH of the first chunk. None: a RETR to stream. Raises
+        MessageGone."""
+        entry, readahead = request.entry, self.readahead
+        # It may be in the batch being fetched; the FETCH of anything else would wait for
+        # that batch's anyway.
+        await readahead.settle()
         cached = readahead.take(entry.ref)
-        if cached is None:
-            # It may be in the batch being fetched; the FETCH of anything else would wait
-            # for that batch's anyway.
-            await readahead.settle()
-            cached = readahead.take(entry.ref)
         if cached is not None:
             _READAHEAD_HITS.inc()
             return cached
         if request.body_lines is not None:
-            return await self._store.fetch_range(entry.ref, 0, min(self._chunk, entry.size))
-        if sequential:
+            return await store.fetch_range(entry.ref, 0, min(self._chunk, entry.size))
+        if self._sequential:
             return await readahead.fetch_from(entry, request.number)
         return None
 
