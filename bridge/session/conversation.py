@@ -154,10 +154,12 @@ class Pop3Session:
             with trio.move_on_after(1):
                 await self._stream.aclose()
 
-    async def _send(self, data: bytes) -> None:
+    async def _send(self, data: bytes) -> bool:
+        """True if the client was slower than the data (the send had to wait for it)."""
         # A client that stops reading is dropped after pop3.send_timeout_seconds.
-        await self._io.send(data, self._settings.pop3.send_timeout_seconds)
+        waited = await self._io.send(data, self._settings.pop3.send_timeout_seconds)
         _BYTES_SENT.inc(len(data))
+        return waited
         self.record.bytes_sent += len(data)
 
     async def _send_file(self, fd: int, length: int) -> None:

@@ -30,13 +30,18 @@ from bridge.session.readahead import Readahead
 from bridge.session.upstream import StoreAccess
 
 _log = get_logger()
+# Bounds of the pieces a streamed RETR reads from the upstream at a time. A message starts at
+# _SLOW_PIECE; a client that keeps up gets up to _FAST_PIECE per read, one that makes sends
+# wait goes back down (a thousand slow clients then hold tens of MB between them, not GB).
+_FAST_PIECE = 1 << 20
+_SLOW_PIECE = 32 * 1024
 _READAHEAD_HITS = metrics.READAHEAD_HITS
 
 
 class Retriever:
     def __init__(
         self, core: Pop3Server, upstream: StoreAccess, readahead: Readahead, settings: UpstreamSettings,
-        send: Callable[[bytes], Awaitable[None]], command_log: Any,
+        send: Callable[[bytes], Awaitable[bool | None]], command_log: Any,
         cache: AccountCache | None = None, send_file: Callable[[int, int], Awaitable[None]] | None = None,
         backend: str = "default",
     ) -> None:
@@ -52,6 +57,7 @@ class Retriever:
         self._backend = backend  # the metrics label of its upstream failures
         self._last_retrieved = 0
         self._sequential = False
+        self._piece = _SLOW_PIECE
 
     async def retrieve(self, request: RetrieveRequest) -> None:
         entry = request.entry
@@ -98,9 +104,12 @@ class Retriever:
             await self._send_message(request, data, rest)
         else:
             writer = self._cache_writer(request)
+            # Each streamed message starts small: until a send has shown how fast the client
+            # reads, a piece is all a stalled client makes the bridge hold.
+            self._piece = _SLOW_PIECE
             try:
                 async with store.open_range(entry.ref, 0, entry.size) as reader:
-                    await self._send_message(request, await reader.next_piece(), reader, writer)
+                    await self._send_message(request, await reader.next_piece(self._piece), reader, writer)
             finally:
                 if writer is not None:
                     writer.abort()
@@ -180,10 +189,13 @@ class Retriever:
                 break
             # More to fetch: what we have goes out first, so the client is never kept
             # waiting on the upstream for bytes we already hold.
-            await self._send_pieces(pending)
+            slow = await self._send_pieces(pending)
             pending.clear()
+            # A client slower than the upstream gets the rest in small pieces, so its RETR
+            # holds little memory however long it takes; a fast one in big ones.
+            self._piece = max(_SLOW_PIECE, self._piece // 4) if slow else min(_FAST_PIECE, self._piece * 4)
             try:
-                data = await rest.next_piece()
+                data = await rest.next_piece(self._piece)
             except (MessageGone, UpstreamError) as exc:
                 core.abort_message()
                 _log.warning("retrieve_aborted", uid=entry.ref, offset=offset, error=type(exc).__name__)
@@ -196,12 +208,14 @@ class Retriever:
             writer.write(pending[-1])
             writer.commit()
 
-    async def _send_pieces(self, pieces: list[bytes]) -> None:
+    async def _send_pieces(self, pieces: list[bytes]) -> bool:
+        """True if the client was slower than the data."""
         # Small pieces are joined into one write; a big chunk of a message goes out as it
         # is rather than being copied once more only to sit next to a status line.
         if sum(len(piece) for piece in pieces) <= SEND_PIECE:
-            await self._send(b"".join(pieces))
-            return
+            return bool(await self._send(b"".join(pieces)))
+        slow = False
         for piece in pieces:
             if piece:
-                await self._send(piece)
+                slow |= bool(await self._send(piece))
+        return slow
