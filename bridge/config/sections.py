@@ -152,7 +152,8 @@ class PoolSettings(Section):
     # From the connection's upstream LOGIN, never refreshed: the longest an old password keeps
     # working on a parked connection after it changed upstream (bridge/imap/pool.py).
     max_age_seconds: float = Field(default=300.0, gt=0, le=86400)
-    max_connections: int = Field(default=500, ge=0)
+    # Every IMAP connection open at once, in use by a session or parked (bridge/imap/capacity.py).
+    max_connections: int = Field(default=1000, ge=1)
     max_per_account: int = Field(default=2, ge=1, le=64)
     # RFC 2177: re-issue IDLE at least every 29 minutes; many servers and NATs drop sooner.
     keepalive_seconds: float = Field(default=600.0, ge=1, le=1740)

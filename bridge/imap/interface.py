@@ -15,9 +15,10 @@ from bridge.imap.snapshot import MailboxSnapshot
 
 
 class RangeReader(Protocol):
-    async def next_piece(self) -> bytes:
-        """The next piece of the range, b"" once it is all read. The first call raises
-        MessageGone if the UID no longer exists, before any byte is returned."""
+    async def next_piece(self, most: int | None = None) -> bytes:
+        """The next piece of the range (at most `most` bytes where the engine streams), b""
+        once it is all read. The first call raises MessageGone if the UID no longer exists,
+        before any byte is returned."""
         ...
 
 
@@ -76,7 +77,8 @@ class ChunkedRangeReader:
         self._remaining = length
         self._chunk = chunk
 
-    async def next_piece(self) -> bytes:
+    async def next_piece(self, most: int | None = None) -> bytes:
+        # `most` is not followed: each piece is a FETCH of its own, `chunk` bytes.
         if self._remaining <= 0:
             return b""
         asked = min(self._chunk, self._remaining)

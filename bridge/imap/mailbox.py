@@ -193,6 +193,14 @@ class ImapMailbox:
             if folder == self._settings.mailbox:
                 self._refuse_if_recreated()
 
+    def adopt_snapshot(self, uidvalidity: int) -> None:
+        """This connection now serves a session whose snapshot was taken on another one (it
+        got this one back for its next command): its UIDs are only good under `uidvalidity`.
+        Raises UpstreamError if the maildrop, as selected here, has another one."""
+        self._snapshot_uidvalidity = uidvalidity
+        if self._selected == self._settings.mailbox:
+            self._refuse_if_recreated()
+
     def _refuse_if_recreated(self) -> None:
         if self._snapshot_uidvalidity is not None and self._channel.view.uidvalidity != self._snapshot_uidvalidity:
             # The folder was recreated since the snapshot: its UIDs now name other messages,

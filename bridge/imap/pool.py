@@ -53,6 +53,7 @@ from dataclasses import dataclass, field
 import trio
 
 from bridge.config import BridgeSettings, UpstreamSettings, account_key
+from bridge.imap.capacity import ConnectionSlots
 from bridge.imap.engines import Credential, open_mailbox
 from bridge.imap.errors import UpstreamError, UpstreamNotListening, UpstreamUnavailable
 from bridge.imap.mailbox import ImapMailbox
@@ -84,6 +85,8 @@ class _Parked:
     done: trio.Event = field(default_factory=trio.Event)
     claimed: bool = False
     evicted: str | None = None
+    # Logged out to make room for another connection (bridge.imap.capacity).
+    reclaimed: bool = False
 
     def matches(self, password: str) -> bool:
         return hmac.compare_digest(self.digest, _digest(self.salt, password))
@@ -101,6 +104,8 @@ class UpstreamPool:
         # parked again).
         self._leases: set[Lease] = set()
         self._nursery: trio.Nursery | None = None
+        # Every connection open, in use or parked, counted against pool.max_connections.
+        self.slots = ConnectionSlots(lambda: self._settings().pool.max_connections)
         # May a connection opened for this back end still serve it? (bridge.routing.router
         # answers for the routes; without routes, [upstream] as it is now.)
         self.is_current: Callable[[Backend], bool] = lambda backend: backend.upstream == self._settings().upstream
@@ -245,13 +250,49 @@ class UpstreamPool:
         if entry.done.is_set() and entry.mailbox.usable:
             return entry.mailbox
         _log.info("pool_connection_dropped", reason="broken")
-        await entry.mailbox.aclose()
+        await self._close(entry.mailbox, entry.reclaimed)
         return None
 
     async def _open(self, backend: Backend, credential: Credential) -> ImapMailbox:
         upstream = backend.upstream
-        started = deadline = trio.current_time()
-        deadline += upstream.timeout_seconds
+        deadline = trio.current_time() + upstream.timeout_seconds
+        await self.slots.acquire(self._reclaim_one, deadline)
+        try:
+            return await self._connect(backend, credential, deadline)
+        except BaseException:
+            self.slots.release()
+            raise
+
+    def _reclaim_one(self) -> bool:
+        """Start logging out one connection to make room (bridge.imap.capacity): the least
+        recently parked, else that of the session idle longest between commands (it gets a
+        connection back for its next command). False: every connection is busy."""
+        if self._parked:
+            entry = next(iter(self._parked.values()))
+            entry.reclaimed = True
+            self._evict(entry, "total_cap")
+            return True
+        idle = [lease for lease in self._leases if not lease.busy and not lease.taken]
+        if not idle or self._nursery is None:
+            return False
+        lease = min(idle, key=lambda candidate: candidate.idle_since)
+        lease.taken = True
+        self._leases.discard(lease)
+        metrics.POOL_EVICTIONS.labels("idle_session").inc()
+        _log.debug("pool_connection_closed", reason="idle_session", backend=lease.backend.name)
+        self._nursery.start_soon(self._close, lease.mailbox, True)
+        return True
+
+    async def _close(self, mailbox: ImapMailbox, reclaimed: bool = False) -> None:
+        """Log out and close a connection; its slot is free once it is closed."""
+        try:
+            await mailbox.aclose()
+        finally:
+            self.slots.release(reclaimed)
+
+    async def _connect(self, backend: Backend, credential: Credential, deadline: float) -> ImapMailbox:
+        upstream = backend.upstream
+        started = trio.current_time()
         delay = upstream.reconnect_initial_seconds
         attempt = 1
         while True:
@@ -282,18 +323,20 @@ class UpstreamPool:
     # -- taking back --------------------------------------------------------------------------
 
     async def checkin(self, lease: Lease) -> None:
+        if lease.taken:
+            return  # logged out already, to make room for another session's connection
         self._leases.discard(lease)
         mailbox = lease.mailbox
         bridge_settings = self._settings()
         settings = bridge_settings.pool
         metrics.POOL_MAX_CONNECTIONS.set(settings.max_connections)
-        if self._nursery is None or not mailbox.usable or settings.park_seconds <= 0 or settings.max_connections <= 0:
-            await mailbox.aclose()
+        if self._nursery is None or not mailbox.usable or settings.park_seconds <= 0:
+            await self._close(mailbox)
             return
         retired = lease.retired or self._unfit(lease.logged_in_at, lease.backend, bridge_settings)
         if retired is not None:
             _log.log(_level(retired), "pool_connection_closed", reason=retired, backend=lease.backend.name)
-            await mailbox.aclose()
+            await self._close(mailbox)
             return
         entry = _Parked(lease.account, lease.salt, lease.digest, mailbox, lease.logged_in_at, lease.backend)
         self._parked[id(entry)] = entry
@@ -357,7 +400,7 @@ class UpstreamPool:
                     _log.info("pool_connection_dropped", reason="broken", error=error)
                 else:
                     _log.log(_level(entry.evicted), "pool_connection_closed", reason=entry.evicted, backend=entry.backend.name)
-                await entry.mailbox.aclose()
+                await self._close(entry.mailbox, entry.reclaimed)
                 entry.done.set()
 
 
@@ -383,6 +426,20 @@ class Lease:
         # Why this connection must not be parked again (None: it may be).
         self.retired: str | None = None
         self._pool: UpstreamPool | None = pool
+        # Commands using the connection now (the login that checked it out is the first);
+        # at 0 the session is between commands and the pool may take the connection back
+        # to make room (`taken`): the session then checks out another for its next command.
+        self.busy = 1
+        self.idle_since = trio.current_time()
+        self.taken = False
+
+    def hold(self) -> None:
+        self.busy += 1
+
+    def let_go(self) -> None:
+        self.busy -= 1
+        if not self.busy:
+            self.idle_since = trio.current_time()
 
     @property
     def upstream(self) -> UpstreamSettings:

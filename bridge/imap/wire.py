@@ -136,9 +136,10 @@ class ResponseReader:
 
     # -- the stream as lines and literal pieces ---------------------------------------------
 
-    def next_event(self) -> Line | LiteralPiece | NeedData:
+    def next_event(self, most: int | None = None) -> Line | LiteralPiece | NeedData:
+        """The next line, or piece of the literal being read (at most `most` bytes of it)."""
         if self._literal_remaining:
-            return self._next_piece(self._literal_remaining)
+            return self._next_piece(self._literal_remaining if most is None else min(most, self._literal_remaining))
         buffer = self._buffer
         end = buffer.find(b"\r\n", self._searched)
         if end < 0:

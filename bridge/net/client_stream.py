@@ -81,9 +81,10 @@ class ClientStream:
         finally:
             self.wait.due = math.inf
 
-    async def send(self, data: bytes | memoryview, allowed_seconds: float) -> None:
+    async def send(self, data: bytes | memoryview, allowed_seconds: float) -> bool:
         """All of `data`; ends as "send_timeout" when the client takes nothing for
-        `allowed_seconds`."""
+        `allowed_seconds`. True if the client was slower than the data: the socket's buffer
+        filled up and the send had to wait (over TLS: always, as far as this can tell)."""
         view = memoryview(data)
         if self._fd < 0:
             for start in range(0, len(view), SEND_PIECE):
@@ -92,7 +93,7 @@ class ClientStream:
                     await self.stream.send_all(view[start : start + SEND_PIECE])
                 finally:
                     self.wait.due = math.inf
-            return
+            return True
         sent = self._write(view)
         if sent < len(view):
             self._sends_without_yield = 0
@@ -103,11 +104,12 @@ class ClientStream:
                 finally:
                     self.wait.due = math.inf
                 sent += self._write(view[sent:])
-            return
+            return True
         self._sends_without_yield += 1
         if self._sends_without_yield >= _SENDS_BETWEEN_YIELDS:
             self._sends_without_yield = 0
             await trio.lowlevel.checkpoint()
+        return False
 
     async def send_file(self, fd: int, length: int, allowed_seconds: float) -> None:
         """The first `length` bytes of the file `fd`: with sendfile on a plain socket (the

@@ -78,13 +78,23 @@ UPSTREAM_POOLED = Gauge(
 )
 POOL_EVICTIONS = Counter(
     "bridge_pool_evictions",
-    "Parked IMAP connections logged out, by reason (expired, max_age, account_cap, total_cap (the pool is "
-    "full), password_changed, upstream_changed, route_changed, shutdown).",
+    "IMAP connections logged out by the pool, by reason (expired, max_age, account_cap, total_cap (a parked "
+    "one, to make room), idle_session (the connection of a session between commands, to make room), "
+    "password_changed, upstream_changed, route_changed, shutdown).",
     ["reason"],
 )
 POOL_MAX_CONNECTIONS = Gauge(
-    "bridge_pool_max_connections", "pool.max_connections: the most parked IMAP connections (per process).",
+    "bridge_pool_max_connections", "pool.max_connections: the most IMAP connections open at once (per process).",
     multiprocess_mode="livesum",
+)
+UPSTREAM_CONNECTIONS = Gauge(
+    "bridge_upstream_connections",
+    "IMAP connections open now: in use by sessions, parked, being opened or logged out.",
+    multiprocess_mode="livesum",
+)
+POOL_FULL = Counter(
+    "bridge_pool_full",
+    "Logins and commands that found every IMAP connection (pool.max_connections) in use until their timeout.",
 )
 DELETIONS_APPLIED = Counter(
     "bridge_deletions_applied", "Messages deleted, moved, kept or hidden at QUIT, by delete policy.",
@@ -140,6 +150,7 @@ for _outcome in ("ok", "invalid_grant", "refused", "unavailable"):
 for _result in ("ok", "cached", "refused", "unavailable"):
     LOOKUPS.labels(_result)
 POOL_EVICTIONS.labels("total_cap")
+POOL_EVICTIONS.labels("idle_session")
 
 
 @cache

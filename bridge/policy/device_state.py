@@ -355,6 +355,11 @@ class DeviceStateStore:
         self._signer = signer
         self._carry = carry
 
+    def rebind(self, backend: StateBackend) -> None:
+        """Go on over another connection of the same account (a session's command may run on
+        another connection than its login: bridge.session.upstream)."""
+        self._backend = backend
+
     async def _read(self, device: str | None, uidvalidity: int) -> dict[str, DeviceState]:
         await self._backend.ensure_folder(self._folder)
         for _attempt in range(_READ_ATTEMPTS):

@@ -23,7 +23,6 @@ import structlog
 import trio
 
 from bridge.imap import UpstreamError
-from bridge.imap.pool import Lease
 from bridge.net.addresses import host_of_peer
 from bridge.net.client_stream import ClientStream
 from bridge.net.client_timeouts import ClientWait
@@ -51,6 +50,7 @@ from bridge.session.registry import SessionRecord
 from bridge.session.retrieval import Retriever
 from bridge.session.services import SharedServices
 from bridge.session.uidl import maildrop_from_snapshot
+from bridge.session.upstream import SessionUpstream
 
 _log = get_logger()
 _BYTES_SENT = metrics.BYTES_SENT
@@ -86,7 +86,8 @@ class Pop3Session:
         # A logger bound once for the per-command debug event (the module's lazy logger builds
         # a new one on every call, and the event is on the path of every RETR), or None.
         self._command_log = _log.bind() if self._settings.logging.level == "debug" else None
-        self._lease: Lease | None = None
+        # The session's upstream connection once logged in, held per command.
+        self._upstream: SessionUpstream | None = None
         self._view: MaildropView | None = None
         self._retriever: Retriever | None = None
         self._background: trio.Nursery | None = None
@@ -147,16 +148,18 @@ class Pop3Session:
         if self._retriever is not None:
             self._retriever.readahead.close()
         with trio.CancelScope(shield=True):
-            if self._lease is not None:
-                await self._lease.release()
+            if self._upstream is not None:
+                await self._upstream.release()
             self._exits.close()
             with trio.move_on_after(1):
                 await self._stream.aclose()
 
-    async def _send(self, data: bytes) -> None:
+    async def _send(self, data: bytes) -> bool:
+        """True if the client was slower than the data (the send had to wait for it)."""
         # A client that stops reading is dropped after pop3.send_timeout_seconds.
-        await self._io.send(data, self._settings.pop3.send_timeout_seconds)
+        waited = await self._io.send(data, self._settings.pop3.send_timeout_seconds)
         _BYTES_SENT.inc(len(data))
+        return waited
         self.record.bytes_sent += len(data)
 
     async def _send_file(self, fd: int, length: int) -> None:
@@ -230,7 +233,7 @@ class Pop3Session:
                 await self._send(reply)
                 return outcome
             elif isinstance(event, Close):
-                return "quit" if self._lease is None else "closed_without_quit"
+                return "quit" if self._upstream is None else "closed_without_quit"
             else:  # pragma: no cover - the core's event set is closed
                 raise AssertionError(f"unexpected event {event!r}")
 
@@ -266,7 +269,7 @@ class Pop3Session:
         except LoginRefused as refusal:
             await refuse(refusal)
             return core.reject_login(refusal.text, refusal.code)
-        self._lease, self._view = logged_in.lease, logged_in.view
+        self._view = logged_in.view
         # From now on the back end's upstream settings (bridge.routing) are the session's.
         self._settings = logged_in.settings
         self._backend = logged_in.backend.name
@@ -282,29 +285,35 @@ class Pop3Session:
         )
         maildrop = maildrop_from_snapshot(snapshot, logged_in.view.uidls)
         upstream = self._settings.upstream
+        lease = logged_in.lease
+        self._upstream = SessionUpstream(
+            self._services.pool, lease, identity.account, logged_in.pool_password, logged_in.credential,
+            logged_in.backend, snapshot.uidvalidity,
+        )
+        self._upstream.between_commands()
         assert self._background is not None
         readahead = Readahead(
-            logged_in.lease.mailbox, maildrop, upstream.fetch_chunk, self._services.readahead_budget, self._background
+            self._upstream, maildrop, upstream.fetch_chunk, self._services.readahead_budget, self._background
         )
-        lease = logged_in.lease
         cache = AccountCache(
-            self._services.message_cache, f"{lease.upstream.host}:{lease.upstream.port}", lease.account,
-            lease.upstream.mailbox, snapshot.uidvalidity,
+            self._services.message_cache, f"{upstream.host}:{upstream.port}", lease.account, upstream.mailbox,
+            snapshot.uidvalidity,
         )
         self._retriever = Retriever(
-            core, lease.mailbox, readahead, upstream, self._send, self._command_log, cache, self._send_file,
+            core, self._upstream, readahead, upstream, self._send, self._command_log, cache, self._send_file,
             self._backend,
         )
         return core.accept_login(maildrop, extra_capabilities=[expire_capability(self._settings, identity)])
 
     async def _commit(self, request: CommitRequest) -> tuple[bytes, str]:
         core = self._core
-        assert self._lease is not None and self._view is not None
+        assert self._upstream is not None and self._view is not None
         uids = [entry.ref for entry in request.marked]
         self.record.state = "update"
         try:
             with metrics.CommandTimer("QUIT", self._command_log):
-                await apply_deletions(self._lease.mailbox, self._view, uids, self._settings)
+                async with self._upstream.using() as mailbox:
+                    await apply_deletions(mailbox, self._view, uids, self._settings)
         except UpstreamError as exc:
             _log.warning("deletions_failed", count=len(uids), policy=self._view.identity.policy, error=str(exc))
             metrics.backend_error(self._backend, "quit").inc()

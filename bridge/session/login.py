@@ -23,6 +23,7 @@ import structlog
 import trio
 
 from bridge.config import BridgeSettings
+from bridge.imap.engines import Credential
 from bridge.imap.errors import AuthenticationFailed, UpstreamError
 from bridge.imap.pool import Lease
 from bridge.net.listeners import ClientConnection
@@ -63,6 +64,11 @@ class LoggedIn:
     backend: Backend
     # The session's settings from now on: [upstream] replaced by its back end's.
     settings: BridgeSettings
+    # What checking a connection out again takes (bridge.session.upstream): the password the
+    # pool compares, and what a fresh login uses if not that (OAuth2's tokens). Kept in the
+    # session's memory only, never logged.
+    pool_password: str = field(repr=False, default="")
+    credential: Credential | None = field(repr=False, default=None)
 
 
 def lookup_request(account: str, password: str, client: ClientConnection | None, attempt: int) -> LookupRequest:
@@ -106,9 +112,10 @@ async def log_in(
         structlog.contextvars.bind_contextvars(backend=backend.name)
         oauth2 = backend.upstream.auth == "oauth2"
         if oauth2:
-            lease = await _checkout_oauth2(identity.account, request.password, services, backend)
+            pool_password, credential = await _oauth2_credentials(identity.account, request.password, services)
         else:
-            lease = await services.pool.checkout(identity.account, request.password, backend=backend)
+            pool_password, credential = request.password, None
+        lease = await services.pool.checkout(identity.account, pool_password, credential, backend=backend)
     except LookupRefused as exc:
         delay = max(attempt.failed(), exc.wait)
         raise LoginRefused("lookup_refused", exc.text, ResponseCode.AUTH, delay=delay, fields={"delay": delay}) from None
@@ -160,19 +167,18 @@ async def log_in(
     limiter.record_success(address, account)
     metrics.LOGINS.labels("ok").inc()
     metrics.backend_login(backend.name, "ok").inc()
-    return LoggedIn(identity, lease, view, backend, settings)
+    return LoggedIn(identity, lease, view, backend, settings, pool_password, credential)
 
 
-async def _checkout_oauth2(account: str, password: str, services: SharedServices, backend: Backend) -> Lease:
-    """A connection for an OAuth2 account: a parked one whose device password matches and
-    whose enrolment is the current one (so a new device password, a re-enrolment or a
-    removal takes effect at the next login), else a fresh one logged in with a token."""
+async def _oauth2_credentials(account: str, password: str, services: SharedServices) -> tuple[str, Credential]:
+    """What an OAuth2 account's connections are checked out with: the device password and
+    the enrolment's fingerprint, compared with parked connections' (so a new device password,
+    a re-enrolment or a removal takes effect at the next login), and the tokens a fresh
+    login uses."""
     fingerprint = await services.oauth2.fingerprint(account)
     if fingerprint is None:
         raise DeviceLoginRefused("not_enrolled")
-    return await services.pool.checkout(
-        account, f"{fingerprint}\0{password}", services.oauth2.tokens(account, password), backend=backend
-    )
+    return f"{fingerprint}\0{password}", services.oauth2.tokens(account, password)
 
 
 async def refuse(refusal: LoginRefused) -> None:

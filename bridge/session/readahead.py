@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import trio
 
-from bridge.imap import MaildropStore, MessageGone, UpstreamError
+from bridge.imap import MessageGone, UpstreamError
 from bridge.ops.logs import get_logger
 from bridge.pop3 import Maildrop, MaildropEntry
+from bridge.session.upstream import StoreAccess
 
 _log = get_logger()
 # At most this many messages are fetched in one read-ahead round trip; the first batch, which
@@ -48,10 +49,10 @@ class Readahead:
     """One session's read-ahead: whole small messages by UID, taken from the budget."""
 
     def __init__(
-        self, store: MaildropStore, maildrop: Maildrop, chunk: int, budget: ReadaheadBudget,
+        self, upstream: StoreAccess, maildrop: Maildrop, chunk: int, budget: ReadaheadBudget,
         background: trio.Nursery,
     ) -> None:
-        self._store = store
+        self._upstream = upstream
         self._maildrop = maildrop
         self._chunk = chunk
         self._budget = budget
@@ -135,7 +136,8 @@ class Readahead:
         """One FETCH of `batch` (`granted` bytes of budget held for it); keeps what arrived
         whole, gives back the rest, and returns the UIDs that arrived at all."""
         try:
-            found = await self._store.fetch_messages([entry.ref for entry in batch])
+            async with self._upstream.using() as store:
+                found = await store.fetch_messages([entry.ref for entry in batch])
         except BaseException:
             self._release(granted)
             raise

@@ -27,21 +27,28 @@ from bridge.pop3 import Pop3Server, ResponseCode, RetrieveRequest
 from bridge.session.errors import EndSession
 from bridge.session.message_cache import AccountCache, CacheWriter
 from bridge.session.readahead import Readahead
+from bridge.session.upstream import StoreAccess
 
 _log = get_logger()
+# Bounds of the pieces a streamed RETR reads from the upstream at a time. A message starts at
+# _SLOW_PIECE; a client that keeps up gets up to _FAST_PIECE per read, one that makes sends
+# wait goes back down (a thousand slow clients then hold tens of MB between them, not GB).
+_FAST_PIECE = 1 << 20
+_SLOW_PIECE = 32 * 1024
 _READAHEAD_HITS = metrics.READAHEAD_HITS
 
 
 class Retriever:
     def __init__(
-        self, core: Pop3Server, store: MaildropStore, readahead: Readahead, settings: UpstreamSettings,
-        send: Callable[[bytes], Awaitable[None]], command_log: Any,
-        cache: AccountCache | None = None, send_file: Callable[[int, int], Awaitable[None]] | None = None, backend: str = "default",
+        self, core: Pop3Server, upstream: StoreAccess, readahead: Readahead, settings: UpstreamSettings,
+        send: Callable[[bytes], Awaitable[bool | None]], command_log: Any,
+        cache: AccountCache | None = None, send_file: Callable[[int, int], Awaitable[None]] | None = None,
+        backend: str = "default",
     ) -> None:
         self._core = core
         self._cache = cache
         self._send_file = send_file
-        self._store = store
+        self._upstream = upstream
         self.readahead = readahead
         self._chunk = settings.fetch_chunk
         self._send = send
@@ -49,26 +56,20 @@ class Retriever:
         self._command_log = command_log
         self._backend = backend  # the metrics label of its upstream failures
         self._last_retrieved = 0
+        self._sequential = False
+        self._piece = _SLOW_PIECE
 
     async def retrieve(self, request: RetrieveRequest) -> None:
         entry = request.entry
         command = "RETR" if request.body_lines is None else "TOP"
         with metrics.CommandTimer(command, self._command_log) as timing:
             try:
-                data = await self._first_piece(request)
-                if data is not None and len(data) >= entry.size:
+                data = self._in_hand(request)
+                if data is not None:
                     await self._send_whole(data)
-                elif data is not None:
-                    rest = ChunkedRangeReader(self._store, entry.ref, len(data), entry.size - len(data), self._chunk)
-                    await self._send_message(request, data, rest)
                 elif not await self._sent_from_cache(request):
-                    writer = self._cache_writer(request)
-                    try:
-                        async with self._store.open_range(entry.ref, 0, entry.size) as reader:
-                            await self._send_message(request, await reader.next_piece(), reader, writer)
-                    finally:
-                        if writer is not None:
-                            writer.abort()
+                    async with self._upstream.using() as store:
+                        await self._retrieve_from(store, request)
             except MessageGone:
                 _log.info("message_gone", uid=entry.ref, number=request.number)
                 timing.value = "err"
@@ -79,30 +80,56 @@ class Retriever:
                 timing.value = "err"
                 await self._send(self._core.refuse_message("mail server unavailable, try again later", ResponseCode.SYS_TEMP))
 
-    async def _first_piece(self, request: RetrieveRequest) -> bytes | None:
-        """The first piece of a message: from the read-ahead, or one batched FETCH of this
-        and the following small messages when the client reads them in order, or for TOP a
-        partial FETCH of the first chunk. None: a RETR to stream. Raises MessageGone."""
+    def _in_hand(self, request: RetrieveRequest) -> bytes | None:
+        """The message, if it needs no upstream: empty, or read ahead already."""
         entry = request.entry
         # A session's first RETR starts an order too: a device that keeps mail on the server
         # downloads only its new messages, from wherever they begin.
-        sequential = request.number == self._last_retrieved + 1 or not self._last_retrieved
+        self._sequential = request.number == self._last_retrieved + 1 or not self._last_retrieved
         self._last_retrieved = request.number
         if not entry.size:
             return b""
-        readahead = self.readahead
+        cached = self.readahead.take(entry.ref)
+        if cached is not None:
+            _READAHEAD_HITS.inc()
+        return cached
+
+    async def _retrieve_from(self, store: MaildropStore, request: RetrieveRequest) -> None:
+        entry = request.entry
+        data = await self._first_piece(store, request)
+        if data is not None and len(data) >= entry.size:
+            await self._send_whole(data)
+        elif data is not None:
+            rest = ChunkedRangeReader(store, entry.ref, len(data), entry.size - len(data), self._chunk)
+            await self._send_message(request, data, rest)
+        else:
+            writer = self._cache_writer(request)
+            # Each streamed message starts small: until a send has shown how fast the client
+            # reads, a piece is all a stalled client makes the bridge hold.
+            self._piece = _SLOW_PIECE
+            try:
+                async with store.open_range(entry.ref, 0, entry.size) as reader:
+                    await self._send_message(request, await reader.next_piece(self._piece), reader, writer)
+            finally:
+                if writer is not None:
+                    writer.abort()
+
+    async def _first_piece(self, store: MaildropStore, request: RetrieveRequest) -> bytes | None:
+        """The first piece of a message not in hand: from the batch being read ahead, or one
+        batched FETCH of this and the following small messages when the client reads them in
+        order, or for TOP a partial FETCH of the first chunk. None: a RETR to stream. Raises
+        MessageGone."""
+        entry, readahead = request.entry, self.readahead
+        # It may be in the batch being fetched; the FETCH of anything else would wait for
+        # that batch's anyway.
+        await readahead.settle()
         cached = readahead.take(entry.ref)
-        if cached is None:
-            # It may be in the batch being fetched; the FETCH of anything else would wait
-            # for that batch's anyway.
-            await readahead.settle()
-            cached = readahead.take(entry.ref)
         if cached is not None:
             _READAHEAD_HITS.inc()
             return cached
         if request.body_lines is not None:
-            return await self._store.fetch_range(entry.ref, 0, min(self._chunk, entry.size))
-        if sequential:
+            return await store.fetch_range(entry.ref, 0, min(self._chunk, entry.size))
+        if self._sequential:
             return await readahead.fetch_from(entry, request.number)
         return None
 
@@ -162,10 +189,13 @@ class Retriever:
                 break
             # More to fetch: what we have goes out first, so the client is never kept
             # waiting on the upstream for bytes we already hold.
-            await self._send_pieces(pending)
+            slow = await self._send_pieces(pending)
             pending.clear()
+            # A client slower than the upstream gets the rest in small pieces, so its RETR
+            # holds little memory however long it takes; a fast one in big ones.
+            self._piece = max(_SLOW_PIECE, self._piece // 4) if slow else min(_FAST_PIECE, self._piece * 4)
             try:
-                data = await rest.next_piece()
+                data = await rest.next_piece(self._piece)
             except (MessageGone, UpstreamError) as exc:
                 core.abort_message()
                 _log.warning("retrieve_aborted", uid=entry.ref, offset=offset, error=type(exc).__name__)
@@ -178,12 +208,14 @@ class Retriever:
             writer.write(pending[-1])
             writer.commit()
 
-    async def _send_pieces(self, pieces: list[bytes]) -> None:
+    async def _send_pieces(self, pieces: list[bytes]) -> bool:
+        """True if the client was slower than the data."""
         # Small pieces are joined into one write; a big chunk of a message goes out as it
         # is rather than being copied once more only to sit next to a status line.
         if sum(len(piece) for piece in pieces) <= SEND_PIECE:
-            await self._send(b"".join(pieces))
-            return
+            return bool(await self._send(b"".join(pieces)))
+        slow = False
         for piece in pieces:
             if piece:
-                await self._send(piece)
+                slow |= bool(await self._send(piece))
+        return slow

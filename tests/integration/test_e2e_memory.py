@@ -75,3 +75,57 @@ def test_retr_of_100_mb_does_not_hold_the_message_in_memory(
         f"RSS grew by {growth / 2**20:.1f} MiB while sending a {MESSAGE_SIZE / 2**20:.0f} MiB "
         f"message (baseline {rss.baseline / 2**20:.1f} MiB, peak {rss.peak / 2**20:.1f} MiB)"
     )
+
+
+# Many clients slower than the upstream, then stopped mid-RETR: each session holds what it read
+# from the upstream and could not send yet. Before pieces followed the client's pace, a read
+# took all the upstream had delivered meanwhile (up to 1 MiB, and a dot-stuffed copy): 40 such
+# sessions grew the bridge by 86 MiB. Pieces that start at 32 KiB and shrink while sends wait
+# keep them at a few MiB together; the bound sits between, away from both.
+STALLED_CLIENTS = 40
+MAX_STALLED_GROWTH = 16 * 1024 * 1024
+
+
+def test_clients_that_stop_reading_hold_little_memory_each(dovecot: DovecotSandbox, tmp_path: Path) -> None:
+    import socket
+    import time
+
+    boxes = [dovecot.new_mailbox() for _ in range(STALLED_CLIENTS)]
+    message = big_message(8 * 1024 * 1024, tag="stalled")
+    for box in boxes:
+        box.append([message])
+    env = {"BRIDGE_CACHE__MAX_BYTES": "0", "BRIDGE_POP3__MAX_CONNECTIONS_PER_ADDRESS": "1000"}
+    with SubprocessBridge(tmp_path, dovecot.imap_port, env=env) as bridge:
+        assert bridge.process is not None
+        process = psutil.Process(bridge.process.pid)
+        baseline = process.memory_info().rss
+        clients = []
+        try:
+            for box in boxes:
+                sock = socket.socket()
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+                sock.connect(("127.0.0.1", bridge.port))
+                sock.recv(100)
+                sock.sendall(b"USER %s\r\nPASS %s\r\nRETR 1\r\n" % (box.user.encode(), box.password.encode()))
+                clients.append(sock)
+            # Each reads a little, pauses (the upstream meanwhile fills the bridge's receive
+            # buffer: a fast server and a slow client), reads a little more, then stops.
+            for pause in (0.0, 0.5):
+                time.sleep(pause)
+                for sock in clients:
+                    received = 0
+                    while received < 512 * 1024:
+                        received += len(sock.recv(65536))
+            # Every session has sent what the socket buffers take and waits for its client:
+            # the bridge's CPU time stops moving.
+            last, steady = -1.0, 0
+            while steady < 5:
+                time.sleep(0.2)
+                used = sum(process.cpu_times()[:2])
+                steady = steady + 1 if used == last else 0
+                last = used
+            growth = process.memory_info().rss - baseline
+        finally:
+            for sock in clients:
+                sock.close()
+    assert growth <= MAX_STALLED_GROWTH, f"{growth / 1048576:.1f} MiB for {STALLED_CLIENTS} stalled clients"

@@ -15,7 +15,7 @@ from bridge.ops.descriptors import descriptors_needed, raise_descriptor_limit
 def test_every_connection_limit_counts() -> None:
     base = descriptors_needed(BridgeSettings())
     assert descriptors_needed(BridgeSettings(pop3={"max_connections": 11000})) == base + 11000 - 1000
-    assert descriptors_needed(BridgeSettings(pool={"max_connections": 600})) == base + 100
+    assert descriptors_needed(BridgeSettings(pool={"max_connections": 1100})) == base + 100
     assert descriptors_needed(BridgeSettings(cache={"max_messages": 257})) == base + 2
 
 

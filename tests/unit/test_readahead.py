@@ -8,7 +8,8 @@ tested in tests/integration/test_readahead.py.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 
 import pytest
 import trio
@@ -30,6 +31,10 @@ class MemoryStore:
         self.calls: list[list[int]] = []
         # A test may hold a FETCH until it says so.
         self.gate: trio.Event | None = None
+
+    @asynccontextmanager
+    async def using(self) -> AsyncIterator[MemoryStore]:
+        yield self
 
     async def fetch_messages(self, uids: Sequence[int]) -> dict[int, bytes]:
         self.calls.append(list(uids))

@@ -93,8 +93,8 @@ class TrioChannel:
 
     # -- reading -------------------------------------------------------------------------------------
 
-    async def fill(self) -> None:
-        data = await self.stream.receive_some(_RECEIVE_SIZE)
+    async def fill(self, most: int = _RECEIVE_SIZE) -> None:
+        data = await self.stream.receive_some(min(most, _RECEIVE_SIZE))
         if not data:
             raise ConnectionBroken("server closed the connection")
         self.reader.receive_data(data)
@@ -109,11 +109,13 @@ class TrioChannel:
         self._spent(response)
         return response
 
-    async def event(self) -> Line | LiteralPiece:
-        event = self.reader.next_event()
+    async def event(self, most: int | None = None) -> Line | LiteralPiece:
+        """The next line or literal piece; a piece of at most `most` bytes, read from the
+        socket in pieces that size (a slow POP3 client's RETR holds no more than that)."""
+        event = self.reader.next_event(most)
         while event is NEED_DATA:
-            await self.fill()
-            event = self.reader.next_event()
+            await self.fill(most or _RECEIVE_SIZE)
+            event = self.reader.next_event(most)
         assert isinstance(event, (Line, LiteralPiece))
         return event
 
@@ -329,7 +331,7 @@ class _StreamedBody:
         # after its tagged answer).
         self.settled = True
 
-    async def next_piece(self) -> bytes:
+    async def next_piece(self, most: int | None = None) -> bytes:
         guarded = self._channel.guarded
         if not self._tag:
             if not await guarded("fetch", self._start):
@@ -340,7 +342,7 @@ class _StreamedBody:
         elif self.settled:
             return b""
         else:
-            data = await guarded("fetch", self._piece)
+            data = await guarded("fetch", self._piece, most)
         if self.settled and self._status[:2].upper() != b"OK":
             raise UpstreamError("fetch: server answered NO with the message")
         return data
@@ -382,11 +384,11 @@ class _StreamedBody:
         uid = syntax.FETCH_UID.search(line, 0, literal.start())
         return uid is not None and int(uid.group(1)) == self._uid
 
-    async def _piece(self) -> bytes:
+    async def _piece(self, most: int | None = None) -> bytes:
         channel = self._channel
         if not channel.reader.in_literal:
             return await self._finish()
-        event = await channel.event()
+        event = await channel.event(most)
         assert isinstance(event, LiteralPiece)
         if not event.remaining:
             await self._finish()

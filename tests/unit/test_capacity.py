@@ -1,0 +1,86 @@
+"""ConnectionSlots (bridge.imap.capacity): at most `limit` connections open, room made by the
+pool's `reclaim`, then a bounded wait. Time is Trio's mock clock; nothing here is timed."""
+
+from __future__ import annotations
+
+import pytest
+import trio
+import trio.testing
+
+from bridge.imap.capacity import ConnectionSlots
+from bridge.imap.errors import UpstreamUnavailable
+
+
+async def test_slots_up_to_the_limit_then_room_is_made() -> None:
+    limit = 2
+    slots = ConnectionSlots(lambda: limit)
+    reclaimed: list[int] = []
+
+    def nothing() -> bool:
+        return False
+
+    await slots.acquire(nothing, trio.current_time() + 1)
+    await slots.acquire(nothing, trio.current_time() + 1)
+    assert slots.open == 2
+
+    def close_one() -> bool:
+        reclaimed.append(slots.open)
+        return True
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(slots.acquire, close_one, trio.current_time() + 10)
+        await trio.testing.wait_all_tasks_blocked()
+        # One connection is being closed to make room; the third waits for it, and asks for
+        # no second one meanwhile.
+        assert reclaimed == [2] and slots.open == 2 and slots.reclaiming == 1
+        slots.release(reclaimed=True)
+    assert slots.open == 2 and slots.reclaiming == 0
+
+
+async def test_with_nothing_to_close_the_wait_ends_at_the_deadline(autojump_clock: trio.testing.MockClock) -> None:
+    slots = ConnectionSlots(lambda: 1)
+    await slots.acquire(lambda: False, trio.current_time() + 1)
+    started = trio.current_time()
+    with pytest.raises(UpstreamUnavailable, match="pool.max_connections"):
+        await slots.acquire(lambda: False, started + 30)
+    assert trio.current_time() - started == pytest.approx(30)
+    assert slots.open == 1
+
+
+async def test_a_closed_connection_lets_a_waiter_in() -> None:
+    slots = ConnectionSlots(lambda: 1)
+    await slots.acquire(lambda: False, trio.current_time() + 1)
+    got: list[bool] = []
+
+    async def waiter() -> None:
+        await slots.acquire(lambda: False, trio.current_time() + 60)
+        got.append(True)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(waiter)
+        await trio.testing.wait_all_tasks_blocked()
+        assert got == []
+        slots.release()
+    assert got == [True] and slots.open == 1
+
+
+async def test_a_lower_limit_after_a_reload_is_reached_by_closing() -> None:
+    limit = 3
+    slots = ConnectionSlots(lambda: limit)
+    for _ in range(3):
+        await slots.acquire(lambda: False, trio.current_time() + 1)
+    limit = 1
+    asked: list[int] = []
+
+    def close_one() -> bool:
+        asked.append(1)
+        return True
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(slots.acquire, close_one, trio.current_time() + 10)
+        await trio.testing.wait_all_tasks_blocked()
+        # Three open against a limit of one: closing goes on until there is room.
+        for _ in range(3):
+            slots.release(reclaimed=True)
+            await trio.testing.wait_all_tasks_blocked()
+    assert slots.open == 1 and slots.reclaiming == 0 and len(asked) == 3
