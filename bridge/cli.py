@@ -44,7 +44,7 @@ def _serve(args: argparse.Namespace) -> int:
     configure_logging(settings.logging.level, settings.logging.format)
     _tune_gc()
     if args.worker_index is not None:
-        return run_worker(settings, args.config, args.worker_index, args.notify_fd, args.admin_socket)
+        return run_worker(settings, args.config, args.worker_index, args.notify_fd, args.admin_socket, args.lifeline_fd)
     if settings.server.workers > 1:
         return run_supervisor(settings, args.config)
     trio.run(partial(run_until_signalled, settings, reload=partial(load_settings, args.config)))
@@ -145,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     # Set by the supervisor when it starts a worker process (bridge.ops.workers), not by hand.
     serve.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)
     serve.add_argument("--notify-fd", type=int, help=argparse.SUPPRESS)
+    serve.add_argument("--lifeline-fd", type=int, help=argparse.SUPPRESS)
     serve.add_argument("--admin-socket", help=argparse.SUPPRESS)
     serve.set_defaults(func=_serve)
 

@@ -15,13 +15,16 @@ The supervisor
   /readyz is true while at least one worker says it is listening and the upstream answers.
 
 Workers run in their own process group (a Ctrl-C in a terminal reaches only the supervisor,
-which then shuts them down in order) and get SIGTERM from the kernel if the supervisor dies.
+which then shuts them down in order) and shut down as on SIGTERM if the supervisor dies: each
+holds the read end of a pipe only the supervisor writes to (`--lifeline-fd`), which ends when
+the supervisor does, however it ends. (Not PR_SET_PDEATHSIG: Trio starts processes from a
+worker thread, and the kernel sends that signal when the *thread* ends, which Trio's thread
+cache does after ten idle seconds: the workers were stopped every ten seconds.)
 Every log event of a worker carries `worker` (its index) and `pid`.
 """
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import shutil
@@ -51,7 +54,6 @@ _MAX_RESTART_DELAY_SECONDS = 30.0
 _STABLE_AFTER_SECONDS = 60.0  # a worker that ran this long starts the delay afresh
 # After the workers' own grace period, how long to wait before killing them.
 _KILL_AFTER_GRACE_SECONDS = 15.0
-_PR_SET_PDEATHSIG = 1
 
 
 
@@ -60,7 +62,8 @@ _PR_SET_PDEATHSIG = 1
 
 
 def run_worker(
-    settings: BridgeSettings, config_path: Path | None, index: int, notify_fd: int | None, admin_socket: str | None = None
+    settings: BridgeSettings, config_path: Path | None, index: int, notify_fd: int | None, admin_socket: str | None = None,
+    lifeline_fd: int | None = None,
 ) -> int:
     """A worker process: the ordinary service, sharing its listeners, reporting to the parent."""
     from bridge.ops.service import run_until_signalled
@@ -73,32 +76,39 @@ def run_worker(
             try:
                 notify_file.write(state.encode() + b"\n")
             except OSError:
-                pass  # the supervisor is gone; the kernel's SIGTERM follows
+                pass  # the supervisor is gone; the lifeline says so too
+
+    serving = partial(
+        run_until_signalled,
+        settings,
+        reload=partial(load_settings, config_path),
+        reuse_port=True,
+        notify=notify,
+        admin_socket=admin_socket,
+    )
+
+    async def serve() -> None:
+        async with trio.open_nursery() as nursery:
+            if lifeline_fd is not None:
+                nursery.start_soon(_stop_when_the_supervisor_is_gone, lifeline_fd)
+            await serving()
+            nursery.cancel_scope.cancel()
 
     try:
-        trio.run(
-            partial(
-                run_until_signalled,
-                settings,
-                reload=partial(load_settings, config_path),
-                reuse_port=True,
-                notify=notify,
-                admin_socket=admin_socket,
-            )
-        )
+        trio.run(serve)
     finally:
         if notify_file is not None:
             notify_file.close()
     return 0
 
 
-def _die_with_parent() -> None:  # runs in the child between fork and exec
-    os.setpgid(0, 0)
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-    except (OSError, AttributeError):
-        pass  # not Linux: an orphaned worker still stops on its own SIGTERM
+async def _stop_when_the_supervisor_is_gone(lifeline_fd: int) -> None:
+    """The lifeline pipe ends when the supervisor does: shut down as on its SIGTERM."""
+    async with trio.lowlevel.FdStream(lifeline_fd) as lifeline:
+        while await lifeline.receive_some(64):
+            pass
+    _log.warning("supervisor_gone")
+    os.kill(os.getpid(), signal.SIGTERM)
 
 
 # -- the supervisor side -----------------------------------------------------------------
@@ -130,13 +140,15 @@ class Supervisor:
     def use_settings(self, settings: BridgeSettings) -> None:
         self.settings = settings
 
-    def _worker_command(self, index: int, notify_fd: int) -> list[str]:
+    def _worker_command(self, index: int, notify_fd: int, lifeline_fd: int) -> list[str]:
         command = [sys.executable, "-m", "bridge", "serve"]
         if self._config_path is not None:
             command += ["--config", str(self._config_path)]
         if self.settings.admin.api:
             command += ["--admin-socket", socket_path(self._metrics_dir, index)]
-        return command + ["--worker-index", str(index), "--notify-fd", str(notify_fd)]
+        return command + [
+            "--worker-index", str(index), "--notify-fd", str(notify_fd), "--lifeline-fd", str(lifeline_fd),
+        ]
 
     def _worker_environment(self) -> dict[str, str]:
         return {
@@ -225,18 +237,23 @@ class Supervisor:
 
     async def _run_once(self, worker: _Worker) -> int:
         read_end, write_end = os.pipe()
+        # The worker's lifeline: this process holds the write end until the worker is done;
+        # if this process dies, the kernel closes it and the worker reads the end.
+        lifeline_read, lifeline_write = os.pipe()
         try:
             process = await trio.lowlevel.open_process(
-                self._worker_command(worker.index, write_end),
-                pass_fds=(write_end,),
+                self._worker_command(worker.index, write_end, lifeline_read),
+                pass_fds=(write_end, lifeline_read),
                 env=self._worker_environment(),
-                preexec_fn=_die_with_parent,
+                process_group=0,
             )
         except BaseException:
             os.close(read_end)
+            os.close(lifeline_write)
             raise
         finally:
             os.close(write_end)
+            os.close(lifeline_read)
         worker.process, worker.pid, worker.ready = process, process.pid, False
         _log.info("worker_started", worker=worker.index, worker_pid=process.pid)
         try:
@@ -255,6 +272,7 @@ class Supervisor:
                 process.kill()
                 with trio.CancelScope(shield=True):
                     await process.wait()
+            os.close(lifeline_write)
 
 
 def _check_shareable(settings: BridgeSettings) -> None:

@@ -112,6 +112,38 @@ def test_workers_share_the_port_and_a_killed_worker_is_restarted(mailbox: Mailbo
     assert {e["worker"] for e in events_named(bridge, "shutdown") if "worker" in e} == set(range(WORKERS))
 
 
+def test_workers_keep_running_and_stop_when_the_supervisor_dies(mailbox: Mailbox, tmp_path: Path) -> None:
+    """The workers of a quiet service are not restarted (they were, every ten seconds, while
+    their parent-death signal was tied to a thread Trio lets go after ten idle seconds), and
+    a supervisor killed outright takes its workers with it: each shuts down gracefully when
+    its lifeline pipe ends."""
+    import time
+
+    bridge = SubprocessBridge(
+        tmp_path, mailbox.imap_port, env={"BRIDGE_UPSTREAM__TLS": "none", "BRIDGE_SERVER__WORKERS": str(WORKERS)}
+    )
+    with bridge:
+        assert bridge.process is not None
+        supervisor = bridge.process.pid
+        wait_for(
+            lambda: {e["worker"] for e in events_named(bridge, "listening")} == set(range(WORKERS)),
+            "every worker listening",
+        )
+        workers = {child.pid for child in psutil.Process(supervisor).children()}
+        # Trio's idle worker threads end after 10 s; the workers must not care.
+        time.sleep(13)
+        assert {child.pid for child in psutil.Process(supervisor).children()} == workers
+        assert not events_named(bridge, "worker_exited")
+        _greet_and_quit(bridge.port)
+        os.kill(supervisor, signal.SIGKILL)
+        bridge.process.wait(10)
+        wait_for(
+            lambda: not [pid for pid in workers if psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie"],
+            "the workers gone after their supervisor",
+        )
+    assert {e["pid"] for e in events_named(bridge, "supervisor_gone")} == workers
+
+
 def test_port_0_cannot_be_shared_by_workers(capsys: object) -> None:
     settings = load_settings(None, {"pop3": {"listen": ["127.0.0.1:0"]}, "server": {"workers": 2}})
     assert run_supervisor(settings, None) == 2
