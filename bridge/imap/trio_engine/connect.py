@@ -88,8 +88,22 @@ async def _connect(settings: UpstreamSettings) -> trio.abc.Stream:
         metrics.UPSTREAM_CONNECT_FAILURES.labels("refused").inc()
         if _connection_refused(exc):
             raise UpstreamNotListening("connect: connection refused") from None
-        reason = exc.strerror if isinstance(exc, OSError) else None
-        raise UpstreamUnavailable(f"connect: {reason or type(exc).__name__}") from None
+        raise UpstreamUnavailable(f"connect: {_reason(exc)}") from None
+
+
+def _reason(exc: BaseException) -> str:
+    """What went wrong, in the system's words: trio.open_tcp_stream reports its attempts' own
+    errors (e.g. "Too many open files") only as the cause of its "all attempts failed"."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    cause = exc.__cause__
+    if isinstance(cause, BaseExceptionGroup):
+        for inner in cause.exceptions:
+            if isinstance(inner, OSError) and inner.strerror:
+                return inner.strerror
+    if isinstance(cause, OSError) and cause.strerror:
+        return cause.strerror
+    return type(exc).__name__
 
 
 async def _greeting(channel: TrioChannel, settings: UpstreamSettings) -> None:
