@@ -69,7 +69,9 @@ class DotStuffer:
         if self._at_line_start and chunk[:1] == b".":
             out = b"." + out
         self._at_line_start = chunk[-1:] == b"\n"
-        return bytes(out)
+        # A chunk that needed nothing goes out as it came (a copy of a 1 MiB piece costs more
+        # than the scan); only a bytearray or memoryview is made bytes.
+        return out if type(out) is bytes else bytes(out)
 
     def finish(self) -> bytes:
         """The terminator; a final line without LF is completed first."""
