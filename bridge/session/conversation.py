@@ -159,12 +159,13 @@ class Pop3Session:
         # A client that stops reading is dropped after pop3.send_timeout_seconds.
         waited = await self._io.send(data, self._settings.pop3.send_timeout_seconds)
         _BYTES_SENT.inc(len(data))
-        return waited
         self.record.bytes_sent += len(data)
+        return waited
 
     async def _send_file(self, fd: int, length: int) -> None:
         await self._io.send_file(fd, length, self._settings.pop3.send_timeout_seconds)
         _BYTES_SENT.inc(length)
+        self.record.bytes_sent += length
 
     async def _receive(self) -> bytes:
         return await self._io.receive(_RECEIVE_SIZE, self._settings.pop3.autologout_seconds)
