@@ -42,6 +42,12 @@ class ConnectionSlots:
         self.open += 1
         metrics.UPSTREAM_CONNECTIONS.set(self.open)
 
+    def wake(self) -> None:
+        """A connection became free to reclaim (its session went idle, or it was parked):
+        whoever waits asks `reclaim` again."""
+        self._freed.set()
+        self._freed = trio.Event()
+
     def release(self, reclaimed: bool = False) -> None:
         """A connection is closed (or was never opened): its slot is free. `reclaimed`: it
         was closed to make room."""
@@ -49,5 +55,4 @@ class ConnectionSlots:
         if reclaimed:
             self.reclaiming -= 1
         metrics.UPSTREAM_CONNECTIONS.set(self.open)
-        self._freed.set()
-        self._freed = trio.Event()
+        self.wake()

@@ -351,6 +351,7 @@ class UpstreamPool:
             self._evict(old, "account_cap")
         while len(self._parked) > settings.max_connections:
             self._evict(next(iter(self._parked.values())), "total_cap")
+        self.slots.wake()
         _log.debug("pool_parked", parked=len(self._parked))
 
     def _forget(self, entry: _Parked) -> None:
@@ -440,6 +441,8 @@ class Lease:
         self.busy -= 1
         if not self.busy:
             self.idle_since = trio.current_time()
+            if self._pool is not None:
+                self._pool.slots.wake()  # a login waiting for room may take this one
 
     @property
     def upstream(self) -> UpstreamSettings:

@@ -106,8 +106,6 @@ async def apply_deletions(
 ) -> None:
     """Apply the session's DELE marks per policy; raises UpstreamError if the server fails."""
     identity = view.identity
-    if view.store is not None:
-        view.store.rebind(mailbox)
     if identity.policy == "expunge":
         await mailbox.delete(marked)
     elif identity.policy == "move":

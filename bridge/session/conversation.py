@@ -314,6 +314,10 @@ class Pop3Session:
         try:
             with metrics.CommandTimer("QUIT", self._command_log):
                 async with self._upstream.using() as mailbox:
+                    if self._view.store is not None:
+                        # The state records go over the connection QUIT has, maybe not the
+                        # login's (bridge.session.upstream).
+                        self._view.store.rebind(mailbox)
                     await apply_deletions(mailbox, self._view, uids, self._settings)
         except UpstreamError as exc:
             _log.warning("deletions_failed", count=len(uids), policy=self._view.identity.policy, error=str(exc))

@@ -135,3 +135,25 @@ def test_a_login_that_finds_every_connection_busy_waits_then_hears_sys_temp(
             )
         assert metrics.POOL_FULL._value.get() == full_before + 1
         assert connections_at(dovecot) <= 1
+
+
+def test_logins_at_once_beyond_the_cap_all_get_in(dovecot: DovecotSandbox, bridge_factory: Callable[..., ThreadedBridge]) -> None:
+    """Twelve devices logging in at the same moment through three connections: each waits for
+    a session that finished its login to go idle, and takes its connection (they waited out
+    their timeout before, when only a closed connection woke them)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    boxes = [dovecot.new_mailbox() for _ in range(12)]
+    for box in boxes:
+        box.append([b"Subject: x\r\n\r\nx\r\n"])
+    bridge = bridge_factory(pool={"max_connections": 3}, upstream={"timeout_seconds": 20})
+    with ExitStack() as stack:
+
+        def log_in(box: Mailbox) -> bytes:
+            raw = stack.enter_context(logged_in(bridge, box))
+            return raw.command(b"STAT")
+
+        with ThreadPoolExecutor(max_workers=len(boxes)) as pool:
+            answers = list(pool.map(log_in, boxes))
+        assert all(answer.startswith(b"+OK 1 ") for answer in answers), answers
+        assert connections_at(dovecot) <= 3

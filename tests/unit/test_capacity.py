@@ -84,3 +84,30 @@ async def test_a_lower_limit_after_a_reload_is_reached_by_closing() -> None:
             slots.release(reclaimed=True)
             await trio.testing.wait_all_tasks_blocked()
     assert slots.open == 1 and slots.reclaiming == 0 and len(asked) == 3
+
+
+async def test_a_connection_that_becomes_reclaimable_lets_a_waiter_in() -> None:
+    """Every connection busy, then one's session goes idle without closing it: the waiter
+    must ask for room again (it waited out its timeout before)."""
+    slots = ConnectionSlots(lambda: 1)
+    await slots.acquire(lambda: False, trio.current_time() + 1)
+    idle: list[bool] = []
+
+    def reclaim() -> bool:
+        return bool(idle)
+
+    got: list[bool] = []
+
+    async def waiter() -> None:
+        await slots.acquire(reclaim, trio.current_time() + 60)
+        got.append(True)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(waiter)
+        await trio.testing.wait_all_tasks_blocked()
+        idle.append(True)
+        slots.wake()
+        await trio.testing.wait_all_tasks_blocked()
+        assert slots.reclaiming == 1 and got == []
+        slots.release(reclaimed=True)
+    assert got == [True]
