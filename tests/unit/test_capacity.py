@@ -37,7 +37,9 @@ async def test_slots_up_to_the_limit_then_room_is_made() -> None:
     assert slots.open == 2 and slots.reclaiming == 0
 
 
-async def test_with_nothing_to_close_the_wait_ends_at_the_deadline(autojump_clock: trio.testing.MockClock) -> None:
+async def test_with_nothing_to_close_the_wait_ends_at_the_deadline(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
     slots = ConnectionSlots(lambda: 1)
     await slots.acquire(lambda: False, trio.current_time() + 1)
     started = trio.current_time()
@@ -111,3 +113,70 @@ async def test_a_connection_that_becomes_reclaimable_lets_a_waiter_in() -> None:
         assert slots.reclaiming == 1 and got == []
         slots.release(reclaimed=True)
     assert got == [True]
+
+
+async def test_waiters_short_of_a_slot_each_get_a_close_started_at_once() -> None:
+    """Five logins find all five connections idle but open: five closes start together (one
+    after the other made logins beyond the cap wait out their timeout under load)."""
+    slots = ConnectionSlots(lambda: 5)
+    for _ in range(5):
+        await slots.acquire(lambda: False, trio.current_time() + 1)
+    closes: list[int] = []
+
+    def close_one() -> bool:
+        closes.append(1)
+        return True
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(5):
+            nursery.start_soon(slots.acquire, close_one, trio.current_time() + 10)
+        await trio.testing.wait_all_tasks_blocked()
+        assert len(closes) == 5 and slots.reclaiming == 5
+        for _ in range(5):
+            slots.release(reclaimed=True)
+    assert slots.open == 5 and slots.reclaiming == 0 and len(closes) == 5
+
+
+async def test_a_freed_slot_goes_to_the_longest_waiting() -> None:
+    slots = ConnectionSlots(lambda: 1)
+    await slots.acquire(lambda: False, trio.current_time() + 1)
+    order: list[int] = []
+
+    async def waiter(number: int) -> None:
+        await slots.acquire(lambda: False, trio.current_time() + 60)
+        order.append(number)
+
+    async with trio.open_nursery() as nursery:
+        for number in range(4):
+            nursery.start_soon(waiter, number)
+            await trio.testing.wait_all_tasks_blocked()
+        for _ in range(4):
+            slots.release()
+            await trio.testing.wait_all_tasks_blocked()
+    assert order == [0, 1, 2, 3]
+
+
+async def test_a_waiter_that_gives_up_lets_the_next_one_take_its_turn(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    slots = ConnectionSlots(lambda: 1)
+    await slots.acquire(lambda: False, trio.current_time() + 1)
+    got: list[str] = []
+
+    async def impatient() -> None:
+        with pytest.raises(UpstreamUnavailable):
+            await slots.acquire(lambda: False, trio.current_time() + 5)
+        got.append("gave up")
+
+    async def patient() -> None:
+        await slots.acquire(lambda: False, trio.current_time() + 60)
+        got.append("in")
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(impatient)
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(patient)
+        await trio.sleep(10)
+        assert got == ["gave up"]
+        slots.release()
+    assert got == ["gave up", "in"] and slots.open == 1
