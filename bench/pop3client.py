@@ -50,19 +50,25 @@ class Pop3Client:
         return line
 
     def _body(self) -> int:
-        """Consume a multi-line body up to its terminator; returns its length in bytes."""
-        if self._buf[:3] == b".\r\n":
-            del self._buf[:3]
+        """Consume a multi-line body up to its terminator; returns its length in bytes. Only
+        the last bytes of what came are kept between receives (a terminator may straddle
+        two), so a big body costs the client no more than its receives."""
+        buf = self._buf
+        if buf[:3] == b".\r\n":
+            del buf[:3]
             return 0
-        start = 0
-        while (end := self._buf.find(_TERMINATOR, start)) < 0:
-            start = max(0, len(self._buf) - len(_TERMINATOR) + 1)
+        passed = 0
+        while (end := buf.find(_TERMINATOR)) < 0:
+            if len(buf) > len(_TERMINATOR):
+                keep = len(_TERMINATOR) - 1
+                passed += len(buf) - keep
+                del buf[:-keep]
             self._fill()
-            if start == 0 and self._buf[:3] == b".\r\n":
-                del self._buf[:3]
+            if not passed and buf[:3] == b".\r\n":
+                del buf[:3]
                 return 0
-        del self._buf[: end + len(_TERMINATOR)]
-        return end + 2
+        del buf[: end + len(_TERMINATOR)]
+        return passed + end + 2
 
     def command(self, line: bytes) -> bytes:
         self.sock.sendall(line + b"\r\n")
