@@ -48,18 +48,27 @@ def cpu_seconds(pid: int) -> float:
 
 def tree_memory(pid: int) -> dict[str, int]:
     """RSS and PSS summed over `pid` and all its descendants. The RSS sum counts each shared
-    page (libraries, Dovecot's shared code) once per process; the PSS sum splits them."""
-    rss = pss = count = 0
+    page (libraries, Dovecot's shared code) once per process; the PSS sum splits them. PSS
+    needs the right to trace the process (a container without CAP_SYS_PTRACE lacks it for
+    processes of other users): there a process's RSS stands in for its PSS, an upper bound,
+    and `pss_from_rss` counts those processes."""
+    rss = pss = count = from_rss = 0
     root = psutil.Process(pid)
     for process in [root, *root.children(recursive=True)]:
         try:
-            info = process.memory_full_info()
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            try:
+                info = process.memory_full_info()
+                process_pss = info.pss
+            except psutil.AccessDenied:
+                info = process.memory_info()
+                process_pss = info.rss
+                from_rss += 1
+        except psutil.NoSuchProcess:
             continue
         rss += info.rss
-        pss += info.pss
+        pss += process_pss
         count += 1
-    return {"rss": rss, "pss": pss, "processes": count}
+    return {"rss": rss, "pss": pss, "processes": count, "pss_from_rss": from_rss}
 
 
 def _tcp_tables() -> bytes:
@@ -84,7 +93,9 @@ def server_connections(host: str, port: int) -> int:
     connections the server listening there holds (loopback benchmark: its clients are local).
     Counted by their remote ends: the kernel writes the table in pieces, and a connection
     can appear twice when the table changes between two of them."""
-    local = re.compile(rb"^ *\d+: %s:%04X ([0-9A-F]+:[0-9A-F]+) 01 " % (_ipv4_hex(host), port), re.MULTILINE)
+    local = re.compile(
+        rb"^ *\d+: %s:%04X ([0-9A-F]+:[0-9A-F]+) 01 " % (_ipv4_hex(host), port), re.MULTILINE
+    )
     return len(set(local.findall(_tcp_tables())))
 
 
@@ -100,7 +111,8 @@ def process_connections_to(pid: int, host: str, port: int) -> int:
         if target.startswith("socket:["):
             inodes.add(target[8:-1].encode())
     remote = re.compile(
-        rb"^ *\d+: [0-9A-F]+:[0-9A-F]+ %s:%04X 01 (?:\S+ +){5}(\d+) " % (_ipv4_hex(host), port), re.MULTILINE
+        rb"^ *\d+: [0-9A-F]+:[0-9A-F]+ %s:%04X 01 (?:\S+ +){5}(\d+) " % (_ipv4_hex(host), port),
+        re.MULTILINE,
     )
     return len(inodes.intersection(remote.findall(_tcp_tables())))
 

@@ -259,7 +259,8 @@ def rows(rec: Recorder, plan: Plan) -> list[Row | Fact]:
     out: list[Row | Fact] = [
         Row(
             f"{n} idle sessions: server memory (MiB)", "scale_rss", None, 1 / MIB, False, (),
-            bound=1024, unit=" MiB", note="bridge: RSS; native: PSS sum of Dovecot's processes",
+            bound=1024, unit=" MiB",
+            note="bridge: RSS; native: PSS sum of Dovecot's processes (RSS where PSS was not readable: pss_from_rss in the JSON)",
         ),
         Row(
             f"{n} idle sessions: IMAP connections the bridge holds", "scale_upstream_held", None, 1.0,
