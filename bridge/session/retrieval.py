@@ -89,10 +89,13 @@ class Retriever:
         self._last_retrieved = request.number
         if not entry.size:
             return b""
-        cached = self.readahead.take(entry.ref)
-        if cached is not None:
+        return self._from_readahead(entry.ref)
+
+    def _from_readahead(self, uid: int) -> bytes | None:
+        data = self.readahead.take(uid)
+        if data is not None:
             _READAHEAD_HITS.inc()
-        return cached
+        return data
 
     async def _retrieve_from(self, store: MaildropStore, request: RetrieveRequest) -> None:
         entry = request.entry
@@ -123,9 +126,8 @@ class Retriever:
         # It may be in the batch being fetched; the FETCH of anything else would wait for
         # that batch's anyway.
         await readahead.settle()
-        cached = readahead.take(entry.ref)
+        cached = self._from_readahead(entry.ref)
         if cached is not None:
-            _READAHEAD_HITS.inc()
             return cached
         if request.body_lines is not None:
             return await store.fetch_range(entry.ref, 0, min(self._chunk, entry.size))
@@ -145,8 +147,8 @@ class Retriever:
     async def _sent_from_cache(self, request: RetrieveRequest) -> bool:
         """A RETR of a message kept in the message cache: the status line, then the kept wire
         form with sendfile. False: not kept (or not a RETR)."""
-        cache, entry = self._cache, request.entry
-        if cache is None or request.body_lines is not None or not cache.cache.worth_keeping(entry.size):
+        cache, entry = self._cache_for(request), request.entry
+        if cache is None:
             return False
         cached = cache.cache.get(cache.key(entry.ref), entry.size)
         if cached is None:
@@ -164,10 +166,17 @@ class Retriever:
         return True
 
     def _cache_writer(self, request: RetrieveRequest) -> CacheWriter | None:
-        cache, entry = self._cache, request.entry
-        if cache is None or request.body_lines is not None or not cache.cache.worth_keeping(entry.size):
+        cache, entry = self._cache_for(request), request.entry
+        if cache is None:
             return None
         return cache.cache.writer(cache.key(entry.ref), entry.size)
+
+    def _cache_for(self, request: RetrieveRequest) -> AccountCache | None:
+        """The message cache, if `request` is a RETR of a message big enough to keep."""
+        cache = self._cache
+        if cache is None or request.body_lines is not None or not cache.cache.worth_keeping(request.entry.size):
+            return None
+        return cache
 
     async def _send_message(
         self, request: RetrieveRequest, data: bytes, rest: RangeReader, writer: CacheWriter | None = None
