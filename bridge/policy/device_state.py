@@ -33,7 +33,7 @@ import hmac
 import json
 import re
 import secrets
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.utils import format_datetime
@@ -54,6 +54,15 @@ MAX_RECORD_TEXT = TEXT_FETCH_LIMIT
 MAX_RANGES_PER_RECORD = 10_000
 _MAC_LABEL = "pop3-imap-bridge device state"
 _MAC_TEXT = re.compile(r"[0-9a-f]{64}")
+
+
+def signed_by(fields: Mapping[str, Any], mac_of: Callable[[Mapping[str, Any]], str]) -> bool:
+    """Whether a record's `fields` carry a well-formed "mac" equal to `mac_of(fields)` (also
+    for the UIDL records, bridge.uidl.records)."""
+    mac = fields.get("mac")
+    if not isinstance(mac, str) or _MAC_TEXT.fullmatch(mac) is None:
+        return False
+    return hmac.compare_digest(mac, mac_of(fields))
 _READ_ATTEMPTS = 5
 # Records fetched per round trip: bounds what a read holds at once (at most 64 KiB each).
 _FETCH_BATCH = 64
@@ -117,10 +126,7 @@ class StateSigner:
         return hmac.new(self.key, signed.encode("ascii"), hashlib.sha256).hexdigest()
 
     def verify(self, fields: Mapping[str, Any]) -> bool:
-        mac = fields.get("mac")
-        if not isinstance(mac, str) or _MAC_TEXT.fullmatch(mac) is None:
-            return False
-        return hmac.compare_digest(mac, self.mac(fields))
+        return signed_by(fields, self.mac)
 
 
 @dataclass(frozen=True)

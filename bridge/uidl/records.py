@@ -34,7 +34,7 @@ from email.utils import format_datetime
 from typing import Any
 
 from bridge.config import account_key
-from bridge.policy.device_state import MAX_RECORD_TEXT
+from bridge.policy.device_state import MAX_RECORD_TEXT, signed_by
 from bridge.policy.uid_ranges import MAX_UID
 from bridge.uidl.formats import is_valid_uidl
 from bridge.uidl.headers import FINGERPRINT_BYTES
@@ -46,7 +46,6 @@ MAX_ENTRIES_PER_RECORD = 20_000
 # Parts one table version may have (a 2,000,000-message maildrop needs about 1,000).
 MAX_PARTS = 4096
 _MAC_LABEL = "pop3-imap-bridge uidl record"
-_MAC_TEXT = re.compile(r"[0-9a-f]{64}")
 _EMAILID = re.compile(r"[A-Za-z0-9_-]{1,255}")
 _VERSION = re.compile(r"[0-9A-Za-z.:+_-]{1,64}")
 _DIGEST_TEXT = len(base64.b64encode(b"\0" * FINGERPRINT_BYTES))
@@ -79,10 +78,7 @@ class RecordSigner:
         return hmac.new(self.key, signed.encode("ascii"), hashlib.sha256).hexdigest()
 
     def verify(self, fields: Mapping[str, Any]) -> bool:
-        mac = fields.get("mac")
-        if not isinstance(mac, str) or _MAC_TEXT.fullmatch(mac) is None:
-            return False
-        return hmac.compare_digest(mac, self.mac(fields))
+        return signed_by(fields, self.mac)
 
 
 @dataclass(frozen=True, slots=True)
