@@ -158,12 +158,15 @@ class Pop3Session:
         """True if the client was slower than the data (the send had to wait for it)."""
         # A client that stops reading is dropped after pop3.send_timeout_seconds.
         waited = await self._io.send(data, self._settings.pop3.send_timeout_seconds)
-        _BYTES_SENT.inc(len(data))
-        self.record.bytes_sent += len(data)
+        self._count_sent(len(data))
         return waited
 
     async def _send_file(self, fd: int, length: int) -> None:
         await self._io.send_file(fd, length, self._settings.pop3.send_timeout_seconds)
+        self._count_sent(length)
+
+    def _count_sent(self, length: int) -> None:
+        # The metric and what `admin who` shows, from the same count.
         _BYTES_SENT.inc(length)
         self.record.bytes_sent += length
 
