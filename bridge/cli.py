@@ -14,7 +14,7 @@ import trio
 
 from bridge import __version__
 from bridge.config import BridgeSettings, ConfigError, environment_overrides, load_settings
-from bridge.oauth2.commands import register as register_oauth2_commands
+from bridge.oauth2.command_line import register as register_oauth2_commands
 from bridge.ops.logs import configure_logging
 
 

@@ -182,5 +182,4 @@ class Pop3Service:
             self.listening = False
             for listener in listeners:
                 await trio.aclose_forcefully(listener)
-            self.state.oauth2.close()
-            self.state.message_cache.close()
+            self.state.close_stores()

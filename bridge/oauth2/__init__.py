@@ -6,9 +6,12 @@ written once in bridge.imap.mailbox). Enrolments live in a token store shared by
 bridge process (`store`, `redis_store`), refresh tokens sealed with a key derived from the
 device password (`records`); tokens come from the provider's token endpoint (`client`),
 refreshed one at a time per account (`tokens`). `pop3-imap-bridge oauth2 ...` enrols and
-manages accounts (`commands`, `flows`).
+manages accounts (`command_line`, `commands`, `flows`).
 """
 
+# Only the errors here: importing the package (login.py catches them) must not load the token
+# store and the crypto library, which a bridge without OAuth2 never needs (`tokens` is
+# imported at the first OAuth2 login, bridge.session.services).
 from bridge.oauth2.errors import (
     DeviceLoginRefused,
     ReauthorisationNeeded,
@@ -16,14 +19,11 @@ from bridge.oauth2.errors import (
     TokenEndpointUnavailable,
     TokenRequestRefused,
 )
-from bridge.oauth2.tokens import OAuth2Accounts, TokenSource
 
 __all__ = [
     "DeviceLoginRefused",
-    "OAuth2Accounts",
     "ReauthorisationNeeded",
     "StoreUnavailable",
     "TokenEndpointUnavailable",
     "TokenRequestRefused",
-    "TokenSource",
 ]

@@ -20,7 +20,6 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import trio
 
@@ -267,52 +266,16 @@ async def _remove(args: argparse.Namespace) -> int:
 
 # -- the command line ----------------------------------------------------------------------------------
 
+_HANDLERS = {"enrol": _enrol, "add": _add, "list": _list, "status": _status, "passwd": _passwd, "remove": _remove}
 
-def _run(args: argparse.Namespace) -> int:
+
+def run(args: argparse.Namespace) -> int:
+    """Run the `oauth2` subcommand `args` names (parsed by bridge.oauth2.command_line)."""
     try:
-        return int(trio.run(args.oauth2_func, args))
+        return int(trio.run(_HANDLERS[args.oauth2_command], args))
     except CommandFailed as exc:
         print(f"pop3-imap-bridge oauth2 {args.oauth2_command}: {exc}", file=sys.stderr)
         return exc.status
     except (FlowFailed, TokenRequestRefused, TokenEndpointUnavailable, StoreUnavailable) as exc:
         print(f"pop3-imap-bridge oauth2 {args.oauth2_command}: {exc}", file=sys.stderr)
         return 1
-
-
-def register(commands: Any) -> None:
-    """Add `oauth2` and its subcommands to the main parser's subcommands."""
-    oauth2 = commands.add_parser(
-        "oauth2", help="enrol and manage the accounts of upstream.auth = \"oauth2\" (docs/oauth2.md)",
-        description="Enrol and manage the accounts the bridge logs in to with OAuth2. Each command writes the token "
-        "store (oauth2.store); a running bridge applies it at the account's next login.",
-    )
-    sub = oauth2.add_subparsers(dest="oauth2_command", required=True)
-
-    def command(name: str, func: Any, help_text: str, *, password: bool = False) -> argparse.ArgumentParser:
-        parser = sub.add_parser(name, help=help_text, description=help_text)
-        if name != "list":
-            parser.add_argument("account", metavar="ACCOUNT", help="the mailbox's address, as the device logs in")
-        parser.add_argument("--config", type=Path, required=True, help="path to bridge.toml (the one `serve` uses)")
-        if password:
-            parser.add_argument(
-                "--device-password-file", type=Path, metavar="FILE",
-                help="read the device password from the first line of FILE (default: ask twice on the terminal)",
-            )
-        parser.set_defaults(func=_run, oauth2_func=func)
-        return parser
-
-    enrol = command("enrol", _enrol, "consent to the bridge reading ACCOUNT's mail (grant refresh_token) and set its device password", password=True)
-    enrol.add_argument(
-        "--flow", choices=("device", "browser"), default="device",
-        help="device: a URL and a code to enter on any device (RFC 8628; the default); browser: a URL to open, "
-        "with a loopback redirect or the final URL pasted back (authorization code with PKCE)",
-    )
-    command("add", _add, "add ACCOUNT for an app-only grant (client_credentials, jwt_bearer) with its device password", password=True)
-    command("list", _list, "list the enrolled accounts: account, grant, state (tab-separated)")
-    command("status", _status, "show ACCOUNT's enrolment: state, token expiry, last refresh (exit 3: needs re-enrolment)")
-    passwd = command("passwd", _passwd, "change ACCOUNT's device password (needs the current one for grant refresh_token)", password=True)
-    passwd.add_argument(
-        "--old-device-password-file", type=Path, metavar="FILE",
-        help="read the current device password from FILE (default: ask on the terminal)",
-    )
-    command("remove", _remove, "remove ACCOUNT: its device can no longer log in")

@@ -1,6 +1,7 @@
 """The IMAP engines are chosen by `upstream.engine`, and only the chosen one is loaded: a
 bridge serving with the trio engine never imports aioimaplib or trio-asyncio (nor opens their
-asyncio loop). Checked on the real command line with Python's own import trace."""
+asyncio loop), and one without OAuth2 logins never imports the token store's crypto library.
+Checked on the real command line with Python's own import trace."""
 
 from __future__ import annotations
 
@@ -41,3 +42,5 @@ def test_only_the_configured_engine_is_imported(tmp_path: Path, mailbox: Mailbox
     assert "trio" in modules and "bridge" in modules  # the trace works
     for library in LIBRARIES:
         assert (library in modules) is loaded, f"{library} imported={library in modules} with engine {engine}"
+    # Password logins: the OAuth2 token store and its crypto library are never loaded.
+    assert "cryptography" not in modules
