@@ -156,7 +156,7 @@ def _reset_after(bridge: ThreadedBridge, data: bytes, *, port: int = 0, event: s
     """Connect, send `data` (maybe nothing), and once the bridge has accepted the connection
     (it is reading the PROXY header), close with SO_LINGER 0: the kernel sends a TCP reset
     instead of a FIN, as load balancers' TCP health checks do. Returns once the bridge has
-    logged `event` for it (or died of the reset)."""
+    logged `event` for it and stopped counting it (or died of the reset)."""
     assert bridge.service is not None
     state = bridge.service.state
     before = state.active_sessions
@@ -168,6 +168,9 @@ def _reset_after(bridge: ThreadedBridge, data: bytes, *, port: int = 0, event: s
     wait_until(lambda: bridge.crashed() or state.active_sessions > before, "the bridge to accept the connection")
     sock.close()
     wait_until(lambda: bridge.crashed() or len(_events(bridge, event)) > seen, "the bridge to see the reset")
+    # The connection is counted until its handler ends, a moment after the event: the next
+    # call's `before` must not include it (it waited for a count that was never reached).
+    wait_until(lambda: bridge.crashed() or state.active_sessions <= before, "the bridge to let the connection go")
 
 
 def _events(bridge: ThreadedBridge, name: str) -> list[dict[str, object]]:
