@@ -35,6 +35,7 @@ class Pop3Settings(Section):
     send_timeout_seconds: float = Field(default=120.0, gt=0)
     handshake_timeout_seconds: float = Field(default=30.0, gt=0)
     login_timeout_seconds: float = Field(default=60.0, gt=0)
+    poll_microseconds: int = Field(default=200, ge=0, le=1000)
 
     @field_validator("listen", "tls_listen")
     @classmethod

@@ -14,6 +14,15 @@ CPU per command (a Trio echo server: 84 µs per request and reply, 56 µs this w
 quarter of what the bridge spent on a small RETR. A reply the kernel takes at once sets no
 timeout at all: only real waits do.
 
+A client that answers a reply within `pop3.poll_microseconds` (a program on the same host
+downloading its mail) has its next command polled for, a few reads without sleeping, before
+the session waits for it: a CPU that goes idle between two commands takes far longer to wake
+(tens of microseconds on a virtual machine) than such a client takes to send its next one.
+Whether to poll follows the client's recent answers (`turnaround`, smoothed): a client
+further away never qualifies, and a busy process sees even local clients answer late (it gets
+back to them late), so it stops polling by itself. A poll never outlasts the window, and it
+holds up other sessions no longer than that.
+
 Every wait is a Trio wait inside the session's cancel scope, which the watchdog cancels
 when the wait's time is up; errors come out as Trio's stream errors.
 """
@@ -22,6 +31,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 
 import trio
 
@@ -36,6 +46,8 @@ SEND_PIECE = 256 * 1024
 # A send that needs no wait does not yield to the scheduler; after this many in a row (a
 # client that pipelines many commands) one send does, so other sessions get their turn.
 _SENDS_BETWEEN_YIELDS = 16
+# How much each new answer time moves the smoothed one.
+_TURNAROUND_WEIGHT = 0.25
 
 
 class ClientStream:
@@ -45,7 +57,7 @@ class ClientStream:
 
     def __init__(
         self, stream: trio.abc.Stream, wait: ClientWait, deadline: float = math.inf,
-        deadline_reason: str = "session_timeout",
+        deadline_reason: str = "session_timeout", poll_seconds: float = 0.0,
     ) -> None:
         self.stream = stream
         self.wait = wait
@@ -53,6 +65,12 @@ class ClientStream:
         self.deadline_reason = deadline_reason
         self._fd = stream.socket.fileno() if type(stream) is trio.SocketStream else -1
         self._sends_without_yield = 0
+        self.poll_seconds = poll_seconds
+        # Seconds from a reply sent at once to the client's next bytes, smoothed; inf until
+        # measured. `_replied_at` (perf_counter) is when the last such reply went out, 0 when
+        # the next bytes answer nothing (a send had to wait, or they were counted already).
+        self.turnaround = math.inf
+        self._replied_at = 0.0
 
     def _waiting(self, seconds: float, reason: str) -> None:
         wait = self.wait
@@ -70,16 +88,35 @@ class ClientStream:
             if self._fd < 0:
                 return await self.stream.receive_some(max_bytes)
             self._sends_without_yield = 0
-            while True:
+            data = self._poll(max_bytes) if self.turnaround < self.poll_seconds else None
+            while data is None:
                 await trio.lowlevel.wait_readable(self._fd)
                 try:
-                    return os.read(self._fd, max_bytes)
+                    data = os.read(self._fd, max_bytes)
                 except BlockingIOError:
                     continue  # woken without data after all
                 except OSError as exc:
                     raise _stream_error(exc) from exc
+            if self._replied_at:
+                answered = time.perf_counter() - self._replied_at
+                self._replied_at = 0.0
+                old = self.turnaround
+                self.turnaround = answered if old == math.inf else old + (answered - old) * _TURNAROUND_WEIGHT
+            return data
         finally:
             self.wait.due = math.inf
+
+    def _poll(self, max_bytes: int) -> bytes | None:
+        """What the client sent within `poll_seconds`, read without sleeping; None if nothing."""
+        give_up = time.perf_counter() + self.poll_seconds
+        while True:
+            try:
+                return os.read(self._fd, max_bytes)
+            except BlockingIOError:
+                if time.perf_counter() > give_up:
+                    return None
+            except OSError as exc:
+                raise _stream_error(exc) from exc
 
     async def send(self, data: bytes | memoryview, allowed_seconds: float) -> bool:
         """All of `data`; ends as "send_timeout" when the client takes nothing for
@@ -97,6 +134,7 @@ class ClientStream:
         sent = self._write(view)
         if sent < len(view):
             self._sends_without_yield = 0
+            self._replied_at = 0.0
             while sent < len(view):
                 self._waiting(allowed_seconds, "send_timeout")
                 try:
@@ -105,6 +143,7 @@ class ClientStream:
                     self.wait.due = math.inf
                 sent += self._write(view[sent:])
             return True
+        self._replied_at = time.perf_counter()
         self._sends_without_yield += 1
         if self._sends_without_yield >= _SENDS_BETWEEN_YIELDS:
             self._sends_without_yield = 0

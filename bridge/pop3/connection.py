@@ -59,12 +59,13 @@ from .events import (
     CommitRequest,
     Event,
     LoginRequest,
+    PreparedRetrieve,
     RetrieveRequest,
     Send,
     StartTls,
 )
 from .linebuffer import LINE_TOO_LONG, LineBuffer
-from .maildrop import Maildrop, Unavailable
+from .maildrop import Maildrop, MaildropEntry, Unavailable
 from .responses import ResponseCode, continuation, err, multiline, ok
 from .sasl import (
     MAX_RESPONSE_LINE,
@@ -152,6 +153,10 @@ _RESPONSE_TOO_LONG = "authentication response too long"
 _MECHANISMS = "supported authentication mechanisms follow"
 _PLAINTEXT_REFUSED_STLS = "plaintext authentication is disabled on unencrypted connections; use STLS first"
 _PLAINTEXT_REFUSED = "plaintext authentication is disabled on unencrypted connections; connect with TLS"
+
+
+def _retr_status_line(entry: MaildropEntry) -> bytes:
+    return b"+OK %d octets\r\n" % entry.size
 
 
 def _check_capability(text: str) -> str:
@@ -523,7 +528,42 @@ class Pop3Server:
         request = self._current()
         self._awaiting = _Awaiting.MESSAGE_BODY
         # Like Dovecot: RETR announces the size it listed, TOP says nothing.
-        return b"+OK %d octets\r\n" % request.entry.size if request.body_lines is None else ok()
+        return _retr_status_line(request.entry) if request.body_lines is None else ok()
+
+    # -- a RETR answered before it is asked ----------------------------------
+
+    def prepare_retrieve(self, number: int, body: bytes) -> PreparedRetrieve | None:
+        """The reply ``RETR number`` would get now if its message is ``body``, made before
+        the client asks: a client downloading in order asks for it next, and the I/O layer
+        can then send it the moment the command arrives (`take_prepared`). None if RETR
+        ``number`` would not get that reply now: outside TRANSACTION, while a request is
+        outstanding, for a message that is missing or marked, or a body of another size than
+        the one listed."""
+        if self._state is not State.TRANSACTION or self._awaiting is not _Awaiting.NOTHING:
+            return None
+        found = self._drop.lookup(number)
+        if isinstance(found, Unavailable) or found.size != len(body):
+            return None
+        encoder = DotStuffer()
+        reply = b"".join((_retr_status_line(found), encoder.feed(body), encoder.finish()))
+        return PreparedRetrieve(number, found, reply, b"RETR %d\r\n" % number)
+
+    def take_prepared(self, data: bytes, prepared: PreparedRetrieve) -> bool:
+        """Answer ``data`` with ``prepared.reply`` if that is exactly what the core would do.
+
+        True when ``data`` is the whole of one ``RETR n`` command line (``prepared.command``,
+        the keyword in any case), nothing else is buffered or outstanding, and the
+        message is still there, unmarked and the same: the core has then handled the
+        command (the I/O layer sends ``prepared.reply``, and nothing else is due). False:
+        the core is untouched, and ``data`` goes to `receive_data` as usual.
+        """
+        if data != prepared.command and data.upper() != prepared.command:
+            return False
+        if self._state is not State.TRANSACTION or self._awaiting is not _Awaiting.NOTHING:
+            return False
+        if self._eof or not self._lines.empty:
+            return False
+        return self._drop.lookup(prepared.number) is prepared.entry
 
     def refuse_message(self, text: str, code: ResponseCode | None = None) -> bytes:
         """An -ERR instead of the body (the message vanished upstream, say)."""

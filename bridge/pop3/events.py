@@ -91,6 +91,20 @@ class RetrieveRequest:
 
 
 @dataclass(frozen=True, slots=True)
+class PreparedRetrieve:
+    """The whole reply to ``RETR number`` (status line, dot-stuffed body, terminator), made
+    by `Pop3Server.prepare_retrieve` before the client asked for it. Not an event: the I/O
+    layer holds it and offers it to `Pop3Server.take_prepared` with the next bytes it reads.
+    """
+
+    number: int
+    entry: MaildropEntry
+    reply: bytes
+    # The command line as a client downloading in order sends it.
+    command: bytes
+
+
+@dataclass(frozen=True, slots=True)
 class CommitRequest:
     """QUIT in TRANSACTION: expunge ``marked`` upstream, then report back."""
 

@@ -75,6 +75,11 @@ class LineBuffer:
         self._pos = 0
         self._tail_start = 0
 
+    @property
+    def empty(self) -> bool:
+        """Nothing held: no complete line waiting and no partial one."""
+        return self._pos >= len(self._buf)
+
     def feed(self, data: bytes) -> None:
         """Append received bytes.  ``b""`` is a no-op (EOF is the owner's business)."""
         if not data:

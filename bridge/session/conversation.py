@@ -64,10 +64,10 @@ class Pop3Session:
         self._stream = stream
         # The session's waits for its client and their timeouts (bridge.net.client_timeouts).
         self._wait = ClientWait()
-        self._io = ClientStream(stream, self._wait)
         self._peer = peer
         self._services = services
         self._settings = services.settings
+        self._io = ClientStream(stream, self._wait, poll_seconds=self._settings.pop3.poll_microseconds / 1e6)
         # The real client (behind a PROXY balancer, the one its header named) and whether its
         # connection is encrypted already (bridge.net.listeners).
         self._client = client or ClientConnection(stream, host_of_peer(peer), peer)
@@ -146,7 +146,7 @@ class Pop3Session:
 
     async def _cleanup(self) -> None:
         if self._retriever is not None:
-            self._retriever.readahead.close()
+            self._retriever.close()
         with trio.CancelScope(shield=True):
             if self._upstream is not None:
                 await self._upstream.release()
@@ -213,6 +213,14 @@ class Pop3Session:
             event = core.next_event()
             if event is NEED_DATA:
                 data = await self._receive()
+                retriever = self._retriever
+                # A download in order: the reply to this RETR was made while the client read
+                # the last one, and goes out before anything else is done.
+                if retriever is not None and retriever.prepared is not None and core.take_prepared(
+                    data, retriever.prepared
+                ):
+                    await retriever.send_prepared()
+                    continue
                 core.receive_data(data)
                 if not data:
                     _log.debug("client_closed")

@@ -73,6 +73,24 @@ class Readahead:
                 self._start_next()
         return data
 
+    def take_number(self, number: int) -> bytes | None:
+        """Message `number`, if it is in hand (as `take`)."""
+        found = self._maildrop.lookup(number)
+        return self.take(found.ref) if isinstance(found, MaildropEntry) else None
+
+    def hold(self, size: int) -> bool:
+        """`size` more bytes of the budget for this session (a reply made in advance), all
+        or none; the session gives them back with `let_go`."""
+        granted = self._budget.take(size)
+        if granted < size:
+            self._budget.give_back(granted)
+            return False
+        self._held += size
+        return True
+
+    def let_go(self, size: int) -> None:
+        self._release(size)
+
     async def settle(self) -> None:
         """Wait for a batch in flight (its own FETCH is bounded by the upstream timeout)."""
         if self._in_flight is not None:

@@ -1,6 +1,12 @@
 """RETR and TOP: a message from the upstream to the POP3 client, dot-stuffed by the core.
 
 How the first piece is found decides the cost:
+- a client downloading in order finds its next RETR answered in advance: once a message went
+  out, the reply to the next one is made from the read-ahead (`Pop3Server.prepare_retrieve`)
+  while the client is still reading, and goes out the moment the command arrives
+  (`send_prepared`). A reply that takes longer than a few microseconds to start costs far
+  more than its own time: the client's CPU has gone idle by then, and waking it is what a
+  small RETR's round trip mostly spends (docs/performance.md);
 - a client downloading in order (1, 2, 3, ...) gets the next small messages read ahead
   (`bridge.session.readahead`): a download of 1,000 small messages seldom waits for the
   upstream at all;
@@ -23,7 +29,7 @@ from bridge.imap import ChunkedRangeReader, MaildropStore, MessageGone, RangeRea
 from bridge.net.client_stream import SEND_PIECE
 from bridge.ops import metrics
 from bridge.ops.logs import get_logger
-from bridge.pop3 import Pop3Server, ResponseCode, RetrieveRequest
+from bridge.pop3 import Pop3Server, PreparedRetrieve, ResponseCode, RetrieveRequest
 from bridge.session.errors import EndSession
 from bridge.session.message_cache import AccountCache, CacheWriter
 from bridge.session.readahead import Readahead
@@ -58,14 +64,34 @@ class Retriever:
         self._last_retrieved = 0
         self._sequential = False
         self._piece = _SLOW_PIECE
+        # The reply to the RETR a client downloading in order sends next, made in advance.
+        self.prepared: PreparedRetrieve | None = None
+
+    async def send_prepared(self) -> None:
+        """The core took the client's command as `prepared`'s RETR (`take_prepared`): its
+        reply goes out, then the next one is made while the client reads this."""
+        prepared = self.prepared
+        assert prepared is not None
+        self._forget_prepared()
+        with metrics.CommandTimer("RETR", self._command_log):
+            await self._send(prepared.reply)
+        _READAHEAD_HITS.inc()
+        self._last_retrieved = prepared.number
+        self._prepare(prepared.number + 1)
+
+    def close(self) -> None:
+        """The session is over: what it holds goes back to the read-ahead budget."""
+        self._forget_prepared()
+        self.readahead.close()
 
     async def retrieve(self, request: RetrieveRequest) -> None:
         entry = request.entry
         command = "RETR" if request.body_lines is None else "TOP"
         with metrics.CommandTimer(command, self._command_log) as timing:
             try:
-                data = self._in_hand(request)
-                if data is not None:
+                if await self._sent_prepared(request):
+                    pass
+                elif (data := self._in_hand(request)) is not None:
                     await self._send_whole(data)
                 elif not await self._sent_from_cache(request):
                     async with self._upstream.using() as store:
@@ -79,6 +105,40 @@ class Retriever:
                 metrics.backend_error(self._backend, "retrieve").inc()
                 timing.value = "err"
                 await self._send(self._core.refuse_message("mail server unavailable, try again later", ResponseCode.SYS_TEMP))
+        if request.body_lines is None and self._sequential and timing.value == "ok":
+            self._prepare(request.number + 1)
+
+    async def _sent_prepared(self, request: RetrieveRequest) -> bool:
+        """A RETR the core handed over as usual (a pipelined one, say) of the message whose
+        reply was made in advance: that reply, as the core's encoder made it."""
+        prepared = self.prepared
+        if prepared is None:
+            return False
+        self._forget_prepared()
+        if request.body_lines is not None or request.number != prepared.number or request.entry != prepared.entry:
+            return False
+        core = self._core
+        core.start_message()  # the status line is the reply's first line
+        await self._send(prepared.reply)
+        core.end_cached_message()
+        _READAHEAD_HITS.inc()
+        self._sequential = True
+        self._last_retrieved = request.number
+        return True
+
+    def _prepare(self, number: int) -> None:
+        """The reply to RETR `number`, made now if the message is in hand."""
+        data = self.readahead.take_number(number)
+        if data is None:
+            return
+        prepared = self._core.prepare_retrieve(number, data)
+        if prepared is not None and self.readahead.hold(len(prepared.reply)):
+            self.prepared = prepared
+
+    def _forget_prepared(self) -> None:
+        if self.prepared is not None:
+            self.readahead.let_go(len(self.prepared.reply))
+            self.prepared = None
 
     def _in_hand(self, request: RetrieveRequest) -> bytes | None:
         """The message, if it needs no upstream: empty, or read ahead already."""

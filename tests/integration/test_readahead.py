@@ -9,6 +9,7 @@ is 0.
 from __future__ import annotations
 
 import poplib
+import socket
 from pathlib import Path
 
 import pytest
@@ -80,3 +81,61 @@ def test_no_read_ahead_without_budget(mailbox: Mailbox, tmp_path: Path) -> None:
         assert _download(bridge.port, mailbox, numbers) == expected
         after = quiet_metrics(admin_port)
     assert value(after, "bridge_readahead_hits_total") == value(before, "bridge_readahead_hits_total")
+
+
+def _conversation(port: int, mailbox: Mailbox, writes: list[bytes]) -> list[bytes]:
+    """Logs in, sends each of `writes` as one write (a write may hold several commands) and
+    returns every reply in order: a status line, or for +OK to RETR and TOP the whole reply."""
+    replies: list[bytes] = []
+    with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
+        reader = sock.makefile("rb")
+        reader.readline()
+        for line in (b"USER %s\r\n" % mailbox.user.encode(), b"PASS %s\r\n" % mailbox.password.encode()):
+            sock.sendall(line)
+            assert reader.readline().startswith(b"+OK")
+        for write in writes:
+            sock.sendall(write)
+            for command in write.splitlines():
+                status = reader.readline()
+                if not (status.startswith(b"+OK") and command.upper()[:4] in (b"RETR", b"TOP ")):
+                    # The texts differ between servers; whether it worked does not.
+                    replies.append(status[:3])
+                    continue
+                body = b""
+                while not body.endswith(b"\r\n.\r\n"):
+                    body += reader.readline()
+                replies.append(body)
+        sock.sendall(b"QUIT\r\n")
+        assert reader.readline().startswith(b"+OK")
+    return replies
+
+
+def test_replies_made_in_advance_match_dovecot_whatever_the_client_sends_next(
+    mailbox: Mailbox, tmp_path: Path
+) -> None:
+    """The bridge makes the reply to the next RETR while the client reads the last one; what
+    the client sends instead (the command in lower case, a DELE of that very message, two
+    RETRs in one write, a jump backwards) gets what Dovecot's own POP3 gives."""
+    mailbox.append(numbered_messages(40))
+    writes = [
+        b"RETR 1\r\n",
+        b"retr 2\r\n",
+        b"DELE 3\r\n",
+        b"RETR 3\r\n",  # marked after its reply was made: refused
+        b"RETR 4\r\n",
+        b"RETR 5\r\nRETR 6\r\n",
+        b"RSET\r\n",
+        b"RETR 3\r\n",
+        b"RETR 1\r\n",
+        b"RETR 2\r\n",
+        b"TOP 3 0\r\n",
+        b"RETR 3\r\n",
+        b"NOOP\r\nRETR 4\r\n",
+    ]
+    expected = _conversation(mailbox.pop3_port, mailbox, writes)
+    assert expected[3] == b"-ER" and expected[0].endswith(b"end of message 1\r\n.\r\n")
+    admin_port = free_port()
+    with _bridge(tmp_path, mailbox, admin_port) as bridge:
+        assert _conversation(bridge.port, mailbox, writes) == expected
+    # Nothing was deleted: no QUIT after the DELE was left standing.
+    assert len(mailbox.observer().uids()) == 40

@@ -5,6 +5,7 @@ timeout ends a wait for a client that does not read or does not write."""
 from __future__ import annotations
 
 import socket
+import threading
 
 import pytest
 import trio
@@ -114,3 +115,80 @@ async def test_a_peer_that_went_away_is_a_broken_stream() -> None:
     with pytest.raises(trio.BrokenResourceError):
         for _ in range(100):  # the first writes may still land in the kernel's buffer
             await client.send(b"x" * 65536, 120)
+
+
+async def _answer_and_see_whether_it_slept(client: ClientStream, peer: socket.socket, line: bytes) -> tuple[bytes, bool]:
+    """The peer sends `line` a moment after the session starts waiting for it; returns what
+    the session received and whether it slept meanwhile (another task got to run)."""
+    ran: list[bool] = []
+
+    async def other() -> None:
+        ran.append(True)
+
+    answer = threading.Timer(0.02, peer.send, (line,))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(other)  # runs as soon as this task yields, not before
+        answer.start()
+        try:
+            data = await client.receive(1024, 600)
+        finally:
+            answer.join()
+        slept = bool(ran)
+    return data, slept
+
+
+async def test_a_client_that_answers_within_the_window_is_polled_for() -> None:
+    stream, peer = await socket_pair()
+    client = ClientStream(stream, ClientWait(), poll_seconds=1.0)
+    # The first answer is measured, not expected: the session waits for it as usual.
+    await client.send(b"+OK ready\r\n", 120)
+    assert await _answer_and_see_whether_it_slept(client, peer, b"USER a\r\n") == (b"USER a\r\n", True)
+    assert client.turnaround < 1.0
+    # It answered within the window: its next command is read without sleeping.
+    await client.send(b"+OK\r\n", 120)
+    assert await _answer_and_see_whether_it_slept(client, peer, b"PASS b\r\n") == (b"PASS b\r\n", False)
+    assert drain(peer) == b"+OK ready\r\n+OK\r\n"
+    peer.close()
+
+
+async def test_without_a_window_the_session_always_waits() -> None:
+    stream, peer = await socket_pair()
+    client = ClientStream(stream, ClientWait())  # pop3.poll_microseconds = 0
+    for line in (b"USER a\r\n", b"PASS b\r\n"):
+        await client.send(b"+OK\r\n", 120)
+        assert await _answer_and_see_whether_it_slept(client, peer, line) == (line, True)
+    peer.close()
+
+
+async def test_a_client_slower_than_the_window_is_not_polled_for() -> None:
+    stream, peer = await socket_pair()
+    client = ClientStream(stream, ClientWait(), poll_seconds=0.001)
+    await client.send(b"+OK\r\n", 120)
+    await trio.sleep(0.05)  # the client takes its time
+    peer.send(b"USER a\r\n")
+    await client.receive(1024, 600)
+    assert client.turnaround >= 0.05
+    await client.send(b"+OK\r\n", 120)
+    assert await _answer_and_see_whether_it_slept(client, peer, b"PASS b\r\n") == (b"PASS b\r\n", True)
+    peer.close()
+
+
+async def test_a_poll_that_finds_nothing_gives_up_and_waits() -> None:
+    stream, peer = await socket_pair()
+    client = ClientStream(stream, ClientWait(), poll_seconds=0.01)
+    await client.send(b"+OK\r\n", 120)
+    peer.send(b"USER a\r\n")
+    await client.receive(1024, 600)
+    assert client.turnaround < 0.01
+    await client.send(b"+OK\r\n", 120)
+
+    async def answer_late() -> None:
+        await trio.sleep(0.2)
+        peer.send(b"PASS b\r\n")
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(answer_late)
+        assert await client.receive(1024, 600) == b"PASS b\r\n"
+    # The late answer counts: a client that slowed down is no longer polled for.
+    assert client.turnaround > 0.01
+    peer.close()

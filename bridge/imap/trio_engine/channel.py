@@ -36,6 +36,8 @@ from bridge.imap.wire import (
 _T = TypeVar("_T")
 
 _RECEIVE_SIZE = 1 << 20
+# A batched FETCH of small messages lets other tasks run after this many of them.
+_BODIES_BETWEEN_YIELDS = 8
 # The stream is closed, or sent something that cannot be followed.
 _BROKEN = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
 
@@ -245,6 +247,11 @@ class TrioChannel:
                 reader.max_literal -= len(taken.body)
                 found[taken.uid] = taken.body
                 view.body_fetched(taken.number, taken.uid)
+                if not len(found) % _BODIES_BETWEEN_YIELDS:
+                    # A megabyte read at once holds hundreds of small messages: other
+                    # sessions, and this one's client waiting for its next reply, get their
+                    # turn between them rather than after all of them.
+                    await trio.lowlevel.checkpoint()
                 continue
             response = await self.response()
             text = response.text
