@@ -174,7 +174,9 @@ class UpstreamPool:
             if mailbox is not None:
                 metrics.UPSTREAM_REUSES.inc()
                 _log.info("upstream_reused", backend=backend.name)
-                return self._lease(mailbox, key, salt, digest, entry.logged_in_at, entry.backend)
+                lease = self._lease(mailbox, key, salt, digest, entry.logged_in_at, entry.backend)
+                lease.reused = True
+                return lease
         _log.info(
             "upstream_fresh", reason="password_mismatch" if mismatch else "none_parked", engine=backend.upstream.engine,
             backend=backend.name,
@@ -426,6 +428,8 @@ class Lease:
         self.backend = backend
         # Why this connection must not be parked again (None: it may be).
         self.retired: str | None = None
+        # Handed over from the parked ones rather than opened for this checkout.
+        self.reused = False
         self._pool: UpstreamPool | None = pool
         # Commands using the connection now (the login that checked it out is the first);
         # at 0 the session is between commands and the pool may take the connection back

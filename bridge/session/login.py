@@ -158,7 +158,22 @@ async def log_in(
             await lease.release()
             raise LoginRefused("in_use", "maildrop already in use by another session", ResponseCode.IN_USE) from None
         try:
-            view = await open_maildrop(lease.mailbox, identity, settings, services.uidls)
+            try:
+                view = await open_maildrop(lease.mailbox, identity, settings, services.uidls)
+            except UpstreamError:
+                if not lease.reused:
+                    raise
+                # A parked connection cut while parked (a NAT's timeout, a server restart)
+                # can be handed over before its keeper notices: it is dropped, and the login
+                # goes on with another connection rather than failing the device's poll.
+                await lease.release()
+                _log.info("pool_connection_dropped", reason="broken")
+                try:
+                    lease = await services.pool.checkout(identity.account, pool_password, credential, backend=backend)
+                except AuthenticationFailed:
+                    # The password changed upstream in that instant.
+                    raise LoginRefused("credentials", "invalid user name or password", ResponseCode.AUTH) from None
+                view = await open_maildrop(lease.mailbox, identity, settings, services.uidls)
         except UpstreamError as exc:
             await lease.release()
             metrics.backend_error(backend.name, "login").inc()

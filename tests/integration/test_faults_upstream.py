@@ -509,3 +509,30 @@ def test_mail_arriving_while_the_maildrop_is_listed(rig_factory: Callable[..., R
             status, body = raw.command_multiline(b"RETR %d" % n)
             assert pop3_unstuff(body) == retr_payload(messages[n - 1])
         assert raw.command(b"QUIT").startswith(b"+OK")
+
+
+def test_a_parked_connection_that_breaks_at_its_first_command_costs_the_login_nothing(
+    rig_factory: Callable[..., Rig], mailbox: Mailbox
+) -> None:
+    """A parked connection cut while parked can be handed to the next login before its keeper
+    notices (its IDLE ends cleanly, then the connection dies): the login goes on with a fresh
+    connection instead of answering the device -ERR [SYS/TEMP]."""
+    messages = list(numbered_messages(2))
+    mailbox.append(messages)
+    rig = rig_factory()
+    with rig.client(mailbox) as raw:
+        assert raw.command(b"STAT").startswith(b"+OK 2 ")
+        assert raw.command(b"QUIT").startswith(b"+OK")
+    parked = len(rig.proxy.connections) - 1
+    # The keeper's IDLE ends cleanly (DONE, OK); the login's first command on the connection
+    # (it re-selects the folder) finds it cut.
+    fault = rig.proxy.arm(Fault("cut", on_command=b"SELECT"))
+    with rig.client(mailbox) as raw:
+        status, body = raw.command_multiline(b"RETR 2")
+        assert status.startswith(b"+OK")
+        assert pop3_unstuff(body) == retr_payload(messages[1])
+        assert raw.command(b"QUIT").startswith(b"+OK")
+    assert fault.fired.is_set() and fault.fired_on == parked
+    assert len(rig.proxy.connections) == parked + 2  # the parked one, then a fresh one
+    rig.bridge.stop()
+    assert [e["event"] for e in rig.bridge.events() if e.get("level") in ("warning", "error")] == []
