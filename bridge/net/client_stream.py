@@ -98,7 +98,10 @@ class ClientStream:
                 except OSError as exc:
                     raise _stream_error(exc) from exc
             if self._replied_at:
-                answered = time.perf_counter() - self._replied_at
+                # Capped: a single late answer (or a moment this process spent on other work
+                # before reading it) moves the smoothed figure by a bounded step, while a client
+                # that is always slow still ends up at the cap, above the window.
+                answered = min(time.perf_counter() - self._replied_at, 2 * self.poll_seconds)
                 self._replied_at = 0.0
                 old = self.turnaround
                 self.turnaround = answered if old == math.inf else old + (answered - old) * _TURNAROUND_WEIGHT
