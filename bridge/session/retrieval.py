@@ -75,8 +75,7 @@ class Retriever:
         self._forget_prepared()
         with metrics.CommandTimer("RETR", self._command_log):
             await self._send(prepared.reply)
-        _READAHEAD_HITS.inc()
-        self._last_retrieved = prepared.number
+        self._answered_in_advance(prepared.number)
         self._prepare(prepared.number + 1)
 
     def close(self) -> None:
@@ -121,10 +120,14 @@ class Retriever:
         core.start_message()  # the status line is the reply's first line
         await self._send(prepared.reply)
         core.end_cached_message()
+        self._answered_in_advance(request.number)
+        return True
+
+    def _answered_in_advance(self, number: int) -> None:
+        # A read-ahead hit like any other, and the download's order goes on from `number`.
         _READAHEAD_HITS.inc()
         self._sequential = True
-        self._last_retrieved = request.number
-        return True
+        self._last_retrieved = number
 
     def _prepare(self, number: int) -> None:
         """The reply to RETR `number`, made now if the message is in hand."""
