@@ -54,6 +54,13 @@ MAX_RECORD_TEXT = TEXT_FETCH_LIMIT
 MAX_RANGES_PER_RECORD = 10_000
 _MAC_LABEL = "pop3-imap-bridge device state"
 _MAC_TEXT = re.compile(r"[0-9a-f]{64}")
+_READ_ATTEMPTS = 5
+# Records fetched per round trip: bounds what a read holds at once (at most 64 KiB each).
+_FETCH_BATCH = 64
+# Warnings per read about records that were ignored; a folder stuffed with junk does not
+# flood the log on every login.
+_MAX_IGNORED_WARNINGS = 10
+_log = get_logger(component="device_state")
 
 
 def signed_by(fields: Mapping[str, Any], mac_of: Callable[[Mapping[str, Any]], str]) -> bool:
@@ -63,13 +70,6 @@ def signed_by(fields: Mapping[str, Any], mac_of: Callable[[Mapping[str, Any]], s
     if not isinstance(mac, str) or _MAC_TEXT.fullmatch(mac) is None:
         return False
     return hmac.compare_digest(mac, mac_of(fields))
-_READ_ATTEMPTS = 5
-# Records fetched per round trip: bounds what a read holds at once (at most 64 KiB each).
-_FETCH_BATCH = 64
-# Warnings per read about records that were ignored; a folder stuffed with junk does not
-# flood the log on every login.
-_MAX_IGNORED_WARNINGS = 10
-_log = get_logger(component="device_state")
 
 
 class StateChanging(UpstreamError):
