@@ -129,7 +129,9 @@ class ImapChannel(Protocol):
         ...
 
     async def idle(self, stop: trio.Event, interval: float) -> None:
-        """IDLE (RFC 2177) until `stop` is set or `interval` has passed (keeps_listing only)."""
+        """IDLE (RFC 2177) until `stop` is set or `interval` has passed (keeps_listing only).
+        Ended by `stop`, the IDLE is left open: the next command ends it (a pipeline sends
+        DONE in the same write)."""
         ...
 
     async def logout(self) -> None:

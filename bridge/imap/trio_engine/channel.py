@@ -57,6 +57,10 @@ class TrioChannel:
         self._timeout = settings.timeout_seconds
         self._tag = 0
         self._broken = False
+        # The tag of an IDLE the server is still in: a parked connection handed over is not
+        # taken out of IDLE first; its new user's first command ends it (`_end_open_idle`,
+        # or DONE in the same write as a pipeline, which saves the handover a round trip).
+        self._open_idle: bytes | None = None
 
     @property
     def usable(self) -> bool:
@@ -88,6 +92,8 @@ class TrioChannel:
         limit = self._timeout if limit_seconds is None else limit_seconds
         try:
             with trio.fail_after(limit):
+                if self._open_idle is not None and exchange != self._exchange_pipelined:
+                    await self._end_open_idle()
                 return await exchange(*args)
         except BaseException as error:
             self.close()
@@ -210,19 +216,29 @@ class TrioChannel:
         tags = [self.next_tag() for _ in commands]
         # One budget for all of them: next_tag set it per command, the last one wins.
         self.reader.max_literal = MAX_OTHER_LITERAL_BYTES * len(commands)
-        await self.stream.send_all(b"".join(tag + b" " + command.line() + b"\r\n" for tag, command in zip(tags, commands, strict=True)))
+        lines = b"".join(tag + b" " + command.line() + b"\r\n" for tag, command in zip(tags, commands, strict=True))
+        idle, self._open_idle = self._open_idle, None
+        awaited = set(tags)
+        if idle is not None:
+            # The IDLE ends in the same write (RFC 2177: DONE, then the next command); its
+            # untagged responses come first, in order, as they would have before a DONE alone.
+            lines = b"DONE\r\n" + lines
+            awaited.add(idle)
+        await self.stream.send_all(lines)
         # Servers may finish pipelined commands in any order (Dovecot answers a STATUS
         # before a long FETCH).
         statuses: dict[bytes, bytes] = {}
-        while len(statuses) < len(tags):
+        while len(statuses) < len(awaited):
             response = await self.response()
             if response.text.startswith(b"* "):
                 self.view.untagged(response.text)
                 continue
             tag, _, status = response.text.partition(b" ")
-            if tag in tags:
+            if tag in awaited:
                 self.view.status(status)
                 statuses[tag] = status
+        if idle is not None and statuses[idle][:2].upper() != b"OK":
+            raise ConnectionBroken("IDLE ended with an error")
         return [Reply(statuses[tag]) for tag in tags]
 
     async def fetch_bodies(self, what: str, command: Command, literal_budget: int) -> tuple[Reply, dict[int, bytes]]:
@@ -288,31 +304,50 @@ class TrioChannel:
                 raise ConnectionBroken("IDLE refused")
             self.view.untagged(response.text)
 
+        ended: bytes | None = None
         async with trio.open_nursery() as nursery:
 
-            async def done_when_told() -> None:
+            async def end_when_due() -> None:
                 with trio.move_on_after(interval):
                     await stop.wait()
-                await self.stream.send_all(b"DONE\r\n")
+                if stop.is_set():
+                    # Told to stop: the IDLE stays open for whoever takes the connection
+                    # next. Reading stops between two socket reads; the reader keeps any
+                    # partial response, so nothing is cut in half.
+                    nursery.cancel_scope.cancel()
+                else:
+                    await self.stream.send_all(b"DONE\r\n")
 
-            nursery.start_soon(done_when_told)
-            # Reading goes on until the server ends the IDLE (after DONE, or by itself), so a
-            # response is never cut in half.
+            nursery.start_soon(end_when_due)
+            # Reading goes on until the server ends the IDLE (after DONE, or by itself), or
+            # until told to stop.
             while True:
                 response = await self.response()
                 if response.text.startswith(tag + b" "):
                     nursery.cancel_scope.cancel()
-                    if response.text[len(tag) + 1 : len(tag) + 3].upper() != b"OK":
-                        raise ConnectionBroken("IDLE ended with an error")
-                    return
+                    ended = response.text[len(tag) + 1 :]
+                    break
                 if response.text.startswith(b"* "):
                     self.view.untagged(response.text)
                     if response.text[2:5].upper() == b"BYE":
                         raise ConnectionBroken("server said BYE")
+        if ended is None:
+            self._open_idle = tag
+        elif ended[:2].upper() != b"OK":
+            raise ConnectionBroken("IDLE ended with an error")
+
+    async def _end_open_idle(self) -> None:
+        tag, self._open_idle = self._open_idle, None
+        assert tag is not None
+        await self.stream.send_all(b"DONE\r\n")
+        if (await self.to_tagged(tag))[:2].upper() != b"OK":
+            raise ConnectionBroken("IDLE ended with an error")
 
     async def logout(self) -> None:
+        done = b"DONE\r\n" if self._open_idle is not None else b""
+        self._open_idle = None
         try:
-            await self.stream.send_all(self.next_tag() + b" LOGOUT\r\n")
+            await self.stream.send_all(done + self.next_tag() + b" LOGOUT\r\n")
             # Wait for the server to close its side, so it logs a clean logout.
             while True:
                 await self.response()
