@@ -29,7 +29,9 @@ changes one route retires only that back end's connections.
 
 While parked, a connection is held by a keeper task (`keep_alive`: IDLE, re-issued every
 `pool.keepalive_seconds`, or NOOP), which also keeps the engine's maildrop listing warm. A
-connection that breaks (server restart, `doveadm kick`, network) leaves the pool at once.
+connection that breaks (server restart, `doveadm kick`, network) leaves the pool at once. A
+connection is handed over still in IDLE: the session's first command sends DONE with it, so
+a login on a parked connection costs one round trip to the server, not two.
 Caps: `pool.max_per_account` and `pool.max_connections`, the least recently parked logged out
 first.
 
@@ -103,6 +105,10 @@ class UpstreamPool:
         # Connections checked out by sessions now (retired in place when they must not be
         # parked again).
         self._leases: set[Lease] = set()
+        # The same two by account_key: a login looks at its own account's connections only,
+        # not at every session's (thousands of sessions make that a cost on every login).
+        self._parked_of: dict[str, dict[int, _Parked]] = {}
+        self._leases_of: dict[str, set[Lease]] = {}
         self._nursery: trio.Nursery | None = None
         # Every connection open, in use or parked, counted against pool.max_connections.
         self.slots = ConnectionSlots(lambda: self._settings().pool.max_connections)
@@ -154,8 +160,8 @@ class UpstreamPool:
         key = account_key(account)
         self._retire_other_routes(key, backend)
         mismatch = False
-        for entry in reversed(list(self._parked.values())):
-            if entry.account != key or entry.backend.name != backend.name:
+        for entry in reversed(list(self._parked_of.get(key, {}).values())):
+            if entry.backend.name != backend.name:
                 continue
             if not entry.matches(password):
                 # Maybe the password changed upstream, maybe it is wrong: a fresh login
@@ -191,7 +197,16 @@ class UpstreamPool:
     ) -> Lease:
         lease = Lease(self, mailbox, account, salt, digest, logged_in_at, backend)
         self._leases.add(lease)
+        self._leases_of.setdefault(account, set()).add(lease)
         return lease
+
+    def _drop_lease(self, lease: Lease) -> None:
+        self._leases.discard(lease)
+        of_account = self._leases_of.get(lease.account)
+        if of_account is not None:
+            of_account.discard(lease)
+            if not of_account:
+                del self._leases_of[lease.account]
 
     def _unfit(
         self, logged_in_at: float, opened_for: Backend, settings: BridgeSettings, wanted: Backend | None = None
@@ -209,22 +224,22 @@ class UpstreamPool:
     def _retire_other_routes(self, account: str, backend: Backend) -> None:
         """`account` (an account_key) is served by `backend` now: its connections to any other
         back end serve no further session (the account moved, or a lookup says so)."""
-        for entry in list(self._parked.values()):
-            if entry.account == account and entry.backend.name != backend.name:
+        for entry in list(self._parked_of.get(account, {}).values()):
+            if entry.backend.name != backend.name:
                 self._evict(entry, "route_changed")
-        for lease in self._leases:
-            if lease.account == account and lease.retired is None and lease.backend.name != backend.name:
+        for lease in self._leases_of.get(account, ()):
+            if lease.retired is None and lease.backend.name != backend.name:
                 lease.retired = "route_changed"
 
     def _retire_other_passwords(self, account: str, password: str) -> None:
         """`password` just logged `account` (an account_key) in upstream: connections opened
         with any other password of it must serve no further session (the other one may be an
         old password, changed since)."""
-        for entry in list(self._parked.values()):
-            if entry.account == account and not entry.matches(password):
+        for entry in list(self._parked_of.get(account, {}).values()):
+            if not entry.matches(password):
                 self._evict(entry, "password_changed")
-        for lease in self._leases:
-            if lease.account == account and lease.retired is None and not lease.matches(password):
+        for lease in self._leases_of.get(account, ()):
+            if lease.retired is None and not lease.matches(password):
                 lease.retired = "password_changed"
 
     def retire_stale(self) -> int:
@@ -246,7 +261,8 @@ class UpstreamPool:
         entry.claimed = True
         self._forget(entry)
         entry.stop.set()
-        # The keeper ends its IDLE (DONE, tagged OK) and hands the connection over.
+        # The keeper stops reading and hands the connection over with its IDLE still running:
+        # the session's first command ends it (bridge.imap.trio_engine.channel, `_open_idle`).
         with trio.move_on_after(wait_seconds):
             await entry.done.wait()
         if entry.done.is_set() and entry.mailbox.usable:
@@ -279,7 +295,7 @@ class UpstreamPool:
             return False
         lease = min(idle, key=lambda candidate: candidate.idle_since)
         lease.taken = True
-        self._leases.discard(lease)
+        self._drop_lease(lease)
         metrics.POOL_EVICTIONS.labels("idle_session").inc()
         _log.debug("pool_connection_closed", reason="idle_session", backend=lease.backend.name)
         self._nursery.start_soon(self._close, lease.mailbox, True)
@@ -327,7 +343,7 @@ class UpstreamPool:
     async def checkin(self, lease: Lease) -> None:
         if lease.taken:
             return  # logged out already, to make room for another session's connection
-        self._leases.discard(lease)
+        self._drop_lease(lease)
         mailbox = lease.mailbox
         bridge_settings = self._settings()
         settings = bridge_settings.pool
@@ -342,14 +358,15 @@ class UpstreamPool:
             return
         entry = _Parked(lease.account, lease.salt, lease.digest, mailbox, lease.logged_in_at, lease.backend)
         self._parked[id(entry)] = entry
+        same_account = self._parked_of.setdefault(entry.account, {})
+        same_account[id(entry)] = entry
         metrics.UPSTREAM_POOLED.inc()
         metrics.backend_pooled(entry.backend.name).inc()
         # Parked for park_seconds, or until the connection reaches its maximum age.
         age_left = settings.max_age_seconds - (trio.current_time() - lease.logged_in_at)
         expiry = (settings.park_seconds, "expired") if settings.park_seconds <= age_left else (age_left, "max_age")
         self._nursery.start_soon(self._keep, entry, expiry, settings.keepalive_seconds)
-        same_account = [e for e in self._parked.values() if e.account == lease.account]
-        for old in same_account[: max(0, len(same_account) - settings.max_per_account)]:
+        for old in list(same_account.values())[: max(0, len(same_account) - settings.max_per_account)]:
             self._evict(old, "account_cap")
         while len(self._parked) > settings.max_connections:
             self._evict(next(iter(self._parked.values())), "total_cap")
@@ -357,6 +374,11 @@ class UpstreamPool:
         _log.debug("pool_parked", parked=len(self._parked))
 
     def _forget(self, entry: _Parked) -> None:
+        same_account = self._parked_of.get(entry.account)
+        if same_account is not None:
+            same_account.pop(id(entry), None)
+            if not same_account:
+                del self._parked_of[entry.account]
         if self._parked.pop(id(entry), None) is not None:
             metrics.UPSTREAM_POOLED.dec()
             metrics.backend_pooled(entry.backend.name).dec()
@@ -382,6 +404,10 @@ class UpstreamPool:
                 nursery.start_soon(expire)
                 try:
                     await entry.mailbox.keep_alive(entry.stop, keepalive_seconds)
+                    if entry.claimed:
+                        # Handed over now: the session need not wait for the expiry timer
+                        # to unwind (nothing below touches the connection).
+                        entry.done.set()
                 except UpstreamError as exc:
                     # Caught inside the nursery: escaping it, the error would arrive wrapped in
                     # an ExceptionGroup, which the handlers below do not match (and during a
