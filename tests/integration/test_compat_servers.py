@@ -36,7 +36,7 @@ from sandbox import (
 )
 from sandbox.cyrus import CyrusSandbox
 from sandbox.seeding import AppendResult, SeedingError
-from tests.harness import RawPop3, ThreadedBridge, bridge_settings, pop3_unstuff, retr_payload
+from tests.harness import RawPop3, ThreadedBridge, bridge_settings, pop3_unstuff, retr_payload, wait_until
 
 CLIENT_TIMEOUT = 60.0
 UIDL_RE = re.compile(rb"^[0-9a-f]{16}$")
@@ -186,6 +186,33 @@ def test_uidl_is_uid_and_uidvalidity_and_stable(upstream: Upstream) -> None:
     assert listings[0] == listings[1]
     assert listings[0] == [b"%08x%08x" % (uid, result.uidvalidity) for uid in result.uids]
     assert all(UIDL_RE.match(uidl) for uidl in listings[0])
+
+
+def test_a_parked_connection_serves_the_next_login_with_what_changed_meanwhile(upstream: Upstream) -> None:
+    """The next login gets the parked connection still in IDLE and ends it in the same write
+    as its refresh (DONE, then SELECT and FETCH): whatever the server said during the IDLE
+    and the refresh's answers must all be read, in order."""
+    box = upstream.mailbox()
+    box.append(list(numbered_messages(3)))
+    bridge = upstream.bridge()
+    with client(bridge, box) as raw:
+        assert raw.command(b"DELE 1").startswith(b"+OK")
+        assert raw.command(b"QUIT").startswith(b"+OK")
+    wait_until(
+        lambda: any(e.get("event") == "pool_parked" for e in bridge.events()), "the connection to be parked"
+    )
+    box.append(list(numbered_messages(2, start=10)))
+    for _session in range(3):
+        with client(bridge, box) as raw:
+            assert raw.command(b"STAT").startswith(b"+OK 4 ")
+            status, body = raw.command_multiline(b"RETR 4")
+            assert status.startswith(b"+OK")
+            assert pop3_unstuff(body) == retr_payload(stored(box)[3])
+            assert raw.command(b"QUIT").startswith(b"+OK")
+    events = [e["event"] for e in bridge.events()]
+    assert events.count("upstream_reused") == 3
+    assert events.count("upstream_fresh") == 1
+    assert [e for e in bridge.events() if e.get("level") in ("warning", "error", "critical")] == []
 
 
 def test_mailbox_with_a_non_ascii_name(upstream: Upstream) -> None:
