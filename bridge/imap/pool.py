@@ -348,7 +348,12 @@ class UpstreamPool:
         bridge_settings = self._settings()
         settings = bridge_settings.pool
         metrics.POOL_MAX_CONNECTIONS.set(settings.max_connections)
-        if self._nursery is None or not mailbox.usable or settings.park_seconds <= 0:
+        if not mailbox.usable:
+            # Broken in the session, or closed by the server since its last command.
+            _log.info("pool_connection_dropped", reason="broken")
+            await self._close(mailbox)
+            return
+        if self._nursery is None or settings.park_seconds <= 0:
             await self._close(mailbox)
             return
         retired = lease.retired or self._unfit(lease.logged_in_at, lease.backend, bridge_settings)

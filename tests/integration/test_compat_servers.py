@@ -36,7 +36,14 @@ from sandbox import (
 )
 from sandbox.cyrus import CyrusSandbox
 from sandbox.seeding import AppendResult, SeedingError
-from tests.harness import RawPop3, ThreadedBridge, bridge_settings, pop3_unstuff, retr_payload, wait_until
+from tests.harness import (
+    RawPop3,
+    ThreadedBridge,
+    bridge_settings,
+    pop3_unstuff,
+    retr_payload,
+    wait_until,
+)
 
 CLIENT_TIMEOUT = 60.0
 UIDL_RE = re.compile(rb"^[0-9a-f]{16}$")

@@ -197,3 +197,15 @@ async def test_an_idle_whose_interval_passes_is_ended_and_answered_before_it_ret
         nursery.start_soon(noop)
         await channel.run("noop", Command(b"NOOP"))
     assert recorded.writes[-1] == b"B2 NOOP\r\n"
+
+
+async def test_a_connection_the_server_closed_is_not_usable() -> None:
+    """A parked connection is handed over with no I/O: a server that closed it meanwhile
+    must show at once, so the pool drops it instead of handing it to a session."""
+    ours, theirs = trio.socket.socketpair()
+    channel = TrioChannel(trio.SocketStream(ours), UpstreamSettings(timeout_seconds=5))
+    await theirs.send(b"* 1 EXISTS\r\n")  # unread data alone is no sign of trouble
+    assert channel.usable
+    theirs.close()
+    assert not channel.usable
+    channel.close()

@@ -10,6 +10,7 @@ commands keep the warm listing up to date (`keeps_listing`).
 
 from __future__ import annotations
 
+import select
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
@@ -64,17 +65,27 @@ class TrioChannel:
 
     @property
     def usable(self) -> bool:
-        return not self._broken
+        """False once the channel is broken, or once the server has closed or reset the
+        connection, which a parked connection handed over with no I/O would otherwise show
+        only at its first command."""
+        if self._broken:
+            return False
+        socket_stream = self._socket_stream()
+        return socket_stream is None or not _peer_closed(socket_stream.socket.fileno())
+
+    def _socket_stream(self) -> trio.SocketStream | None:
+        stream = self.stream
+        if isinstance(stream, trio.SSLStream):
+            stream = stream.transport_stream
+        return stream if isinstance(stream, trio.SocketStream) else None
 
     def close(self) -> None:
         self._broken = True
         self.view.listing = None
-        stream = self.stream
-        if isinstance(stream, trio.SSLStream):
-            stream = stream.transport_stream
-        if isinstance(stream, trio.SocketStream):
+        socket_stream = self._socket_stream()
+        if socket_stream is not None:
             # Closing the socket is synchronous (trio notifies any waiter); no await needed.
-            stream.socket.close()
+            socket_stream.socket.close()
 
     def tls_session(self) -> TlsSession | None:
         return TlsSession.of(self.stream) if isinstance(self.stream, trio.SSLStream) else None
@@ -452,6 +463,13 @@ class _StreamedBody:
         self._status = tagged[len(self._tag) + 1 :]
         self._channel.view.status(self._status)
         self.settled = True
+
+
+def _peer_closed(fd: int) -> bool:
+    """Has the peer shut the connection down (FIN or reset)? One poll(2) with no wait."""
+    poller = select.poll()
+    poller.register(fd, select.POLLRDHUP)
+    return any(events & (select.POLLRDHUP | select.POLLHUP | select.POLLERR) for _fd, events in poller.poll(0))
 
 
 def _upstream_error(what: str, error: BaseException, timeout: float) -> BaseException:
