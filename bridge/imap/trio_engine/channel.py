@@ -248,7 +248,7 @@ class TrioChannel:
             if tag in awaited:
                 self.view.status(status)
                 statuses[tag] = status
-        if idle is not None and statuses[idle][:2].upper() != b"OK":
+        if idle is not None and not Reply(statuses[idle]).ok:
             raise ConnectionBroken("IDLE ended with an error")
         return [Reply(statuses[tag]) for tag in tags]
 
@@ -344,14 +344,14 @@ class TrioChannel:
                         raise ConnectionBroken("server said BYE")
         if ended is None:
             self._open_idle = tag
-        elif ended[:2].upper() != b"OK":
+        elif not Reply(ended).ok:
             raise ConnectionBroken("IDLE ended with an error")
 
     async def _end_open_idle(self) -> None:
         tag, self._open_idle = self._open_idle, None
         assert tag is not None
         await self.stream.send_all(b"DONE\r\n")
-        if (await self.to_tagged(tag))[:2].upper() != b"OK":
+        if not Reply(await self.to_tagged(tag)).ok:
             raise ConnectionBroken("IDLE ended with an error")
 
     async def logout(self) -> None:
