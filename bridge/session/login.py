@@ -166,8 +166,8 @@ async def log_in(
                 # A parked connection cut while parked (a NAT's timeout, a server restart)
                 # can be handed over before its keeper notices: it is dropped, and the login
                 # goes on with another connection rather than failing the device's poll.
+                # (The pool logs it as pool_connection_dropped when it comes back broken.)
                 await lease.release()
-                _log.info("pool_connection_dropped", reason="broken")
                 try:
                     lease = await services.pool.checkout(identity.account, pool_password, credential, backend=backend)
                 except AuthenticationFailed:

@@ -515,8 +515,8 @@ def test_a_parked_connection_that_breaks_at_its_first_command_costs_the_login_no
     rig_factory: Callable[..., Rig], mailbox: Mailbox
 ) -> None:
     """A parked connection cut while parked can be handed to the next login before its keeper
-    notices (its IDLE ends cleanly, then the connection dies): the login goes on with a fresh
-    connection instead of answering the device -ERR [SYS/TEMP]."""
+    notices (handed over in IDLE, it dies at the login's first command): the login goes on
+    with a fresh connection instead of answering the device -ERR [SYS/TEMP]."""
     messages = list(numbered_messages(2))
     mailbox.append(messages)
     rig = rig_factory()
@@ -524,8 +524,8 @@ def test_a_parked_connection_that_breaks_at_its_first_command_costs_the_login_no
         assert raw.command(b"STAT").startswith(b"+OK 2 ")
         assert raw.command(b"QUIT").startswith(b"+OK")
     parked = len(rig.proxy.connections) - 1
-    # The keeper's IDLE ends cleanly (DONE, OK); the login's first command on the connection
-    # (it re-selects the folder) finds it cut.
+    # The login's first command on the connection (DONE, then the SELECT that re-selects the
+    # folder, in one write) finds it cut.
     fault = rig.proxy.arm(Fault("cut", on_command=b"SELECT"))
     with rig.client(mailbox) as raw:
         status, body = raw.command_multiline(b"RETR 2")
