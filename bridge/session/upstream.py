@@ -13,6 +13,10 @@ which name the same messages as long as the maildrop's UIDVALIDITY is the snapsh
 
 So ten thousand connected devices need only as many IMAP connections as are busy at once,
 within `pool.max_connections`.
+
+The same checkout replaces a connection that broke while no command used it: closed by the
+server between commands, or broken under a command that has reported its failure already.
+A command fails only for the connection it was using; the session's next one goes on.
 """
 
 from __future__ import annotations
@@ -76,9 +80,21 @@ class SessionUpstream:
         """The session's lease, checked out again if it was taken, held for a command."""
         async with self._checking_out:
             lease = self._lease
+            reason = "taken"
             if lease is not None and not lease.taken:
-                lease.hold()
-                return lease
+                if lease.mailbox.usable or lease.busy:
+                    # (A connection that broke under a command still running is that
+                    # command's to report; it is let go when that command ends.)
+                    lease.hold()
+                    return lease
+                # Broken while the session was between commands (the server's restart,
+                # `doveadm kick` or idle logout closed it), or under an earlier command
+                # that has failed already (a stall, a reset): nothing of this command has
+                # been sent, so another connection serves it with the same snapshot, and a
+                # QUIT's deletions are not lost to a connection that broke before it.
+                self._lease = None
+                reason = "broken"
+                await lease.release()
             account, password, credential, backend = self._checkout_as
             try:
                 lease = await self._pool.checkout(account, password, credential, backend=backend)
@@ -92,7 +108,8 @@ class SessionUpstream:
                 raise
             # Checked out busy: held for this command from here on.
             self._lease = lease
-            _log.debug("upstream_checked_out_again")
+            # A broken one is worth an operator's eye; one the pool took back is routine.
+            (_log.info if reason == "broken" else _log.debug)("upstream_checked_out_again", reason=reason)
             return lease
 
     async def release(self) -> None:

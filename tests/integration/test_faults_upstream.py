@@ -153,20 +153,22 @@ def test_upstream_lost_mid_retr_never_passes_off_a_truncated_message(
             assert big.startswith(rest.replace(b"\n..", b"\n."))
             aborted = [e for e in rig.bridge.events() if e["event"] == "retrieve_aborted"]
             assert [(e["level"], e["uid"]) for e in aborted] == [("warning", uids[0])]
+            kept = uids  # the session never completed a QUIT: nothing was deleted
         else:
-            # The first piece never arrived: a plain temporary error, the session goes on
-            # (but its upstream connection is gone, so QUIT cannot apply the DELE).
+            # The first piece never arrived: a plain temporary error, and the session goes
+            # on; its broken upstream connection is replaced at its next command that needs
+            # the server, so its QUIT applies the DELE.
             assert status.startswith(TEMP), status
             assert raw.command(b"NOOP").startswith(b"+OK")
-            assert raw.command(b"QUIT").startswith(TEMP)
+            assert raw.command(b"QUIT").startswith(b"+OK")
+            kept = [uids[0], uids[2]]
     assert fault.fired.is_set()
 
-    # Nothing was deleted: the session never completed a QUIT.
-    assert sorted(flags_by_uid(mailbox)) == uids
+    assert sorted(flags_by_uid(mailbox)) == kept
     assert all("\\Deleted" not in flags for flags in flags_by_uid(mailbox).values())
     # The next session works and gets the whole message.
     with rig.client(mailbox) as raw:
-        assert raw.command(b"STAT").startswith(b"+OK 3 ")
+        assert raw.command(b"STAT").startswith(b"+OK %d " % len(kept))
         status, body = raw.command_multiline(b"RETR 1")
         assert status.startswith(b"+OK")
         assert pop3_unstuff(body) == retr_payload(big)
@@ -362,7 +364,9 @@ def test_stalled_server_after_login_every_upstream_command_gets_sys_temp(
     uids = mailbox.append(messages).uids
     rig = rig_factory(upstream=STALL_TIMEOUT)
     with rig.client(mailbox) as raw:
+        # The session's connection stalls, and so does every connection opened after it.
         rig.proxy.arm(Fault("stall", existing=True))
+        rig.proxy.arm(Fault("stall", times=None))
         # Answered from the session's snapshot, no upstream needed.
         assert raw.command(b"STAT").startswith(b"+OK 3 ")
         assert raw.command(b"RETR 1").startswith(TEMP)
@@ -372,6 +376,27 @@ def test_stalled_server_after_login_every_upstream_command_gets_sys_temp(
     rig.proxy.cut_all()
     assert fresh_observer(mailbox).uids() == uids
     assert all("\\Deleted" not in flags for flags in flags_by_uid(mailbox).values())
+
+
+def test_a_connection_that_stalled_is_replaced_for_the_sessions_next_command(
+    rig_factory: Callable[..., Rig], mailbox: Mailbox
+) -> None:
+    # One server process hangs (on a lock, say): the session's connection stalls, the
+    # command waiting on it fails, and the session's next command has a working connection.
+    messages = list(numbered_messages(3))
+    uids = mailbox.append(messages).uids
+    rig = rig_factory(upstream=STALL_TIMEOUT)
+    with rig.client(mailbox) as raw:
+        rig.proxy.arm(Fault("stall", existing=True))
+        assert raw.command(b"RETR 1").startswith(TEMP)
+        status, body = raw.command_multiline(b"RETR 2")
+        assert status.startswith(b"+OK")
+        assert pop3_unstuff(body) == retr_payload(messages[1])
+        assert raw.command(b"DELE 3").startswith(b"+OK")
+        assert raw.command(b"QUIT").startswith(b"+OK")
+    rig.proxy.cut_all()
+    assert fresh_observer(mailbox).uids() == uids[:2]
+    assert [e["reason"] for e in rig.bridge.events() if e["event"] == "upstream_checked_out_again"] == ["broken"]
 
 
 @pytest.mark.parametrize("stall_at", [b"UID STORE", b"UID EXPUNGE"])
