@@ -80,7 +80,6 @@ class SessionUpstream:
         """The session's lease, checked out again if it was taken, held for a command."""
         async with self._checking_out:
             lease = self._lease
-            reason = "taken"
             if lease is not None and not lease.taken:
                 if lease.mailbox.usable or lease.busy:
                     # (A connection that broke under a command still running is that
@@ -93,8 +92,9 @@ class SessionUpstream:
                 # been sent, so another connection serves it with the same snapshot, and a
                 # QUIT's deletions are not lost to a connection that broke before it.
                 self._lease = None
-                reason = "broken"
                 await lease.release()
+            # (None: a replacement for a broken one that could not be had last time.)
+            reason = "taken" if lease is not None and lease.taken else "broken"
             account, password, credential, backend = self._checkout_as
             try:
                 lease = await self._pool.checkout(account, password, credential, backend=backend)
