@@ -93,6 +93,9 @@ class ImapChannel(Protocol):
     keeps_listing: bool
     # stream_body hands out a literal as it arrives (else the mailbox reads it in chunks).
     streams_bodies: bool
+    # Closed by the bridge because what used it gave up half-way through a command (its
+    # session ended: the client left, stopped reading, was kicked), the connection being fine.
+    abandoned: bool
 
     @property
     def usable(self) -> bool: ...

@@ -72,6 +72,11 @@ class ImapMailbox:
         return self._channel.usable
 
     @property
+    def abandoned(self) -> bool:
+        """Closed by the bridge because a command was given up half-way, not broken."""
+        return self._channel.abandoned
+
+    @property
     def offered_capabilities(self) -> frozenset[str]:
         """What the server advertised, upstream.ignore_capabilities not taken off."""
         return self._channel.view.capabilities

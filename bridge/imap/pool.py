@@ -349,8 +349,13 @@ class UpstreamPool:
         settings = bridge_settings.pool
         metrics.POOL_MAX_CONNECTIONS.set(settings.max_connections)
         if not mailbox.usable:
-            # Broken in the session, or closed by the server since its last command.
-            _log.info("pool_connection_dropped", reason="broken")
+            if mailbox.abandoned:
+                # Closed half-way through a command its session gave up (a client that left
+                # in the middle of a RETR): routine, the session's end says why.
+                _log.debug("pool_connection_dropped", reason="abandoned")
+            else:
+                # Broken in the session, or closed by the server since its last command.
+                _log.info("pool_connection_dropped", reason="broken")
             await self._close(mailbox)
             return
         if self._nursery is None or settings.park_seconds <= 0:

@@ -152,6 +152,7 @@ class AioChannel:
         self._protocol = protocol
         self._timeout = settings.timeout_seconds
         self._broken = False
+        self.abandoned = False
         self.view = ServerView()
         self.view.capabilities = frozenset(c.upper() for c in protocol.capabilities)
 
@@ -184,8 +185,9 @@ class AioChannel:
             if self._protocol.violation is not None:
                 raise UpstreamImplausible(f"{what}: {self._protocol.violation}") from None
             raise UpstreamUnavailable(f"{what}: {type(exc).__name__}") from None
-        except BaseException:
+        except BaseException as exc:
             # A command cut off half-way (cancelled) leaves the protocol state unknown.
+            self.abandoned = isinstance(exc, trio.Cancelled)
             self.close()
             raise
 

@@ -59,6 +59,7 @@ class TrioChannel:
         self._timeout = settings.timeout_seconds
         self._tag = 0
         self._broken = False
+        self.abandoned = False
         # The tag of an IDLE the server is still in: a parked connection handed over is not
         # taken out of IDLE first; its new user's first command ends it (`_end_open_idle`,
         # or DONE in the same write as a pipeline, which saves the handover a round trip).
@@ -108,6 +109,8 @@ class TrioChannel:
                     await self._end_open_idle()
                 return await exchange(*args)
         except BaseException as error:
+            # Cancelled: the exchange's session gave it up; the server did nothing wrong.
+            self.abandoned = isinstance(error, trio.Cancelled)
             self.close()
             raise _upstream_error(what, error, limit) from None
 
@@ -299,7 +302,8 @@ class TrioChannel:
         finally:
             if not reader.settled:
                 # Part of the literal or the tagged answer is still on its way: nothing else
-                # can be read on this connection.
+                # can be read on this connection. (Not broken yet: its reader stopped early.)
+                self.abandoned = not self._broken
                 self.close()
 
     async def idle(self, stop: trio.Event, interval: float) -> None:
