@@ -110,6 +110,7 @@ class UpstreamSettings(Section):
     fetch_chunk: int = Field(default=1048576, ge=4096, le=64 * 1048576)
     readahead_max_bytes: int = Field(default=64 * 1048576, ge=0, le=16 * 1024 * 1048576)
     timeout_seconds: float = Field(default=30.0, gt=0, le=300)
+    tcp_keepalive_seconds: float = Field(default=60.0, ge=0, le=7200)
     ignore_capabilities: list[str] = Field(default_factory=list)
     engine: Literal["trio", "aioimaplib"] = "trio"
     reconnect_initial_seconds: float = Field(default=0.2, gt=0, le=60)

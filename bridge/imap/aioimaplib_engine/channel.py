@@ -33,6 +33,7 @@ from bridge.imap.errors import (
     UpstreamUnavailable,
 )
 from bridge.imap.interface import RangeReader
+from bridge.imap.keepalive import set_tcp_keepalive
 from bridge.imap.limits import MAX_OTHER_LITERAL_BYTES
 from bridge.imap.untagged import ServerView
 from bridge.imap.wire import Response
@@ -70,6 +71,8 @@ async def _connect(settings: UpstreamSettings) -> ClientProtocol:
         await loop.create_connection(lambda: protocol, settings.host, settings.port, ssl=context, server_hostname=settings.host)
     else:
         await loop.create_connection(lambda: protocol, settings.host, settings.port)
+    assert protocol.transport is not None
+    set_tcp_keepalive(protocol.transport.get_extra_info("socket"), settings.tcp_keepalive_seconds)
     try:
         await protocol.wait(f"{_aio.AUTH}|{_aio.NONAUTH}|{_aio.LOGOUT}")
         if settings.tls == "starttls" and protocol.state == _aio.NONAUTH:

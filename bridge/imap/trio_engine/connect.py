@@ -21,6 +21,7 @@ from bridge.imap.errors import (
     UpstreamNotListening,
     UpstreamUnavailable,
 )
+from bridge.imap.keepalive import set_tcp_keepalive
 from bridge.imap.trio_engine.channel import ConnectionBroken, TrioChannel
 from bridge.net.tls import load_client_context
 from bridge.ops import metrics
@@ -74,7 +75,9 @@ def _connection_refused(exc: BaseException) -> bool:
 async def _connect(settings: UpstreamSettings) -> trio.abc.Stream:
     try:
         with trio.fail_after(settings.timeout_seconds):
-            stream: trio.abc.Stream = await trio.open_tcp_stream(settings.host, settings.port)
+            tcp = await trio.open_tcp_stream(settings.host, settings.port)
+            set_tcp_keepalive(tcp.socket, settings.tcp_keepalive_seconds)
+            stream: trio.abc.Stream = tcp
             if settings.tls == "implicit":
                 stream = await _start_tls(stream, settings)
             return stream
