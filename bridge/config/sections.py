@@ -17,6 +17,7 @@ from bridge.net.addresses import ListenAddress, parse_listen_address
 class Pop3Settings(Section):
     listen: list[str] = Field(default_factory=lambda: ["127.0.0.1:1110"], min_length=1)
     autologout_seconds: float = Field(default=600.0, ge=600.0)
+    tcp_keepalive_seconds: float = Field(default=60.0, ge=0, le=7200)
     max_line_length: int = Field(default=255, ge=64, le=65536)
     max_connections: int = Field(default=1000, ge=1)
     implementation: str = "pop3-imap-bridge"

@@ -20,6 +20,7 @@ from bridge.config import BridgeSettings, weakened_settings
 from bridge.imap.engines import engine_runtime
 from bridge.net.addresses import peer_name, socket_name
 from bridge.net.client_timeouts import watchdog_tick
+from bridge.net.keepalive import set_tcp_keepalive
 from bridge.net.listeners import ConnectionAdmission, ListenerKind
 from bridge.net.sockets import open_pop3_listeners
 from bridge.net.tls import ServerTls
@@ -126,6 +127,7 @@ class Pop3Service:
                 except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                     pass
             return
+        set_tcp_keepalive(stream.socket, self.settings.pop3.tcp_keepalive_seconds)
         # Counted from accept on: connections still in their PROXY header or TLS handshake
         # hold a slot of pop3.max_connections too.
         state.active_sessions += 1

@@ -33,10 +33,10 @@ from bridge.imap.errors import (
     UpstreamUnavailable,
 )
 from bridge.imap.interface import RangeReader
-from bridge.imap.keepalive import set_tcp_keepalive
 from bridge.imap.limits import MAX_OTHER_LITERAL_BYTES
 from bridge.imap.untagged import ServerView
 from bridge.imap.wire import Response
+from bridge.net.keepalive import set_tcp_keepalive
 from bridge.net.tls import load_client_context
 from bridge.ops import metrics
 from bridge.ops.logs import get_logger

@@ -21,8 +21,8 @@ from bridge.imap.errors import (
     UpstreamNotListening,
     UpstreamUnavailable,
 )
-from bridge.imap.keepalive import set_tcp_keepalive
 from bridge.imap.trio_engine.channel import ConnectionBroken, TrioChannel
+from bridge.net.keepalive import set_tcp_keepalive
 from bridge.net.tls import load_client_context
 from bridge.ops import metrics
 

@@ -6,7 +6,7 @@ import socket
 
 import pytest
 
-from bridge.imap.keepalive import PROBES, set_tcp_keepalive
+from bridge.net.keepalive import PROBES, set_tcp_keepalive
 
 
 def options(sock: socket.socket) -> tuple[int, int, int, int]:
