@@ -35,43 +35,35 @@ a login on a parked connection costs one round trip to the server, not two.
 Caps: `pool.max_per_account` and `pool.max_connections`, the least recently parked logged out
 first.
 
-Opening a connection retries a server that is not listening (refused: restarting, say) with
-capped exponential backoff and jitter, within `upstream.timeout_seconds` in all, so a POP3
-client never waits longer; a server that accepts and then fails is reported at once.
+Opening a connection retries a server that is not listening (bridge.imap.reconnect); a
+session's checked-out connection is a `Lease` (bridge.imap.lease).
 """
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import logging
-import random
 import secrets
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 import trio
 
-from bridge.config import BridgeSettings, UpstreamSettings, account_key
+from bridge.config import BridgeSettings, account_key
 from bridge.imap.capacity import ConnectionSlots
 from bridge.imap.engines import Credential, open_mailbox
-from bridge.imap.errors import UpstreamError, UpstreamNotListening, UpstreamUnavailable
+from bridge.imap.errors import UpstreamError
+from bridge.imap.lease import Lease, password_digest
 from bridge.imap.mailbox import ImapMailbox
+from bridge.imap.reconnect import Opener, connect_retrying
 from bridge.ops import metrics
 from bridge.ops.logs import get_logger
 from bridge.routing.routes import Backend
 
 _log = get_logger(component="pool")
 _SHUTDOWN_GRACE_SECONDS = 3.0
-
-
-Opener = Callable[[UpstreamSettings, str, Credential], Awaitable[ImapMailbox]]
-
-
-def _digest(salt: bytes, password: str) -> bytes:
-    return hmac.new(salt, password.encode("utf-8", "surrogateescape"), hashlib.sha256).digest()
 
 
 @dataclass(eq=False)
@@ -91,7 +83,7 @@ class _Parked:
     reclaimed: bool = False
 
     def matches(self, password: str) -> bool:
-        return hmac.compare_digest(self.digest, _digest(self.salt, password))
+        return hmac.compare_digest(self.digest, password_digest(self.salt, password))
 
 
 class UpstreamPool:
@@ -155,7 +147,7 @@ class UpstreamPool:
         settings = self._settings()
         backend = backend or self.default_backend(account)
         salt = secrets.token_bytes(16)
-        digest = _digest(salt, password)
+        digest = password_digest(salt, password)
         # Connections are the account's however its name is spelt (the upstream folds case).
         key = account_key(account)
         self._retire_other_routes(key, backend)
@@ -276,7 +268,7 @@ class UpstreamPool:
         deadline = trio.current_time() + upstream.timeout_seconds
         await self.slots.acquire(self._reclaim_one, deadline)
         try:
-            return await self._connect(backend, credential, deadline)
+            return await connect_retrying(self._opener, backend, credential, deadline)
         except BaseException:
             self.slots.release()
             raise
@@ -307,36 +299,6 @@ class UpstreamPool:
             await mailbox.aclose()
         finally:
             self.slots.release(reclaimed)
-
-    async def _connect(self, backend: Backend, credential: Credential, deadline: float) -> ImapMailbox:
-        upstream = backend.upstream
-        started = trio.current_time()
-        delay = upstream.reconnect_initial_seconds
-        attempt = 1
-        while True:
-            try:
-                with trio.fail_at(deadline):
-                    mailbox = await self._opener(upstream, backend.login, credential)
-                metrics.backend_connect_time(backend.name).observe(trio.current_time() - started)
-                return mailbox
-            except trio.TooSlowError:
-                if attempt > 1:
-                    # The deadline fell during a retry rather than between two: the same
-                    # giving up as below, and logged the same way.
-                    _log.warning("upstream_retries_exhausted", attempts=attempt)
-                raise UpstreamUnavailable(f"connect: no answer within {upstream.timeout_seconds:g} s") from None
-            except UpstreamNotListening:
-                # Nothing listening (a restart?): worth another try. A server that answers
-                # and then refuses is reported at once.
-                # Full jitter on the upper half: sessions that failed together retry apart.
-                wait = min(delay, upstream.reconnect_max_seconds) * random.uniform(0.5, 1.0)
-                if trio.current_time() + wait >= deadline:
-                    _log.warning("upstream_retries_exhausted", attempts=attempt)
-                    raise
-                _log.info("upstream_retry", attempt=attempt, wait_seconds=round(wait, 3))
-                await trio.sleep(wait)
-                delay = min(delay * 2, upstream.reconnect_max_seconds)
-                attempt += 1
 
     # -- taking back --------------------------------------------------------------------------
 
@@ -446,52 +408,3 @@ class UpstreamPool:
 def _level(reason: str | None) -> int:
     # Retirements for security reasons are worth an operator's eye; routine ones are not.
     return logging.INFO if reason in ("password_changed", "upstream_changed", "route_changed") else logging.DEBUG
-
-
-class Lease:
-    """A connection checked out by one session: `mailbox` serves the session; `release()`
-    hands it back to the pool (parked if still fit) instead of logging out."""
-
-    def __init__(
-        self, pool: UpstreamPool, mailbox: ImapMailbox, account: str, salt: bytes, digest: bytes,
-        logged_in_at: float, backend: Backend,
-    ) -> None:
-        self.mailbox = mailbox
-        self.account = account  # its account_key: how the pool compares accounts
-        self.salt = salt
-        self.digest = digest
-        self.logged_in_at = logged_in_at
-        self.backend = backend
-        # Why this connection must not be parked again (None: it may be).
-        self.retired: str | None = None
-        # Handed over from the parked ones rather than opened for this checkout.
-        self.reused = False
-        self._pool: UpstreamPool | None = pool
-        # Commands using the connection now (the login that checked it out is the first);
-        # at 0 the session is between commands and the pool may take the connection back
-        # to make room (`taken`): the session then checks out another for its next command.
-        self.busy = 1
-        self.idle_since = trio.current_time()
-        self.taken = False
-
-    def hold(self) -> None:
-        self.busy += 1
-
-    def let_go(self) -> None:
-        self.busy -= 1
-        if not self.busy:
-            self.idle_since = trio.current_time()
-            if self._pool is not None:
-                self._pool.slots.wake()  # a login waiting for room may take this one
-
-    @property
-    def upstream(self) -> UpstreamSettings:
-        return self.backend.upstream
-
-    def matches(self, password: str) -> bool:
-        return hmac.compare_digest(self.digest, _digest(self.salt, password))
-
-    async def release(self) -> None:
-        pool, self._pool = self._pool, None
-        if pool is not None:
-            await pool.checkin(self)

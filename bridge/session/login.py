@@ -25,7 +25,7 @@ import trio
 from bridge.config import BridgeSettings
 from bridge.imap.engines import Credential
 from bridge.imap.errors import AuthenticationFailed, UpstreamError
-from bridge.imap.pool import Lease
+from bridge.imap.lease import Lease
 from bridge.net.listeners import ClientConnection
 from bridge.net.maildrop_locks import MaildropInUse
 from bridge.oauth2.errors import DeviceLoginRefused, ReauthorisationNeeded

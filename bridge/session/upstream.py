@@ -30,8 +30,9 @@ import trio
 from bridge.imap import MaildropStore, UpstreamError
 from bridge.imap.engines import Credential
 from bridge.imap.errors import AuthenticationFailed
+from bridge.imap.lease import Lease
 from bridge.imap.mailbox import ImapMailbox
-from bridge.imap.pool import Lease, UpstreamPool
+from bridge.imap.pool import UpstreamPool
 from bridge.ops.logs import get_logger
 from bridge.routing.routes import Backend
 

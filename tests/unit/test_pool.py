@@ -18,7 +18,8 @@ import trio.testing
 
 from bridge.config import BridgeSettings, UpstreamSettings, load_settings
 from bridge.imap.errors import AuthenticationFailed, UpstreamUnavailable
-from bridge.imap.pool import Lease, UpstreamPool
+from bridge.imap.lease import Lease
+from bridge.imap.pool import UpstreamPool
 
 ACCOUNT = "alice@example.com"
 OLD, NEW = "old password", "new password"
