@@ -209,6 +209,7 @@ def run(servers: BenchServers, plan: Plan, rec: Recorder) -> None:
             memory["peak"] = peak_rss_bytes(bridge.pid)
             memory["cpu_seconds"] = cpu_seconds(bridge.pid) - cpu
             rec.add("slow_rss_growth", "bridge", memory["peak"] - memory["rss_before"])
+            rec.add("slow_cpu", "bridge", memory["cpu_seconds"])
         unloaded_p95 = percentile(unloaded, 95)
         loaded_p95 = percentile(loaded, 95) if loaded else None
         rec.add("slow", target.name, {
@@ -228,6 +229,9 @@ def rows(rec: Recorder, plan: Plan) -> list[Row | Fact]:
     what = f"{plan.slow_clients:,} slow clients ({size_text(plan.slow_size)} at {plan.slow_rate // KIB} KiB/s)"
     out: list[Row | Fact] = [
         Row(f"{what}: bridge RSS growth, peak (MiB)", "slow_rss_growth", None, 1 / MIB, False, (), bound=256, unit=" MiB"),
+        # The loaded p95 follows how full the bridge's one event loop is, which depends on the
+        # host's speed as much as on the code: shown so that runs on different days compare.
+        Row(f"{what}: bridge CPU over the row (s)", "slow_cpu", None, 1.0, False, ()),
         Row(f"{what}: fast poller p95, unloaded (ms)", "slow_poller_unloaded", None, ms, False, ()),
         Row(f"{what}: fast poller p95, loaded (ms)", "slow_poller_loaded", None, ms, False, ()),
         Row(f"{what}: fast poller p95, loaded ÷ unloaded", "slow_poller_ratio", None, 1.0, False, (), bound=1.5, unit="×"),

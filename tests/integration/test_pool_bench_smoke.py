@@ -78,7 +78,9 @@ def test_slow_clients_row(tiny_run: tuple[str, dict[str, Any]]) -> None:
         assert len(slow["unloaded"]) == data["plan"]["poller_baseline"] and slow["loaded"], name
     bridge = data["samples"]["slow"]["bridge"][0]
     assert bridge["peak"] >= bridge["rss_before"] > 0
-    assert "slow clients" in table
+    # The bridge's CPU over the row was read from its process, and the table shows it.
+    assert bridge["cpu_seconds"] > 0 and data["samples"]["slow_cpu"]["bridge"] == [bridge["cpu_seconds"]]
+    assert "bridge CPU over the row (s)" in table
 
 
 def test_workers_row(tiny_run: tuple[str, dict[str, Any]]) -> None:
