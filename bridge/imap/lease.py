@@ -23,6 +23,11 @@ def password_digest(salt: bytes, password: str) -> bytes:
     return hmac.new(salt, password.encode("utf-8", "surrogateescape"), hashlib.sha256).digest()
 
 
+def digest_matches(salt: bytes, digest: bytes, password: str) -> bool:
+    """Whether `password` is the one `digest` was made from (in constant time)."""
+    return hmac.compare_digest(digest, password_digest(salt, password))
+
+
 class LeaseOwner(Protocol):
     """What a lease needs of its pool (bridge.imap.pool.UpstreamPool)."""
 
@@ -72,7 +77,7 @@ class Lease:
         return self.backend.upstream
 
     def matches(self, password: str) -> bool:
-        return hmac.compare_digest(self.digest, password_digest(self.salt, password))
+        return digest_matches(self.salt, self.digest, password)
 
     async def release(self) -> None:
         pool, self._pool = self._pool, None

@@ -41,7 +41,6 @@ session's checked-out connection is a `Lease` (bridge.imap.lease).
 
 from __future__ import annotations
 
-import hmac
 import logging
 import secrets
 from collections import OrderedDict
@@ -55,7 +54,7 @@ from bridge.config import BridgeSettings, account_key
 from bridge.imap.capacity import ConnectionSlots
 from bridge.imap.engines import Credential, open_mailbox
 from bridge.imap.errors import UpstreamError
-from bridge.imap.lease import Lease, password_digest
+from bridge.imap.lease import Lease, digest_matches, password_digest
 from bridge.imap.mailbox import ImapMailbox
 from bridge.imap.reconnect import Opener, connect_retrying
 from bridge.ops import metrics
@@ -83,7 +82,7 @@ class _Parked:
     reclaimed: bool = False
 
     def matches(self, password: str) -> bool:
-        return hmac.compare_digest(self.digest, password_digest(self.salt, password))
+        return digest_matches(self.salt, self.digest, password)
 
 
 class UpstreamPool:
