@@ -39,8 +39,10 @@ _log = get_logger()
 # Bounds of the pieces a streamed RETR reads from the upstream at a time. A message starts at
 # _SLOW_PIECE; a client that keeps up gets up to _FAST_PIECE per read, one that makes sends
 # wait goes back down (a thousand slow clients then hold tens of MB between them, not GB).
+# Every piece costs a read, a stuffing, a write and a few turns of the event loop whatever
+# its size, so for many slow clients the smaller piece costs CPU (docs/performance.md).
 _FAST_PIECE = 1 << 20
-_SLOW_PIECE = 32 * 1024
+_SLOW_PIECE = 64 * 1024
 _READAHEAD_HITS = metrics.READAHEAD_HITS
 
 
@@ -259,6 +261,9 @@ class Retriever:
             offset += len(data)
             if encoder.done or offset >= entry.size or not data:
                 break
+            # Only its stuffed form is needed from here: a slow client's session holds one
+            # copy of a piece while its send waits, not two.
+            del data
             # More to fetch: what we have goes out first, so the client is never kept
             # waiting on the upstream for bytes we already hold.
             slow = await self._send_pieces(pending)
