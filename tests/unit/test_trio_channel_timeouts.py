@@ -95,11 +95,10 @@ async def test_a_command_the_session_gives_up_closes_the_connection_as_abandoned
     assert channel.abandoned
 
 
-
 class Flood:
     """A server on a real socket (a read that finds data at once is the path that does not
     wait) sending untagged lines faster than they can be parsed, never answering: until the
-    channel hangs up, `stop()` is called, or `seconds` pass (then `ran_out` is set)."""
+    channel hangs up, the test sets `over`, or `seconds` pass (then `ran_out` is set)."""
 
     def __init__(self, seconds: float) -> None:
         ours, self._theirs = socket.socketpair()
