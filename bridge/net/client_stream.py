@@ -20,8 +20,9 @@ the session waits for it: a CPU that goes idle between two commands takes far lo
 (tens of microseconds on a virtual machine) than such a client takes to send its next one.
 Whether to poll follows the client's recent answers (`turnaround`, smoothed): a client
 further away never qualifies, and a busy process sees even local clients answer late (it gets
-back to them late), so it stops polling by itself. A poll never outlasts the window, and it
-holds up other sessions no longer than that.
+back to them late), so it stops polling by itself. A poll never outlasts the window, and a
+session whose client is polled for command after command still yields to the others every
+few replies, as one whose client pipelines does.
 
 Every wait is a Trio wait inside the session's cancel scope, which the watchdog cancels
 when the wait's time is up; errors come out as Trio's stream errors.
@@ -43,8 +44,10 @@ from bridge.net.client_timeouts import ClientWait
 # room in the kernel's buffer gets the timeout, which measures the same more closely.
 SEND_PIECE = 256 * 1024
 
-# A send that needs no wait does not yield to the scheduler; after this many in a row (a
-# client that pipelines many commands) one send does, so other sessions get their turn.
+# A send that needs no wait does not yield to the scheduler, nor does a command found by
+# polling; after this many sends without a yield (a client that pipelines many commands, or
+# one polled for through a whole download) one send does, so other sessions, and this
+# session's own work in the background (the read-ahead's next FETCH), get their turn.
 _SENDS_BETWEEN_YIELDS = 16
 # How much each new answer time moves the smoothed one.
 _TURNAROUND_WEIGHT = 0.25
@@ -87,10 +90,10 @@ class ClientStream:
         try:
             if self._fd < 0:
                 return await self.stream.receive_some(max_bytes)
-            self._sends_without_yield = 0
             data = self._poll(max_bytes) if self.turnaround < self.poll_seconds else None
             while data is None:
                 await trio.lowlevel.wait_readable(self._fd)
+                self._sends_without_yield = 0
                 try:
                     data = os.read(self._fd, max_bytes)
                 except BlockingIOError:

@@ -199,3 +199,46 @@ async def test_a_poll_that_finds_nothing_gives_up_and_waits() -> None:
     # A client that keeps answering late is no longer polled for.
     assert client.turnaround >= 0.01
     peer.close()
+
+
+async def test_a_client_polled_for_command_after_command_still_lets_other_tasks_run() -> None:
+    # A local client downloading its mail answers every reply within the window, so no
+    # receive sleeps after the first; other sessions (and this one's read-ahead in the
+    # background) must still get turns, as they do beside a client that pipelines.
+    stream, peer = await socket_pair()
+    peer.setblocking(True)
+    client = ClientStream(stream, ClientWait(), poll_seconds=1.0)
+    commands = 160
+    exchange = 0
+    others_ran_during: set[int] = set()
+
+    async def other() -> None:
+        while True:
+            others_ran_during.add(exchange)
+            await trio.lowlevel.checkpoint()
+
+    def answer_each_reply() -> None:
+        for number in range(commands):
+            got = b""
+            while not got.endswith(b"\r\n"):
+                got += peer.recv(100)
+            peer.sendall(b"NOOP %d\r\n" % number)
+
+    answering = threading.Thread(target=answer_each_reply)
+    answering.start()
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(other)
+            for exchange in range(commands):
+                await client.send(b"+OK\r\n", 120)
+                assert await client.receive(1024, 600) == b"NOOP %d\r\n" % exchange
+            polled = client.turnaround < client.poll_seconds
+            nursery.cancel_scope.cancel()
+    finally:
+        answering.join()
+        peer.close()
+    assert polled
+    # The first command was waited for (nothing measured yet); every command after it was
+    # polled for. The session yields every 16 replies: ten times here. After a yield Trio
+    # may run this session first, so the other task can see two yields as one exchange.
+    assert len(others_ran_during - {0}) >= 5
