@@ -66,7 +66,8 @@ class ClientStream:
         self.wait = wait
         self.deadline = deadline
         self.deadline_reason = deadline_reason
-        self._fd = stream.socket.fileno() if type(stream) is trio.SocketStream else -1
+        # The plain socket whose descriptor is read and written directly; None over TLS.
+        self._socket = stream.socket if type(stream) is trio.SocketStream else None
         self._sends_without_yield = 0
         self.poll_seconds = poll_seconds
         # Seconds from a reply sent at once to the client's next bytes, smoothed; inf until
@@ -88,14 +89,14 @@ class ClientStream:
         `allowed_seconds` without a byte."""
         self._waiting(allowed_seconds, "autologout")
         try:
-            if self._fd < 0:
+            if self._socket is None:
                 return await self.stream.receive_some(max_bytes)
-            data = self._poll(max_bytes) if self.turnaround < self.poll_seconds else None
+            data = self._poll(self._descriptor(), max_bytes) if self.turnaround < self.poll_seconds else None
             while data is None:
-                await trio.lowlevel.wait_readable(self._fd)
+                await trio.lowlevel.wait_readable(self._descriptor())
                 self._sends_without_yield = 0
                 try:
-                    data = os.read(self._fd, max_bytes)
+                    data = os.read(self._descriptor(), max_bytes)
                 except BlockingIOError:
                     continue  # woken without data after all
                 except OSError as exc:
@@ -112,12 +113,12 @@ class ClientStream:
         finally:
             self.wait.due = math.inf
 
-    def _poll(self, max_bytes: int) -> bytes | None:
+    def _poll(self, fd: int, max_bytes: int) -> bytes | None:
         """What the client sent within `poll_seconds`, read without sleeping; None if nothing."""
         give_up = time.perf_counter() + self.poll_seconds
         while True:
             try:
-                return os.read(self._fd, max_bytes)
+                return os.read(fd, max_bytes)
             except BlockingIOError:
                 if time.perf_counter() > give_up:
                     return None
@@ -129,7 +130,7 @@ class ClientStream:
         `allowed_seconds`. True if the client was slower than the data: the socket's buffer
         filled up and the send had to wait (over TLS: always, as far as this can tell)."""
         view = memoryview(data)
-        if self._fd < 0:
+        if self._socket is None:
             for start in range(0, len(view), SEND_PIECE):
                 self._waiting(allowed_seconds, "send_timeout")
                 try:
@@ -144,7 +145,7 @@ class ClientStream:
             while sent < len(view):
                 self._waiting(allowed_seconds, "send_timeout")
                 try:
-                    await trio.lowlevel.wait_writable(self._fd)
+                    await trio.lowlevel.wait_writable(self._descriptor())
                 finally:
                     self.wait.due = math.inf
                 sent += self._write(view[sent:])
@@ -160,7 +161,7 @@ class ClientStream:
         """The first `length` bytes of the file `fd`: with sendfile on a plain socket (the
         kernel copies from its page cache), read and sent in pieces over TLS. Ends as
         "send_timeout" like `send`; raises EOFError if the file is shorter than `length`."""
-        if self._fd < 0:
+        if self._socket is None:
             for offset in range(0, length, SEND_PIECE):
                 piece = os.pread(fd, min(SEND_PIECE, length - offset), offset)
                 if not piece:
@@ -170,11 +171,11 @@ class ClientStream:
         offset = 0
         while offset < length:
             try:
-                sent = os.sendfile(self._fd, fd, offset, length - offset)
+                sent = os.sendfile(self._descriptor(), fd, offset, length - offset)
             except BlockingIOError:
                 self._waiting(allowed_seconds, "send_timeout")
                 try:
-                    await trio.lowlevel.wait_writable(self._fd)
+                    await trio.lowlevel.wait_writable(self._descriptor())
                 finally:
                     self.wait.due = math.inf
                 continue
@@ -185,9 +186,18 @@ class ClientStream:
             offset += sent
         await trio.lowlevel.checkpoint()
 
+    def _descriptor(self) -> int:
+        # Asked each time, never kept: once the socket is closed its number may already
+        # belong to another client's connection.
+        assert self._socket is not None
+        fd = self._socket.fileno()
+        if fd < 0:
+            raise trio.ClosedResourceError("the client connection was closed")
+        return fd
+
     def _write(self, view: memoryview) -> int:
         try:
-            return os.write(self._fd, view)
+            return os.write(self._descriptor(), view)
         except BlockingIOError:
             return 0
         except OSError as exc:

@@ -242,3 +242,27 @@ async def test_a_client_polled_for_command_after_command_still_lets_other_tasks_
     # polled for. The session yields every 16 replies: ten times here. After a yield Trio
     # may run this session first, so the other task can see two yields as one exchange.
     assert len(others_ran_during - {0}) >= 5
+
+
+async def test_a_closed_connection_never_touches_a_connection_that_got_its_number() -> None:
+    # A descriptor number is reused as soon as it is free: whatever is still sent or read on
+    # a client connection after it was closed must fail, not reach another client's socket.
+    stream, peer = await socket_pair()
+    client = ClientStream(stream, ClientWait())
+    await client.send(b"+OK\r\n", 120)
+    number = stream.socket.fileno()
+    stream.socket.close()
+    other, other_peer = socket.socketpair()
+    try:
+        other.setblocking(False)
+        other_peer.setblocking(False)
+        assert number in (other.fileno(), other_peer.fileno())
+        with pytest.raises(trio.ClosedResourceError):
+            await client.send(b"-ERR for someone else\r\n", 120)
+        with trio.fail_after(5), pytest.raises(trio.ClosedResourceError):
+            await client.receive(1024, 600)
+        assert drain(other) == drain(other_peer) == b""
+    finally:
+        other.close()
+        other_peer.close()
+        peer.close()
