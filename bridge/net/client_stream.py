@@ -37,6 +37,7 @@ import time
 import trio
 
 from bridge.net.client_timeouts import ClientWait
+from bridge.net.descriptors import descriptor_of
 
 # A stream without a file descriptor (TLS) sends in pieces of this size, each within the
 # send timeout: the timeout measures a client that stops reading, not a slow link taking
@@ -187,13 +188,8 @@ class ClientStream:
         await trio.lowlevel.checkpoint()
 
     def _descriptor(self) -> int:
-        # Asked each time, never kept: once the socket is closed its number may already
-        # belong to another client's connection.
         assert self._socket is not None
-        fd = self._socket.fileno()
-        if fd < 0:
-            raise trio.ClosedResourceError("the client connection was closed")
-        return fd
+        return descriptor_of(self._socket, "client connection")
 
     def _write(self, view: memoryview) -> int:
         try:

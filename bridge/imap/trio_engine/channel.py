@@ -35,6 +35,7 @@ from bridge.imap.wire import (
     ResponseReader,
     ResponseTooLarge,
 )
+from bridge.net.descriptors import descriptor_of
 
 _T = TypeVar("_T")
 
@@ -145,12 +146,8 @@ class TrioChannel:
             self._read_since_yield = 0
             await trio.lowlevel.checkpoint()
         while True:
-            # Asked each time: once closed, the number may already belong to another connection.
-            fd = sock.fileno()
-            if fd < 0:
-                raise trio.ClosedResourceError("the upstream connection was closed")
             try:
-                data = os.read(fd, size)
+                data = os.read(descriptor_of(sock, "upstream connection"), size)
             except BlockingIOError:
                 self._read_since_yield = 0
                 await trio.lowlevel.wait_readable(sock)
