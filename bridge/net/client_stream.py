@@ -3,8 +3,9 @@ wait for the client (bridge.net.client_timeouts).
 
 A TLS connection (or any other Trio stream) goes through the stream's own `receive_some` and
 `send_all`. A plain TCP connection is read and written on its file descriptor with Trio's
-low-level waits: `wait_readable` then one `os.read`, and `os.write` first, waiting for
-`wait_writable` only if the kernel took less than everything.
+low-level waits: `wait_readable` then one `os.read`, and `os.write` first; what the kernel
+did not take at once goes to the event loop's write pump (bridge.net.write_pump), which
+writes it as the client makes room while the session sleeps.
 
 Why: a POP3 client downloading its mail sends one command and waits for its reply, 1,000
 times for 1,000 messages. `SocketStream.receive_some` first tries a read that fails (the
@@ -33,11 +34,13 @@ from __future__ import annotations
 import math
 import os
 import time
+from collections.abc import Awaitable, Callable
 
 import trio
 
 from bridge.net.client_timeouts import ClientWait
 from bridge.net.descriptors import descriptor_of
+from bridge.net.write_pump import write_pump
 
 # A stream without a file descriptor (TLS) sends in pieces of this size, each within the
 # send timeout: the timeout measures a client that stops reading, not a slow link taking
@@ -143,6 +146,10 @@ class ClientStream:
         if sent < len(view):
             self._sends_without_yield = 0
             self._replied_at = 0.0
+            pump = write_pump()
+            if pump is not None:
+                await self._pumped(pump.write(self._descriptor(), view[sent:], self._progress(allowed_seconds)))
+                return True
             while sent < len(view):
                 self._waiting(allowed_seconds, "send_timeout")
                 try:
@@ -174,6 +181,11 @@ class ClientStream:
             try:
                 sent = os.sendfile(self._descriptor(), fd, offset, length - offset)
             except BlockingIOError:
+                pump = write_pump()
+                if pump is not None:
+                    progressed = self._progress(allowed_seconds)
+                    await self._pumped(pump.send_file(self._descriptor(), fd, offset, length, progressed))
+                    break
                 self._waiting(allowed_seconds, "send_timeout")
                 try:
                     await trio.lowlevel.wait_writable(self._descriptor())
@@ -186,6 +198,20 @@ class ClientStream:
                 raise EOFError("file ended early")
             offset += sent
         await trio.lowlevel.checkpoint()
+
+    def _progress(self, allowed_seconds: float) -> Callable[[], None]:
+        # Each write the client made room for starts its send timeout again, as each wait
+        # for room does when the session waits itself.
+        self._waiting(allowed_seconds, "send_timeout")
+        return lambda: self._waiting(allowed_seconds, "send_timeout")
+
+    async def _pumped(self, writing: Awaitable[None]) -> None:
+        try:
+            await writing
+        except OSError as exc:
+            raise _stream_error(exc) from exc
+        finally:
+            self.wait.due = math.inf
 
     def _descriptor(self) -> int:
         assert self._socket is not None
