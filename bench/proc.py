@@ -91,12 +91,21 @@ def _ipv4_hex(host: str) -> bytes:
 def server_connections(host: str, port: int) -> int:
     """Established TCP connections whose local end is host:port (IPv4) on this host: the
     connections the server listening there holds (loopback benchmark: its clients are local).
-    Counted by their remote ends: the kernel writes the table in pieces, and a connection
-    can appear twice when the table changes between two of them."""
+
+    The kernel writes its table in pieces, so one read is no snapshot: a connection can
+    appear twice, and one closed and another opened between two pieces are both there (a
+    client keeping exactly 200 connections while replacing 140 a second among 9,000 others
+    read as up to 207). So the table is read twice and only connections (by their remote
+    ends) in both reads count: each was established at the moment between the two reads,
+    so the count never exceeds what the server held at one moment. It misses connections
+    that did not live through both reads (the same client read as 185 at most this way), so
+    while connections are replaced quickly it reads low; a server holding more than it may
+    for longer than two reads (a fraction of a second) is still caught."""
     local = re.compile(
         rb"^ *\d+: %s:%04X ([0-9A-F]+:[0-9A-F]+) 01 " % (_ipv4_hex(host), port), re.MULTILINE
     )
-    return len(set(local.findall(_tcp_tables())))
+    first = set(local.findall(_tcp_tables()))
+    return len(first.intersection(local.findall(_tcp_tables())))
 
 
 def process_connections_to(pid: int, host: str, port: int) -> int:
