@@ -17,6 +17,7 @@ import bridge.net.write_pump as write_pump_module
 from bridge.net.client_stream import ClientStream
 from bridge.net.client_timeouts import ClientWait, ClientWatchdog
 from bridge.net.write_pump import WritePump, write_pump
+from tests.unit.test_client_stream import drain
 
 
 def small_socket_pair() -> tuple[socket.socket, socket.socket]:
@@ -35,18 +36,6 @@ def fill(sock: socket.socket) -> None:
             sock.send(b"f" * 65536)
         except BlockingIOError:
             return
-
-
-def drain(peer: socket.socket) -> bytes:
-    data = b""
-    while True:
-        try:
-            chunk = peer.recv(1 << 20)
-        except BlockingIOError:
-            return data
-        if not chunk:
-            return data
-        data += chunk
 
 
 async def read_slowly(peer: socket.socket, length: int, pause: float = 0.0) -> bytes:
