@@ -49,18 +49,16 @@ async def read_slowly(peer: socket.socket, length: int, pause: float = 0.0) -> b
 
 
 @pytest.fixture(params=["pump", "session waits itself"])
-def pumped(request: pytest.FixtureRequest) -> bool:
-    return bool(request.param == "pump")
-
-
-async def without_a_pump(pumped: bool) -> None:
-    # A platform without epoll: the sessions wait for their sockets themselves.
-    if not pumped:
-        write_pump_module._PUMP.set(None)
+async def pumped(request: pytest.FixtureRequest) -> bool:
+    """Runs the test with the pump, and as on a platform without epoll, where the sessions
+    wait for their sockets themselves (set in the test's own Trio run)."""
+    if request.param == "pump":
+        return True
+    write_pump_module._PUMP.set(None)
+    return False
 
 
 async def test_many_slow_readers_each_get_their_whole_message_in_order(pumped: bool) -> None:
-    await without_a_pump(pumped)
     pairs = [small_socket_pair() for _ in range(20)]
     messages = [bytes([65 + number]) * 1000 + os.urandom(200_000) for number in range(len(pairs))]
     received: dict[int, bytes] = {}
@@ -85,8 +83,7 @@ async def test_many_slow_readers_each_get_their_whole_message_in_order(pumped: b
         assert drain(theirs) == b""
         ours.close()
         theirs.close()
-    if pumped:
-        assert write_pump() is not None
+    assert (write_pump() is not None) == pumped
 
 
 async def test_a_slice_bounds_what_the_pump_writes_in_one_turn() -> None:
@@ -207,7 +204,6 @@ async def test_a_failed_write_reaches_its_own_session_only() -> None:
 
 
 async def test_a_slow_reader_of_a_file_gets_all_of_it(pumped: bool) -> None:
-    await without_a_pump(pumped)
     ours, theirs = small_socket_pair()
     content = os.urandom(300_000)
     with tempfile.TemporaryFile() as file:
@@ -229,7 +225,6 @@ async def test_a_client_that_reads_slowly_but_steadily_is_not_cut_off(
     # The send timeout measures a client that takes nothing: one that takes 2 KiB every 20
     # seconds (the writer's socket has room again every 80) keeps its session through a send
     # that lasts far longer than the timeout.
-    await without_a_pump(pumped)
     ours, theirs = small_socket_pair()
     wait = ClientWait()
     client = ClientStream(trio.SocketStream(trio.socket.from_stdlib_socket(ours)), wait)
