@@ -15,8 +15,10 @@ to the poller's latency. They still share the machine's cores with the servers.
 
 Accounts: one per slow client, as a device population would be, each with the same message
 hard-linked into its maildir (one file on disk and in the page cache, however many
-accounts). The row's bridge allows pool.max_connections = slow clients + 100: today a
-session holds an IMAP connection during RETR.
+accounts). The row's bridge allows pool.max_connections = slow clients + 100: a slow
+reader's session holds an IMAP connection through its RETR unless its message is spooled,
+and with the cache's default budget (cache.max_bytes, 1 GiB) only about a quarter of these
+4 MiB messages can be spooled at once.
 """
 
 from __future__ import annotations

@@ -61,6 +61,11 @@ MESSAGE_CACHE_BYTES = Gauge(
     "bridge_message_cache_bytes", "Bytes of messages held in the message cache (temporary files).",
     multiprocess_mode="livesum",
 )
+MESSAGE_SPOOL_BYTES = Gauge(
+    "bridge_message_spool_bytes",
+    "Bytes set aside in the message cache's budget for slow readers' spools (bridge/session/message_cache.py).",
+    multiprocess_mode="livesum",
+)
 UPSTREAM_CONNECTS = Counter(
     "bridge_upstream_connects", "IMAP connections opened (TCP connect and greeting received)."
 )

@@ -161,9 +161,9 @@ class Pop3Session:
         self._count_sent(len(data))
         return waited
 
-    async def _send_file(self, fd: int, length: int) -> None:
-        await self._io.send_file(fd, length, self._settings.pop3.send_timeout_seconds)
-        self._count_sent(length)
+    async def _send_file(self, fd: int, length: int, start: int = 0, slow_reader: bool = False) -> None:
+        await self._io.send_file(fd, length, self._settings.pop3.send_timeout_seconds, start, slow_reader)
+        self._count_sent(length - start)
 
     def _count_sent(self, length: int) -> None:
         # The metric and what `admin who` shows, from the same count.

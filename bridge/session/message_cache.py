@@ -16,6 +16,12 @@ sends the status line and then that file with `sendfile`, straight from the page
 - Bounded: `cache.max_bytes` and `cache.max_messages`, the least recently used dropped
   first; an entry being sent when it is dropped is closed when its last reader is done.
 - A RETR that does not finish (client gone, upstream failure) keeps nothing.
+- A slow client's first RETR spools: once a send has had to wait, the rest of the message is
+  read from the upstream as fast as it comes into the file being written, and sent from
+  there with `sendfile` (`CacheWriter.start_spool`). The session then needs no IMAP
+  connection and no wake-up per piece while its client reads; at most
+  `_SPOOL_FETCHES` spools read from the upstream at once, and the spools being sent count
+  against `cache.max_bytes` with the kept messages (kept ones make room).
 
 Like the read-ahead, a message served from here was in the session's maildrop at login; one
 another client expunged since is still delivered, as RFC 1939's fixed maildrop has it.
@@ -25,6 +31,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import os
 import secrets
 import tempfile
 from collections import OrderedDict
@@ -35,6 +42,9 @@ from bridge.ops import metrics
 from bridge.ops.logs import get_logger
 
 _log = get_logger()
+# Spools reading from the upstream at once, per worker: each holds a piece (and its
+# stuffed copy) while it reads, and one worker's CPU is all they share anyway.
+_SPOOL_FETCHES = 2
 
 
 class CachedMessage:
@@ -70,46 +80,74 @@ class CacheWriter:
         self._cache = cache
         self._key = key
         self._file = file
+        self.fd = file.fileno()
         self._size = size
-        self._length = 0
+        # Bytes in the file: every write goes straight to the descriptor, so this is exact
+        # even after a failed one (a spool's client is sent exactly what the file holds).
+        self.length = 0
         self._failed = False
         self._done = False
+        self._reserved = 0
+        self._fetching = False
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: bytes) -> int:
+        """How much of `data` the file took (all of it unless writing failed)."""
         if self._failed or not data:
-            return
+            return 0
+        view = memoryview(data)
+        written = 0
         try:
-            # The page cache takes it at memory speed; a full disk only costs the entry.
-            self._file.write(data)
+            while written < len(view):
+                # The page cache takes it at memory speed; a full disk only costs the entry.
+                written += os.write(self.fd, view[written:])
         except OSError as exc:
             self._failed = True
             _log.warning("message_cache_write_failed", error=exc.strerror)
-            return
-        self._length += len(data)
-        if self._length > self._cache.limit:
+        self.length += written
+        if self.length > self._cache.limit:
             self._failed = True
+        return written
+
+    def start_spool(self) -> bool:
+        """Whether the rest of the message may be read into this file at the upstream's
+        pace, to be sent from it (a slow client): a fetch slot and room in the budget."""
+        if self._failed or self._done or self._reserved or not self._cache.reserve_spool(self._size):
+            return False
+        self._reserved = self._size
+        self._fetching = True
+        return True
+
+    def fetched(self) -> None:
+        """The spool has read what it will from the upstream: its fetch slot is free."""
+        if self._fetching:
+            self._fetching = False
+            self._cache.end_spool_fetch()
 
     def commit(self) -> None:
         """The message went out whole: keep it (unless writing it failed)."""
         if self._done:
             return
-        try:
-            self._file.flush()
-        except OSError:
-            self._failed = True
+        self._release()
         if self._failed:
             self.abort()
             return
         self._done = True
-        self._cache.keep(self._key, CachedMessage(self._file, self._length, self._size))
+        self._cache.keep(self._key, CachedMessage(self._file, self.length, self._size))
 
     def abort(self) -> None:
         """Keep nothing (a no-op after commit)."""
         if self._done:
             return
+        self._release()
         self._done = True
         self._cache.writing.discard(self._key)
         self._file.close()
+
+    def _release(self) -> None:
+        self.fetched()
+        if self._reserved:
+            self._cache.release_spool(self._reserved)
+            self._reserved = 0
 
 
 class MessageCache:
@@ -120,6 +158,9 @@ class MessageCache:
         self._bytes = 0
         # Keys whose first RETR is being written: a second session fetches on its own.
         self.writing: set[bytes] = set()
+        # Bytes reserved by spools not yet kept (kept messages make room for them).
+        self._spooled = 0
+        self._spool_fetches = 0
 
     @property
     def limit(self) -> int:
@@ -150,7 +191,7 @@ class MessageCache:
             # (each is a descriptor).
             return None
         try:
-            file = tempfile.TemporaryFile(dir=self.settings.directory or None)
+            file = tempfile.TemporaryFile(buffering=0, dir=self.settings.directory or None)
         except OSError as exc:
             _log.warning("message_cache_write_failed", error=exc.strerror)
             return None
@@ -165,8 +206,30 @@ class MessageCache:
             old.drop()
         self._entries[key] = entry
         self._bytes += entry.length
+        self._make_room()
+
+    def reserve_spool(self, size: int) -> bool:
+        """Room for a spool of a message of `size` (see the module's docstring)."""
+        if self._spool_fetches >= _SPOOL_FETCHES or self._spooled + size > self.settings.max_bytes:
+            return False
+        self._spooled += size
+        self._spool_fetches += 1
+        metrics.MESSAGE_SPOOL_BYTES.set(self._spooled)
+        self._make_room()
+        return True
+
+    def end_spool_fetch(self) -> None:
+        self._spool_fetches -= 1
+
+    def release_spool(self, size: int) -> None:
+        self._spooled -= size
+        metrics.MESSAGE_SPOOL_BYTES.set(self._spooled)
+
+    def _make_room(self) -> None:
         settings = self.settings
-        while self._entries and (self._bytes > settings.max_bytes or len(self._entries) > settings.max_messages):
+        while self._entries and (
+            self._bytes + self._spooled > settings.max_bytes or len(self._entries) > settings.max_messages
+        ):
             _old_key, old = self._entries.popitem(last=False)
             self._bytes -= old.length
             old.drop()

@@ -12,7 +12,10 @@ How the first piece is found decides the cost:
   upstream at all;
 - any other RETR is one partial FETCH of the whole message whose literal is passed on as it
   arrives (memory stays flat however big the message);
-- TOP reads `fetch_chunk` pieces (it usually ends within the first).
+- TOP reads `fetch_chunk` pieces (it usually ends within the first);
+- a big message the client reads slower than the upstream sends it is spooled: the rest is
+  read at once into the message cache's file, the IMAP connection goes back, and the file is
+  sent with sendfile while the client reads (`bridge.session.message_cache`).
 
 A message in hand goes out with its status line and terminator in one write. If the upstream
 fails after part of a body went out, the connection is dropped (`EndSession`): a terminator
@@ -22,14 +25,17 @@ would pass a truncated message off as whole.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
+
+import trio
 
 from bridge.config import UpstreamSettings
 from bridge.imap import ChunkedRangeReader, MaildropStore, MessageGone, RangeReader, UpstreamError
 from bridge.net.client_stream import SEND_PIECE
 from bridge.ops import metrics
 from bridge.ops.logs import get_logger
-from bridge.pop3 import Pop3Server, PreparedRetrieve, ResponseCode, RetrieveRequest
+from bridge.pop3 import MessageEncoder, Pop3Server, PreparedRetrieve, ResponseCode, RetrieveRequest
 from bridge.session.errors import EndSession
 from bridge.session.message_cache import AccountCache, CacheWriter
 from bridge.session.readahead import Readahead
@@ -43,14 +49,33 @@ _log = get_logger()
 # its size, so for many slow clients the smaller piece costs CPU (docs/performance.md).
 _FAST_PIECE = 1 << 20
 _SLOW_PIECE = 64 * 1024
+# A spool reads at the upstream's pace into a file: bigger pieces cost fewer turns, and few
+# spools read at once (bridge.session.message_cache).
+_SPOOL_PIECE = 256 * 1024
+# A piece that took this long to go out came from a client far slower than the upstream: it
+# reads at its own pace from the spool, without an IMAP connection or a wake-up per piece. A
+# fast client whose send waited a moment is better served by the stream, which reads the
+# next piece while the client takes the last.
+_SPOOL_AFTER_SECONDS = 0.05
 _READAHEAD_HITS = metrics.READAHEAD_HITS
+
+
+@dataclass(frozen=True)
+class _Unspooled:
+    """What a spool's file did not take (`rest`, wire form), how far the message was read,
+    whether the upstream has more of it, and whether `rest` ends with the terminator."""
+
+    rest: bytes
+    offset: int
+    more: bool
+    finished: bool = False
 
 
 class Retriever:
     def __init__(
         self, core: Pop3Server, upstream: StoreAccess, readahead: Readahead, settings: UpstreamSettings,
         send: Callable[[bytes], Awaitable[bool | None]], command_log: Any,
-        cache: AccountCache | None = None, send_file: Callable[[int, int], Awaitable[None]] | None = None,
+        cache: AccountCache | None = None, send_file: Callable[..., Awaitable[None]] | None = None,
         backend: str = "default",
     ) -> None:
         self._core = core
@@ -96,7 +121,9 @@ class Retriever:
                     await self._send_whole(data)
                 elif not await self._sent_from_cache(request):
                     async with self._upstream.using() as store:
-                        await self._retrieve_from(store, request)
+                        spool = await self._retrieve_from(store, request)
+                    if spool is not None:
+                        await self._send_spooled(*spool)
             except MessageGone:
                 _log.info("message_gone", uid=entry.ref, number=request.number)
                 timing.value = "err"
@@ -162,7 +189,9 @@ class Retriever:
             _READAHEAD_HITS.inc()
         return data
 
-    async def _retrieve_from(self, store: MaildropStore, request: RetrieveRequest) -> None:
+    async def _retrieve_from(self, store: MaildropStore, request: RetrieveRequest) -> tuple[CacheWriter, int] | None:
+        """Sends the message, or returns a spool (its writer and how much of the file went
+        out already) for the caller to send once the connection is let go."""
         entry = request.entry
         data = await self._first_piece(store, request)
         if data is not None and len(data) >= entry.size:
@@ -175,12 +204,15 @@ class Retriever:
             # Each streamed message starts small: until a send has shown how fast the client
             # reads, a piece is all a stalled client makes the bridge hold.
             self._piece = _SLOW_PIECE
+            spool = None
             try:
                 async with store.open_range(entry.ref, 0, entry.size) as reader:
-                    await self._send_message(request, await reader.next_piece(self._piece), reader, writer)
+                    spool = await self._send_message(request, await reader.next_piece(self._piece), reader, writer)
+                return spool
             finally:
-                if writer is not None:
+                if writer is not None and spool is None:
                     writer.abort()
+        return None
 
     async def _first_piece(self, store: MaildropStore, request: RetrieveRequest) -> bytes | None:
         """The first piece of a message not in hand: from the batch being read ahead, or one
@@ -245,10 +277,11 @@ class Retriever:
 
     async def _send_message(
         self, request: RetrieveRequest, data: bytes, rest: RangeReader, writer: CacheWriter | None = None
-    ) -> None:
+    ) -> tuple[CacheWriter, int] | None:
         """The +OK line, the body (starting with `data`, which is in hand, then what `rest`
         reads) and the terminator; what went out after the status line also to `writer`,
-        which keeps it once the whole message, as listed, went out."""
+        which keeps it once the whole message, as listed, went out. Returns a spool instead
+        of sending the rest if the client turns out slow and `writer` may spool."""
         core, entry = self._core, request.entry
         pending = [core.start_message()]
         encoder = core.message_body_encoder()
@@ -266,24 +299,94 @@ class Retriever:
             del data
             # More to fetch: what we have goes out first, so the client is never kept
             # waiting on the upstream for bytes we already hold.
+            sending = trio.current_time()
             slow = await self._send_pieces(pending)
             pending.clear()
+            if (
+                slow and writer is not None and self._send_file is not None
+                and trio.current_time() - sending >= _SPOOL_AFTER_SECONDS and writer.start_spool()
+            ):
+                sent = writer.length
+                try:
+                    left = await self._spool(request, encoder, rest, writer, offset)
+                finally:
+                    writer.fetched()
+                if left is None:
+                    return writer, sent
+                # The file could not take it all: what it holds goes out from it, the rest
+                # from memory, and the message goes on as a stream.
+                await self._send_file(writer.fd, writer.length, sent)
+                writer.abort()
+                writer = None
+                pending.append(left.rest)
+                offset = left.offset
+                if left.finished:
+                    await self._send_pieces(pending)
+                    core.end_message()
+                    return None
+                data = await self._next_piece(rest, request, offset, _SLOW_PIECE) if left.more else b""
+                continue
             # A client slower than the upstream gets the rest in small pieces, so its RETR
             # holds little memory however long it takes; a fast one in big ones.
             self._piece = max(_SLOW_PIECE, self._piece // 4) if slow else min(_FAST_PIECE, self._piece * 4)
-            try:
-                data = await rest.next_piece(self._piece)
-            except (MessageGone, UpstreamError) as exc:
-                core.abort_message()
-                _log.warning("retrieve_aborted", uid=entry.ref, offset=offset, error=type(exc).__name__)
-                metrics.backend_error(self._backend, "retrieve").inc()
-                raise EndSession("upstream_failed_mid_message") from None
+            data = await self._next_piece(rest, request, offset, self._piece)
         pending.append(encoder.finish())
         await self._send_pieces(pending)
         core.end_message()
         if writer is not None and offset == entry.size:
             writer.write(pending[-1])
             writer.commit()
+        return None
+
+    async def _next_piece(self, rest: RangeReader, request: RetrieveRequest, offset: int, most: int) -> bytes:
+        """The next piece of a message whose status line went out: an upstream failure now
+        ends the session (a terminator would pass the part sent off as the whole)."""
+        try:
+            return await rest.next_piece(most)
+        except (MessageGone, UpstreamError) as exc:
+            self._core.abort_message()
+            _log.warning("retrieve_aborted", uid=request.entry.ref, offset=offset, error=type(exc).__name__)
+            metrics.backend_error(self._backend, "retrieve").inc()
+            raise EndSession("upstream_failed_mid_message") from None
+
+    async def _spool(
+        self, request: RetrieveRequest, encoder: MessageEncoder, rest: RangeReader, writer: CacheWriter, offset: int
+    ) -> _Unspooled | None:
+        """The rest of the message, terminator included, read into `writer`'s file as fast
+        as the upstream sends it. None once it is all there."""
+        size = request.entry.size
+        while offset < size:
+            data = await self._next_piece(rest, request, offset, _SPOOL_PIECE)
+            if not data:
+                break
+            offset += len(data)
+            piece = encoder.feed(data)
+            del data
+            written = writer.write(piece)
+            if written < len(piece):
+                return _Unspooled(piece[written:], offset, more=offset < size)
+        if offset != size:
+            # Shorter or longer than listed: never kept, so it ends as a stream would.
+            return _Unspooled(b"", offset, more=False)
+        tail = encoder.finish()
+        written = writer.write(tail)
+        return None if written == len(tail) else _Unspooled(tail[written:], offset, more=False, finished=True)
+
+    async def _send_spooled(self, writer: CacheWriter, start: int) -> None:
+        """The rest of a spooled message, from its file; then it is kept."""
+        assert self._send_file is not None
+        try:
+            await self._send_file(writer.fd, writer.length, start, slow_reader=True)
+        except EOFError:
+            writer.abort()
+            self._core.abort_message()
+            _log.error("message_cache_failed")
+            raise EndSession("upstream_failed_mid_message") from None
+        except BaseException:
+            writer.abort()
+            raise
+        self._core.end_message()
+        writer.commit()
 
     async def _send_pieces(self, pieces: list[bytes]) -> bool:
         """True if the client was slower than the data."""

@@ -114,3 +114,58 @@ def test_what_is_worth_keeping(tmp_path: Path) -> None:
         False, True, True, False,
     ]
     assert not cache(tmp_path, max_bytes=0).worth_keeping(100_000)
+
+
+def test_spools_fit_in_max_bytes_with_the_kept_messages_making_room(tmp_path: Path) -> None:
+    messages = cache(tmp_path, max_bytes=10 * MIB)
+    keep(messages, b"old", b"o" * (4 * MIB))
+    first = messages.writer(b"first", 4 * MIB)
+    second = messages.writer(b"second", 4 * MIB)
+    third = messages.writer(b"third", 4 * MIB)
+    assert first is not None and second is not None and third is not None
+    assert first.start_spool()
+    assert content(messages, b"old", 4 * MIB) is not None
+    # 4 + 4 reserved and 4 kept would pass 10: the kept one goes.
+    assert second.start_spool()
+    assert content(messages, b"old", 4 * MIB) is None
+    # Spools are never dropped to make room for another.
+    assert not third.start_spool()
+    first.write(b"f" * 1000)
+    first.commit()
+    # Kept now, no longer reserved: room for the third.
+    assert third.start_spool()
+    assert content(messages, b"first", 4 * MIB) == b"f" * 1000
+    second.abort()
+    third.abort()
+    messages.close()
+
+
+def test_only_a_few_spools_read_from_the_upstream_at_once(tmp_path: Path) -> None:
+    messages = cache(tmp_path, max_bytes=100 * MIB, max_messages=64)
+    writers = [messages.writer(b"%d" % n, MIB) for n in range(20)]
+    started = [w for w in writers if w is not None and w.start_spool()]
+    assert 1 <= len(started) < 20
+    assert not started[0].start_spool()  # once per writer
+    started[0].fetched()
+    late = writers[len(started)]
+    assert late is not None and late.start_spool()
+    for writer in writers:
+        assert writer is not None
+        writer.abort()
+    messages.close()
+
+
+def test_a_write_the_file_cannot_take_says_how_much_it_took(tmp_path: Path) -> None:
+    messages = cache(tmp_path, max_bytes=100_000)
+    writer = messages.writer(b"key", 90_000)
+    assert writer is not None
+    assert writer.write(b"x" * 60_000) == 60_000
+    # Past max_bytes the entry is given up: the file still holds what it took, nothing more.
+    assert writer.write(b"y" * 60_000) == 60_000
+    assert writer.write(b"z" * 10) == 0
+    assert writer.length == 120_000
+    assert os.pread(writer.fd, 10, 119_990) == b"y" * 10
+    assert not writer.start_spool()
+    writer.commit()
+    assert content(messages, b"key", 90_000) is None
+    messages.close()

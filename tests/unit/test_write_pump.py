@@ -219,6 +219,27 @@ async def test_a_slow_reader_of_a_file_gets_all_of_it(pumped: bool) -> None:
     theirs.close()
 
 
+async def test_a_slow_reader_sent_the_rest_of_a_spool_gets_exactly_that_range(pumped: bool) -> None:
+    # A spool's client has the first part of the file already; with slow_reader its socket
+    # queues more (a deeper send buffer), which changes how much each write takes, not what
+    # arrives.
+    ours, theirs = small_socket_pair()
+    content = os.urandom(300_000)
+    with tempfile.TemporaryFile() as file:
+        file.write(content)
+        file.flush()
+        client = ClientStream(trio.SocketStream(trio.socket.from_stdlib_socket(ours)), ClientWait())
+        with trio.fail_after(30):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(
+                    lambda: client.send_file(file.fileno(), len(content), 120, start=70_000, slow_reader=True)
+                )
+                got = await read_slowly(theirs, len(content) - 70_000)
+    assert got == content[70_000:]
+    ours.close()
+    theirs.close()
+
+
 async def test_a_client_that_reads_slowly_but_steadily_is_not_cut_off(
     pumped: bool, autojump_clock: trio.testing.MockClock,
 ) -> None:
