@@ -203,26 +203,11 @@ async def test_a_failed_write_reaches_its_own_session_only() -> None:
         sock.close()
 
 
-async def test_a_slow_reader_of_a_file_gets_all_of_it(pumped: bool) -> None:
-    ours, theirs = small_socket_pair()
-    content = os.urandom(300_000)
-    with tempfile.TemporaryFile() as file:
-        file.write(content)
-        file.flush()
-        client = ClientStream(trio.SocketStream(trio.socket.from_stdlib_socket(ours)), ClientWait())
-        with trio.fail_after(30):
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(client.send_file, file.fileno(), len(content), 120)
-                got = await read_slowly(theirs, len(content))
-    assert got == content
-    ours.close()
-    theirs.close()
-
-
-async def test_a_slow_reader_sent_the_rest_of_a_spool_gets_exactly_that_range(pumped: bool) -> None:
-    # A spool's client has the first part of the file already; with slow_reader its socket
-    # queues more (a deeper send buffer), which changes how much each write takes, not what
-    # arrives.
+@pytest.mark.parametrize(("start", "slow_reader"), [(0, False), (70_000, True)])
+async def test_a_slow_reader_of_a_file_gets_all_of_the_range(pumped: bool, start: int, slow_reader: bool) -> None:
+    # (start, slow_reader): a spool's client has the first part of the file already, and its
+    # socket queues more (a deeper send buffer), which changes how much each write takes,
+    # not what arrives.
     ours, theirs = small_socket_pair()
     content = os.urandom(300_000)
     with tempfile.TemporaryFile() as file:
@@ -232,10 +217,10 @@ async def test_a_slow_reader_sent_the_rest_of_a_spool_gets_exactly_that_range(pu
         with trio.fail_after(30):
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(
-                    lambda: client.send_file(file.fileno(), len(content), 120, start=70_000, slow_reader=True)
+                    lambda: client.send_file(file.fileno(), len(content), 120, start=start, slow_reader=slow_reader)
                 )
-                got = await read_slowly(theirs, len(content) - 70_000)
-    assert got == content[70_000:]
+                got = await read_slowly(theirs, len(content) - start)
+    assert got == content[start:]
     ours.close()
     theirs.close()
 
