@@ -204,13 +204,20 @@ class Retriever:
             # Each streamed message starts small: until a send has shown how fast the client
             # reads, a piece is all a stalled client makes the bridge hold.
             self._piece = _SLOW_PIECE
-            spool = None
+            spool, handed_over = None, False
             try:
                 async with store.open_range(entry.ref, 0, entry.size) as reader:
                     spool = await self._send_message(request, await reader.next_piece(self._piece), reader, writer)
+                handed_over = spool is not None
                 return spool
+            except (MessageGone, UpstreamError) as exc:
+                if spool is None:
+                    raise
+                # The whole message is in the spool, but the connection failed as the FETCH
+                # ended, and part of the message went out already.
+                raise self._failed_mid_message(request, entry.size, exc) from None
             finally:
-                if writer is not None and spool is None:
+                if writer is not None and not handed_over:
                     writer.abort()
         return None
 
@@ -307,6 +314,7 @@ class Retriever:
                 and trio.current_time() - sending >= _SPOOL_AFTER_SECONDS and writer.start_spool()
             ):
                 sent = writer.length
+                _log.debug("retrieve_spooled", uid=entry.ref, sent=sent)
                 try:
                     left = await self._spool(request, encoder, rest, writer, offset)
                 finally:
@@ -344,10 +352,13 @@ class Retriever:
         try:
             return await rest.next_piece(most)
         except (MessageGone, UpstreamError) as exc:
-            self._core.abort_message()
-            _log.warning("retrieve_aborted", uid=request.entry.ref, offset=offset, error=type(exc).__name__)
-            metrics.backend_error(self._backend, "retrieve").inc()
-            raise EndSession("upstream_failed_mid_message") from None
+            raise self._failed_mid_message(request, offset, exc) from None
+
+    def _failed_mid_message(self, request: RetrieveRequest, offset: int, exc: Exception) -> EndSession:
+        self._core.abort_message()
+        _log.warning("retrieve_aborted", uid=request.entry.ref, offset=offset, error=type(exc).__name__)
+        metrics.backend_error(self._backend, "retrieve").inc()
+        return EndSession("upstream_failed_mid_message")
 
     async def _spool(
         self, request: RetrieveRequest, encoder: MessageEncoder, rest: RangeReader, writer: CacheWriter, offset: int

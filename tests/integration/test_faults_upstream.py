@@ -9,6 +9,8 @@ its proof.
 
 from __future__ import annotations
 
+import socket
+import time
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -125,6 +127,51 @@ MID_RETR_FAULTS = {
         {"trio": CLOSED_MID_MESSAGE, "aioimaplib": CLOSED_MID_MESSAGE},
     ),
 }
+
+
+# A slow reader's RETR of a big message is spooled once a piece took a while to go out: the
+# rest is read at once into a file, and sent from there after the IMAP connection is let go.
+# A fault while the spool reads, or once it holds the whole body but before the tagged OK
+# that vouches for it, must end as it does for a stream: +OK, part of it, no terminator.
+SPOOL_FAULTS = {
+    "cut_while_spooling": Fault("cut", on_command=RETR_FETCH, when="after", after_bytes=1_000_000),
+    "cut_before_the_tagged_ok": Fault("cut", on_command=RETR_FETCH, when="after", after_bytes=BIG_SIZE + 42),
+}
+
+
+@pytest.mark.parametrize("fault_name", sorted(SPOOL_FAULTS))
+def test_upstream_lost_while_spooling_never_passes_off_a_truncated_message(
+    rig_factory: Callable[..., Rig], mailbox: Mailbox, fault_name: str
+) -> None:
+    big = big_message(BIG_SIZE, dot_every=7)
+    uid = mailbox.append([big]).uids[0]
+    # (The aioimaplib engine reads fetch_chunk pieces: a small one is its first piece, so
+    # the fault strikes while it spools too.)
+    rig = rig_factory(upstream={"fetch_chunk": 65536})
+    armed = SPOOL_FAULTS[fault_name]
+    fault = rig.proxy.arm(Fault(armed.action, on_command=armed.on_command, when=armed.when, after_bytes=armed.after_bytes))
+    with rig.client(mailbox) as raw:
+        raw.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        raw.send(b"RETR 1\r\n")
+        # Not reading for a while: the first piece waits for the client, which makes it a
+        # slow reader whose message is spooled.
+        time.sleep(0.5)
+        status = raw.status()
+        assert status.startswith(b"+OK"), status
+        rest, closed = drain(raw)
+    assert closed
+    assert b"\r\n.\r\n" not in rest
+    assert big.startswith(rest.replace(b"\n..", b"\n."))
+    assert fault.fired.is_set()
+    events = rig.bridge.events()
+    assert [e["uid"] for e in events if e["event"] == "retrieve_spooled"] == [uid]
+    assert [(e["level"], e["uid"]) for e in events if e["event"] == "retrieve_aborted"] == [("warning", uid)]
+    # The next session gets the whole message.
+    with rig.client(mailbox) as raw:
+        status, body = raw.command_multiline(b"RETR 1")
+        assert status.startswith(b"+OK")
+        assert pop3_unstuff(body) == retr_payload(big)
+        assert raw.command(b"QUIT").startswith(b"+OK")
 
 
 @pytest.mark.parametrize("fault_name", sorted(MID_RETR_FAULTS))
