@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 import time
 from collections.abc import Awaitable, Callable
 
@@ -48,8 +47,6 @@ from bridge.net.write_pump import write_pump
 # long over a big message (256 KiB take 2 s at 1 Mbit/s). On a plain socket each wait for
 # room in the kernel's buffer gets the timeout, which measures the same more closely.
 SEND_PIECE = 256 * 1024
-# The send buffer asked for while a slow reader is sent a file (`_deepen_send_buffer`).
-_FILE_SEND_BUFFER = 1 << 20
 
 # A send that needs no wait does not yield to the scheduler, nor does a command found by
 # polling; after this many sends without a yield (a client that pipelines many commands, or
@@ -168,13 +165,10 @@ class ClientStream:
             await trio.lowlevel.checkpoint()
         return False
 
-    async def send_file(
-        self, fd: int, length: int, allowed_seconds: float, start: int = 0, slow_reader: bool = False
-    ) -> None:
+    async def send_file(self, fd: int, length: int, allowed_seconds: float, start: int = 0) -> None:
         """Bytes [start, length) of the file `fd`: with sendfile on a plain socket (the
         kernel copies from its page cache), read and sent in pieces over TLS. Ends as
-        "send_timeout" like `send`; raises EOFError if the file is shorter than `length`.
-        `slow_reader`: the client is known to read slowly (`_deepen_send_buffer`)."""
+        "send_timeout" like `send`; raises EOFError if the file is shorter than `length`."""
         if self._socket is None:
             for offset in range(start, length, SEND_PIECE):
                 piece = os.pread(fd, min(SEND_PIECE, length - offset), offset)
@@ -187,8 +181,6 @@ class ClientStream:
             try:
                 sent = os.sendfile(self._descriptor(), fd, offset, length - offset)
             except BlockingIOError:
-                if slow_reader:
-                    self._deepen_send_buffer()
                 pump = write_pump()
                 if pump is not None:
                     progressed = self._progress(allowed_seconds)
@@ -206,16 +198,6 @@ class ClientStream:
                 raise EOFError("file ended early")
             offset += sent
         await trio.lowlevel.checkpoint()
-
-    def _deepen_send_buffer(self) -> None:
-        # Linux keeps only a few KiB queued for a client that reads slowly, and wakes its
-        # writer each time it took that much. What sendfile queues are references to the
-        # page cache, not copies, so a deeper queue costs no memory of the process's and
-        # wakes the write pump once per hundred KiB or so instead (the kernel caps it at
-        # net.core.wmem_max, doubled).
-        assert self._socket is not None
-        if self._socket.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) < _FILE_SEND_BUFFER:
-            self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _FILE_SEND_BUFFER)
 
     def _progress(self, allowed_seconds: float) -> Callable[[], None]:
         # Each write the client made room for starts its send timeout again, as each wait

@@ -161,8 +161,8 @@ class Pop3Session:
         self._count_sent(len(data))
         return waited
 
-    async def _send_file(self, fd: int, length: int, start: int = 0, slow_reader: bool = False) -> None:
-        await self._io.send_file(fd, length, self._settings.pop3.send_timeout_seconds, start, slow_reader)
+    async def _send_file(self, fd: int, length: int, start: int = 0) -> None:
+        await self._io.send_file(fd, length, self._settings.pop3.send_timeout_seconds, start)
         self._count_sent(length - start)
 
     def _count_sent(self, length: int) -> None:

@@ -44,7 +44,7 @@ from bridge.ops.logs import get_logger
 _log = get_logger()
 # Spools reading from the upstream at once, per worker: each holds a piece (and its
 # stuffed copy) while it reads, and one worker's CPU is all they share anyway.
-_SPOOL_FETCHES = 2
+_SPOOL_FETCHES = 8
 
 
 class CachedMessage:

@@ -387,7 +387,7 @@ class Retriever:
         """The rest of a spooled message, from its file; then it is kept."""
         assert self._send_file is not None
         try:
-            await self._send_file(writer.fd, writer.length, start, slow_reader=True)
+            await self._send_file(writer.fd, writer.length, start)
         except EOFError:
             writer.abort()
             self._core.abort_message()
