@@ -165,13 +165,16 @@ class ClientStream:
             await trio.lowlevel.checkpoint()
         return False
 
-    async def send_file(self, fd: int, length: int, allowed_seconds: float, start: int = 0) -> None:
+    async def send_file(
+        self, fd: int, length: int, allowed_seconds: float, start: int = 0, piece_size: int = SEND_PIECE
+    ) -> None:
         """Bytes [start, length) of the file `fd`: with sendfile on a plain socket (the
-        kernel copies from its page cache), read and sent in pieces over TLS. Ends as
-        "send_timeout" like `send`; raises EOFError if the file is shorter than `length`."""
+        kernel copies from its page cache), read and sent in pieces of `piece_size` over TLS
+        (what a slow reader's session holds while it waits). Ends as "send_timeout" like
+        `send`; raises EOFError if the file is shorter than `length`."""
         if self._socket is None:
-            for offset in range(start, length, SEND_PIECE):
-                piece = os.pread(fd, min(SEND_PIECE, length - offset), offset)
+            for offset in range(start, length, piece_size):
+                piece = os.pread(fd, min(piece_size, length - offset), offset)
                 if not piece:
                     raise EOFError("file ended early")
                 await self.send(piece, allowed_seconds)

@@ -24,7 +24,7 @@ import trio
 
 from bridge.imap import UpstreamError
 from bridge.net.addresses import host_of_peer
-from bridge.net.client_stream import ClientStream
+from bridge.net.client_stream import SEND_PIECE, ClientStream
 from bridge.net.client_timeouts import ClientWait
 from bridge.net.listeners import ClientConnection, plaintext_auth_allowed
 from bridge.net.tls import HandshakeFailed, accept_tls
@@ -161,8 +161,8 @@ class Pop3Session:
         self._count_sent(len(data))
         return waited
 
-    async def _send_file(self, fd: int, length: int, start: int = 0) -> None:
-        await self._io.send_file(fd, length, self._settings.pop3.send_timeout_seconds, start)
+    async def _send_file(self, fd: int, length: int, start: int = 0, piece_size: int = SEND_PIECE) -> None:
+        await self._io.send_file(fd, length, self._settings.pop3.send_timeout_seconds, start, piece_size)
         self._count_sent(length - start)
 
     def _count_sent(self, length: int) -> None:

@@ -387,7 +387,9 @@ class Retriever:
         """The rest of a spooled message, from its file; then it is kept."""
         assert self._send_file is not None
         try:
-            await self._send_file(writer.fd, writer.length, start)
+            # (Over TLS the file is read into pieces: a slow reader's hold no more than a
+            # streamed RETR's would.)
+            await self._send_file(writer.fd, writer.length, start, _SLOW_PIECE)
         except EOFError:
             writer.abort()
             self._core.abort_message()

@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import os
 import socket
+import ssl
 import tempfile
 
 import pytest
 import trio
 import trio.testing
+import trustme
 
 import bridge.net.write_pump as write_pump_module
 from bridge.net.client_stream import ClientStream
@@ -219,6 +221,37 @@ async def test_a_slow_reader_of_a_file_gets_all_of_the_range(pumped: bool, start
     assert got == content[start:]
     ours.close()
     theirs.close()
+
+
+async def test_over_tls_a_slow_reader_of_a_file_gets_the_range_in_pieces() -> None:
+    # Over TLS the file is read into pieces and sent through the stream (no sendfile):
+    # small pieces, a start offset, and a reader that takes a little at a time.
+    ca = trustme.CA()
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("bridge.test").configure_cert(server_context)
+    client_context = ssl.create_default_context()
+    ca.configure_trust(client_context)
+    ours_raw, theirs_raw = trio.testing.memory_stream_pair()
+    ours = trio.SSLStream(ours_raw, server_context, server_side=True)
+    theirs = trio.SSLStream(theirs_raw, client_context, server_hostname="bridge.test")
+    content = os.urandom(300_000)
+    got = bytearray()
+
+    async def read_slowly_over_tls() -> None:
+        while len(got) < len(content) - 70_000:
+            got.extend(await theirs.receive_some(2048))
+
+    with tempfile.TemporaryFile() as file:
+        file.write(content)
+        file.flush()
+        client = ClientStream(ours, ClientWait())
+        with trio.fail_after(30):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(theirs.do_handshake)
+                await ours.do_handshake()
+                nursery.start_soon(read_slowly_over_tls)
+                await client.send_file(file.fileno(), len(content), 120, start=70_000, piece_size=16_384)
+    assert bytes(got) == content[70_000:]
 
 
 async def test_a_client_that_reads_slowly_but_steadily_is_not_cut_off(
