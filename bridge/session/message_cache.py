@@ -16,9 +16,10 @@ sends the status line and then that file with `sendfile`, straight from the page
 - Bounded: `cache.max_bytes` and `cache.max_messages`, the least recently used dropped
   first; an entry being sent when it is dropped is closed when its last reader is done.
 - A RETR that does not finish (client gone, upstream failure) keeps nothing.
-- A slow client's first RETR spools: once a send has had to wait, the rest of the message is
-  read from the upstream as fast as it comes into the file being written, and sent from
-  there with `sendfile` (`CacheWriter.start_spool`). The session then needs no IMAP
+- A slow client's first RETR spools: once a piece took a while to go out (the session layer
+  decides: `bridge.session.retrieval`), the rest of the message is read from the upstream as
+  fast as it comes into the file being written, and sent from there with `sendfile`
+  (`CacheWriter.start_spool`). The session then needs no IMAP
   connection and no wake-up per piece while its client reads; at most
   `_SPOOL_FETCHES` spools read from the upstream at once, and the spools being sent count
   against `cache.max_bytes` with the kept messages (kept ones make room).
