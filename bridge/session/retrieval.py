@@ -123,7 +123,7 @@ class Retriever:
                     async with self._upstream.using() as store:
                         spool = await self._retrieve_from(store, request)
                     if spool is not None:
-                        await self._send_spooled(*spool)
+                        await self._send_spooled(*spool, entry.ref)
             except MessageGone:
                 _log.info("message_gone", uid=entry.ref, number=request.number)
                 timing.value = "err"
@@ -263,9 +263,7 @@ class Retriever:
             try:
                 await self._send_file(cached.fd, cached.length)
             except EOFError:
-                core.abort_message()
-                _log.error("message_cache_failed", uid=entry.ref)
-                raise EndSession("upstream_failed_mid_message") from None
+                raise self._cache_file_failed(entry.ref) from None
         core.end_cached_message()
         return True
 
@@ -323,7 +321,7 @@ class Retriever:
                     return writer, sent
                 # The file could not take it all: what it holds goes out from it, the rest
                 # from memory, and the message goes on as a stream.
-                await self._send_file(writer.fd, writer.length, sent)
+                await self._send_spool_file(writer, sent, entry.ref)
                 writer.abort()
                 writer = None
                 pending.append(left.rest)
@@ -383,23 +381,32 @@ class Retriever:
         written = writer.write(tail)
         return None if written == len(tail) else _Unspooled(tail[written:], offset, more=False, finished=True)
 
-    async def _send_spooled(self, writer: CacheWriter, start: int) -> None:
+    async def _send_spooled(self, writer: CacheWriter, start: int, uid: int) -> None:
         """The rest of a spooled message, from its file; then it is kept."""
+        try:
+            await self._send_spool_file(writer, start, uid)
+        except BaseException:
+            writer.abort()
+            raise
+        self._core.end_message()
+        writer.commit()
+
+    async def _send_spool_file(self, writer: CacheWriter, start: int, uid: int) -> None:
+        """What `writer`'s file holds from `start` on, to a client known to read slowly."""
         assert self._send_file is not None
         try:
             # (Over TLS the file is read into pieces: a slow reader's hold no more than a
             # streamed RETR's would.)
             await self._send_file(writer.fd, writer.length, start, _SLOW_PIECE)
         except EOFError:
-            writer.abort()
-            self._core.abort_message()
-            _log.error("message_cache_failed")
-            raise EndSession("upstream_failed_mid_message") from None
-        except BaseException:
-            writer.abort()
-            raise
-        self._core.end_message()
-        writer.commit()
+            raise self._cache_file_failed(uid) from None
+
+    def _cache_file_failed(self, uid: int) -> EndSession:
+        # A file of the message cache shorter than it was written: part of the message went
+        # out, so the session ends rather than pass it off as whole.
+        self._core.abort_message()
+        _log.error("message_cache_failed", uid=uid)
+        return EndSession("upstream_failed_mid_message")
 
     async def _send_pieces(self, pieces: list[bytes]) -> bool:
         """True if the client was slower than the data."""
