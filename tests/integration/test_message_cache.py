@@ -17,7 +17,7 @@ import psutil
 import pytest
 
 from sandbox import Mailbox, big_message
-from tests.harness import SubprocessBridge, free_port
+from tests.harness import RawPop3, SubprocessBridge, free_port
 from tests.integration.ops_support import quiet_metrics, scrape, value, wait_for
 
 pytestmark = pytest.mark.usefixtures("on_every_engine")
@@ -116,8 +116,8 @@ def test_no_cache_when_it_is_off(mailbox: Mailbox, tmp_path: Path) -> None:
 
 
 def _slow_retr(port: int, mailbox: Mailbox) -> socket.socket:
-    """A client with a small receive buffer that sent RETR 1 and read the first 100 KB of it
-    slowly, then stopped reading (the rest is read by `_read_rest`)."""
+    """A client with a small receive buffer that logged in and sent RETR 1, and has read
+    nothing but the greeting (the test reads the rest, `_read_rest`)."""
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8192)
     sock.settimeout(60)
@@ -140,10 +140,11 @@ def _read_rest(sock: socket.socket, received: bytes = b"", pause: float = 0.0) -
 
 def _message_on_the_wire(port: int, mailbox: Mailbox) -> bytes:
     """RETR 1's body as the server sends it (dot-stuffed, terminator included)."""
-    with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
-        sock.recv(100)
-        sock.sendall(b"USER %s\r\nPASS %s\r\nRETR 1\r\n" % (mailbox.user.encode(), mailbox.password.encode()))
-        return _body(_read_rest(sock))
+    with RawPop3("127.0.0.1", port) as raw:
+        raw.login(mailbox.user, mailbox.password)
+        status, body = raw.command_multiline(b"RETR 1")
+    assert status.startswith(b"+OK"), status
+    return body
 
 
 def _body(wire: bytes) -> bytes:
