@@ -13,8 +13,8 @@ never half-read, and is raised as an UpstreamError naming `what` was being done.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from contextlib import AbstractAsyncContextManager
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractAsyncContextManager, contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -84,6 +84,42 @@ class TlsSession:
         return cls(ssl_object.version(), cipher[0] if cipher else None, ssl_object.getpeercert() or {})
 
 
+class StopSignal:
+    """Tells a parked connection's keeper to stop and hand the connection over. Like a
+    `trio.Event`, and it also cancels the scopes a keeper reads under (`cancelling`) as it is
+    set: the keeper's read ends in the next turn of the event loop, not one turn after a
+    watcher task has woken to cancel it. Under load a turn is one scheduler batch of every
+    busy session, and a login on a parked connection waits for each one."""
+
+    def __init__(self) -> None:
+        self._event = trio.Event()
+        self._scopes: set[trio.CancelScope] = set()
+
+    def set(self) -> None:
+        self._event.set()
+        for scope in self._scopes:
+            scope.cancel()
+
+    def is_set(self) -> bool:
+        return self._event.is_set()
+
+    async def wait(self) -> None:
+        await self._event.wait()
+
+    @contextmanager
+    def cancelling(self, deadline: float = float("inf")) -> Iterator[trio.CancelScope]:
+        """A cancel scope (with `deadline`) that is cancelled when this signal is set, or at
+        once if it is set already."""
+        with trio.CancelScope(deadline=deadline) as scope:
+            if self._event.is_set():
+                scope.cancel()
+            self._scopes.add(scope)
+            try:
+                yield scope
+            finally:
+                self._scopes.discard(scope)
+
+
 class ImapChannel(Protocol):
     # What this connection has learnt of the server (capabilities, the selected folder),
     # kept up to date from every response the engine reads.
@@ -131,7 +167,7 @@ class ImapChannel(Protocol):
         as it arrives (streams_bodies only)."""
         ...
 
-    async def idle(self, stop: trio.Event, interval: float) -> None:
+    async def idle(self, stop: StopSignal, interval: float) -> None:
         """IDLE (RFC 2177) until `stop` is set or `interval` has passed (keeps_listing only).
         Ended by `stop`, the IDLE is left open: the next command ends it (a pipeline sends
         DONE in the same write)."""

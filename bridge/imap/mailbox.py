@@ -26,7 +26,7 @@ import trio
 
 from bridge.config import UpstreamSettings
 from bridge.imap import bearer, syntax
-from bridge.imap.channel import Command, ImapChannel, Reply, TlsSession
+from bridge.imap.channel import Command, ImapChannel, Reply, StopSignal, TlsSession
 from bridge.imap.errors import AuthenticationFailed, MessageGone, UpstreamError
 from bridge.imap.interface import ChunkedRangeReader, RangeReader
 from bridge.imap.limits import (
@@ -298,7 +298,7 @@ class ImapMailbox:
 
     # -- parking (bridge.imap.pool) ------------------------------------------------------------
 
-    async def keep_alive(self, stop: trio.Event, interval: float) -> None:
+    async def keep_alive(self, stop: StopSignal, interval: float) -> None:
         """Hold the connection until `stop` is set: IDLE re-issued every `interval` seconds
         where the engine and the server can (the maildrop stays selected and its listing
         warm), else NOOP every `interval` seconds."""

@@ -52,6 +52,7 @@ import trio
 
 from bridge.config import BridgeSettings, account_key
 from bridge.imap.capacity import ConnectionSlots
+from bridge.imap.channel import StopSignal
 from bridge.imap.engines import Credential, open_mailbox
 from bridge.imap.errors import UpstreamError
 from bridge.imap.lease import Lease, digest_matches, password_digest
@@ -74,7 +75,7 @@ class _Parked:
     # Trio time of the connection's upstream LOGIN, and where and as whom it was opened.
     logged_in_at: float
     backend: Backend
-    stop: trio.Event = field(default_factory=trio.Event)
+    stop: StopSignal = field(default_factory=StopSignal)
     done: trio.Event = field(default_factory=trio.Event)
     claimed: bool = False
     evicted: str | None = None

@@ -17,6 +17,7 @@ import trio
 import trio.testing
 
 from bridge.config import BridgeSettings, UpstreamSettings, load_settings
+from bridge.imap.channel import StopSignal
 from bridge.imap.errors import AuthenticationFailed, UpstreamUnavailable
 from bridge.imap.lease import Lease
 from bridge.imap.pool import UpstreamPool
@@ -38,7 +39,7 @@ class Connection:
         self.closed = False
         self.capabilities: frozenset[str] = frozenset()
 
-    async def keep_alive(self, stop: trio.Event, interval: float) -> None:
+    async def keep_alive(self, stop: StopSignal, interval: float) -> None:
         await stop.wait()
         if self.break_when_claimed:
             await trio.sleep(1)

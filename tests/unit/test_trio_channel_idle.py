@@ -14,7 +14,7 @@ import trio
 import trio.testing
 
 from bridge.config import UpstreamSettings
-from bridge.imap.channel import Command
+from bridge.imap.channel import Command, StopSignal
 from bridge.imap.errors import UpstreamUnavailable
 from bridge.imap.trio_engine.channel import TrioChannel
 
@@ -62,22 +62,76 @@ class Server:
         await self.stream.send_all(data)
 
 
-async def idling(nursery: trio.Nursery) -> tuple[TrioChannel, Recorded, Server, trio.Event]:
+async def idling(nursery: trio.Nursery) -> tuple[TrioChannel, Recorded, Server, StopSignal]:
     """A channel in IDLE (the server has answered `+ idling`), with its keeper's stop event."""
     ours, theirs = trio.testing.memory_stream_pair()
     recorded = Recorded(ours)
     channel = TrioChannel(recorded, UpstreamSettings(timeout_seconds=5))
     server = Server(theirs)
-    stop = trio.Event()
+    stop = StopSignal()
     nursery.start_soon(channel.idle, stop, 3600.0)
     assert await server.line() == b"B1 IDLE"
     await server.send(b"+ idling\r\n")
     return channel, recorded, server, stop
 
 
-async def stopped(stop: trio.Event) -> None:
+async def stopped(stop: StopSignal) -> None:
     stop.set()
     await trio.testing.wait_all_tasks_blocked()
+
+
+class TaskSteps(trio.abc.Instrument):
+    """The name of each task step (one task's run within a turn of the event loop)."""
+
+    def __init__(self) -> None:
+        self.steps: list[str] = []
+
+    def before_task_step(self, task: trio.lowlevel.Task) -> None:
+        self.steps.append(task.name)
+
+
+async def test_an_idle_told_to_stop_returns_in_the_keepers_next_step() -> None:
+    """A login on a parked connection waits until its keeper lets go. Setting the stop
+    cancels the keeper's read itself, so the IDLE returns in the keeper's next step with no
+    other task woken first: under load each turn of the event loop is a batch of every busy
+    session, and the login waits for each turn."""
+    ours, theirs = trio.testing.memory_stream_pair()
+    channel = TrioChannel(ours, UpstreamSettings(timeout_seconds=5))
+    server = Server(theirs)
+    stop = StopSignal()
+    returned = trio.Event()
+
+    async def keeper() -> None:
+        await channel.idle(stop, 3600.0)
+        returned.set()
+
+    steps = TaskSteps()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(keeper, name="keeper")
+        assert await server.line() == b"B1 IDLE"
+        await server.send(b"+ idling\r\n")
+        await trio.testing.wait_all_tasks_blocked()
+        trio.lowlevel.add_instrument(steps)
+        try:
+            stop.set()
+            await returned.wait()
+        finally:
+            trio.lowlevel.remove_instrument(steps)
+    me = trio.lowlevel.current_task().name
+    assert [name for name in steps.steps if name != me] == ["keeper"]
+    assert channel.usable
+
+
+async def test_a_stop_cancels_the_scopes_read_under_it_and_any_entered_after() -> None:
+    stop = StopSignal()
+    with stop.cancelling() as before:
+        stop.set()
+        await trio.lowlevel.checkpoint()
+    assert before.cancelled_caught
+    with stop.cancelling() as after:
+        await trio.lowlevel.checkpoint()
+    assert after.cancelled_caught
+    await stop.wait()  # set: returns at once
 
 
 async def test_a_pipeline_after_a_handed_over_idle_sends_done_in_the_same_write() -> None:
@@ -186,7 +240,7 @@ async def test_an_idle_whose_interval_passes_is_ended_and_answered_before_it_ret
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(answer)
-        await channel.idle(trio.Event(), 60.0)
+        await channel.idle(StopSignal(), 60.0)
     assert recorded.writes == [b"B1 IDLE\r\n", b"DONE\r\n"]
 
     async def noop() -> None:

@@ -24,7 +24,7 @@ from aioimaplib import aioimaplib as _aio
 from bridge.config import UpstreamSettings
 from bridge.imap import syntax
 from bridge.imap.aioimaplib_engine.protocol import ClientProtocol, IncrementalFetchCommand
-from bridge.imap.channel import Command, Reply, TlsSession
+from bridge.imap.channel import Command, Reply, StopSignal, TlsSession
 from bridge.imap.errors import (
     PreauthGreeting,
     UpstreamError,
@@ -276,7 +276,7 @@ class AioChannel:
     def stream_body(self, uid: int, offset: int, length: int) -> AbstractAsyncContextManager[RangeReader]:
         raise NotImplementedError("aioimaplib hands over a literal only when it is whole (streams_bodies is False)")
 
-    async def idle(self, stop: trio.Event, interval: float) -> None:
+    async def idle(self, stop: StopSignal, interval: float) -> None:
         raise NotImplementedError("this engine keeps no listing between commands (keeps_listing is False)")
 
     async def logout(self) -> None:

@@ -20,7 +20,7 @@ import trio
 
 from bridge.config import UpstreamSettings
 from bridge.imap import syntax
-from bridge.imap.channel import Command, Reply, TlsSession
+from bridge.imap.channel import Command, Reply, StopSignal, TlsSession
 from bridge.imap.errors import UpstreamImplausible, UpstreamUnavailable
 from bridge.imap.interface import RangeReader
 from bridge.imap.limits import MAX_OTHER_LITERAL_BYTES
@@ -339,10 +339,10 @@ class TrioChannel:
                 self.abandoned = not self._broken
                 self.close()
 
-    async def idle(self, stop: trio.Event, interval: float) -> None:
+    async def idle(self, stop: StopSignal, interval: float) -> None:
         await self.guarded("idle", self._idle_once, stop, interval, limit_seconds=interval + self._timeout)
 
-    async def _idle_once(self, stop: trio.Event, interval: float) -> None:
+    async def _idle_once(self, stop: StopSignal, interval: float) -> None:
         tag = self.next_tag()
         await self.stream.send_all(tag + b" IDLE\r\n")
         while True:
@@ -353,37 +353,32 @@ class TrioChannel:
                 raise ConnectionBroken("IDLE refused")
             self.view.untagged(response.text)
 
+        # Reading goes on until the server ends the IDLE by itself, the interval passes, or
+        # the keeper is told to stop. Told to stop, reading stops between two socket reads
+        # (the reader keeps any partial response, so nothing is cut in half) and the IDLE
+        # stays open for whoever takes the connection next.
         ended: bytes | None = None
-        async with trio.open_nursery() as nursery:
-
-            async def end_when_due() -> None:
-                with trio.move_on_after(interval):
-                    await stop.wait()
-                if stop.is_set():
-                    # Told to stop: the IDLE stays open for whoever takes the connection
-                    # next. Reading stops between two socket reads; the reader keeps any
-                    # partial response, so nothing is cut in half.
-                    nursery.cancel_scope.cancel()
-                else:
-                    await self.stream.send_all(b"DONE\r\n")
-
-            nursery.start_soon(end_when_due)
-            # Reading goes on until the server ends the IDLE (after DONE, or by itself), or
-            # until told to stop.
-            while True:
-                response = await self.response()
-                if response.text.startswith(tag + b" "):
-                    nursery.cancel_scope.cancel()
-                    ended = response.text[len(tag) + 1 :]
-                    break
-                if response.text.startswith(b"* "):
-                    self.view.untagged(response.text)
-                    if response.text[2:5].upper() == b"BYE":
-                        raise ConnectionBroken("server said BYE")
+        with stop.cancelling(deadline=trio.current_time() + interval):
+            ended = await self._idle_responses(tag)
         if ended is None:
-            self._open_idle = tag
-        elif not Reply(ended).ok:
+            if stop.is_set():
+                self._open_idle = tag
+                return
+            await self.stream.send_all(b"DONE\r\n")
+            ended = await self._idle_responses(tag)
+        if not Reply(ended).ok:
             raise ConnectionBroken("IDLE ended with an error")
+
+    async def _idle_responses(self, tag: bytes) -> bytes:
+        """What the server sends during IDLE, up to its tagged answer's status."""
+        while True:
+            response = await self.response()
+            if response.text.startswith(tag + b" "):
+                return response.text[len(tag) + 1 :]
+            if response.text.startswith(b"* "):
+                self.view.untagged(response.text)
+                if response.text[2:5].upper() == b"BYE":
+                    raise ConnectionBroken("server said BYE")
 
     async def _end_open_idle(self) -> None:
         tag, self._open_idle = self._open_idle, None
