@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import trio
 
@@ -71,11 +71,18 @@ class _Unspooled:
     finished: bool = False
 
 
+class FileSender(Protocol):
+    """Sends bytes [start, length) of an open file to the session's client, `piece_size`
+    at a time (the session's `_send_file`)."""
+
+    async def __call__(self, fd: int, length: int, start: int = 0, piece_size: int = SEND_PIECE) -> None: ...
+
+
 class Retriever:
     def __init__(
         self, core: Pop3Server, upstream: StoreAccess, readahead: Readahead, settings: UpstreamSettings,
         send: Callable[[bytes], Awaitable[bool | None]], command_log: Any,
-        cache: AccountCache | None = None, send_file: Callable[..., Awaitable[None]] | None = None,
+        cache: AccountCache | None = None, send_file: FileSender | None = None,
         backend: str = "default",
     ) -> None:
         self._core = core
