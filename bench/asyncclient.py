@@ -24,6 +24,29 @@ def unstuff(body: bytes) -> bytes:
     return (b"\r\n" + body).replace(b"\r\n..", b"\r\n.")[2:]
 
 
+class BodyEnd:
+    """The end of a dot-stuffed multi-line body that arrives in pieces (right after its status
+    line). `total` counts the body's bytes so far, up to the CRLF before the terminating dot."""
+
+    def __init__(self) -> None:
+        self.total = 0
+        # The status line's CRLF: an empty body is ".\r\n" right after it.
+        self._tail = b"\r\n"
+
+    def feed(self, data: bytes) -> tuple[int, int] | None:
+        """None while the body goes on. At its end, (where the body ends in `data`, negative
+        if it ended in an earlier piece; where the terminator ends in `data`)."""
+        combined = self._tail + data
+        found = combined.find(_TERMINATOR)
+        if found < 0:
+            self.total += len(data)
+            self._tail = combined[-4:]
+            return None
+        in_data = found + 2 - len(self._tail)
+        self.total += in_data
+        return in_data, found + len(_TERMINATOR) - len(self._tail)
+
+
 class AsyncPop3:
     def __init__(self, stream: trio.SocketStream, chunk: int = _DEFAULT_CHUNK) -> None:
         self._stream = stream
@@ -76,35 +99,44 @@ class AsyncPop3:
     async def multiline(self, line: bytes, *, rate: float | None = None, keep: bool = False) -> tuple[int, bytes]:
         """Send `line`, consume the multi-line answer. Returns (body bytes, the body if
         `keep` else b""). With `rate` (bytes/s) it reads no faster than that."""
-        await self._stream.send_all(line + b"\r\n")
-        await self._status()
+        await self.start_multiline(line)
         kept = bytearray()
-        total = 0
-        # The status line's CRLF: an empty body is ".\r\n" right after it.
-        tail = b"\r\n"
+        body = BodyEnd()
         started = trio.current_time()
         while True:
             data = bytes(self._buf)
-            combined = tail + data
-            found = combined.find(_TERMINATOR)
-            if found >= 0:
-                in_data = found + 2 - len(tail)  # negative: the body ended inside `tail`
-                total += in_data
+            end = body.feed(data)
+            if end is not None:
+                in_data, after = end
                 if keep:
                     if in_data >= 0:
                         kept += data[:in_data]
                     else:
                         del kept[len(kept) + in_data:]
-                del self._buf[: found + len(_TERMINATOR) - len(tail)]
-                return total, bytes(kept)
-            total += len(data)
+                del self._buf[:after]
+                return body.total, bytes(kept)
             if keep:
                 kept += data
-            tail = combined[-4:]
             self._buf.clear()
             if rate:
-                await trio.sleep_until(started + total / rate)
+                await trio.sleep_until(started + body.total / rate)
             await self._fill()
+
+    async def start_multiline(self, line: bytes) -> None:
+        """Send `line` and read its status line; the body is the caller's to read."""
+        await self._stream.send_all(line + b"\r\n")
+        await self._status()
+
+    def hand_over(self) -> tuple[int, bytes]:
+        """The socket's descriptor and what was read past the last response, for a reader
+        that reads the socket itself (the slow clients' pacer) while this client waits."""
+        held = bytes(self._buf)
+        self._buf.clear()
+        return self._stream.socket.fileno(), held
+
+    def take_back(self, data: bytes) -> None:
+        """Bytes such a reader read past the end of the body."""
+        self._buf[:0] = data
 
     async def login(self, user: str, password: str) -> None:
         await self.command(b"USER " + user.encode())
