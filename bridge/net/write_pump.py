@@ -30,8 +30,12 @@ import trio
 # How long the pump writes before it lets the other tasks of its loop run. A few dozen
 # writes of a slow reader's few KiB; what is left is ready again at the pump's next turn.
 SLICE_SECONDS = 0.001
-# Ready sockets asked of the epoll set at a time.
-_MAX_EVENTS = 256
+# Ready sockets asked of the epoll set per slice: about as many as a slice writes. The set is
+# level-triggered, so the kernel checks again every socket it reports; asking for hundreds
+# when a slice serves a few dozen made each turn of the loop check hundreds of sockets that
+# had to wait for a later one (the first seconds of 1,000 slow downloads, when all of them
+# have room at once: docs/performance.md). The kernel reports the rest at the next look.
+READY_PER_SLICE = 32
 
 
 class _Job:
@@ -150,7 +154,7 @@ class WritePump:
         (at least one write). `run` calls it each time the epoll set is ready."""
         # Level-triggered: a socket not served in this slice is ready again at the next.
         give_up = time.perf_counter() + self.slice_seconds
-        for fd, _events in self._epoll.poll(0, _MAX_EVENTS):
+        for fd, _events in self._epoll.poll(0, READY_PER_SLICE):
             job = self._jobs.get(fd)
             if job is None:
                 # Never the case; left in the set, a socket with room would be ready forever.

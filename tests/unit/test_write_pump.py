@@ -107,6 +107,31 @@ async def test_a_slice_bounds_what_the_pump_writes_in_one_turn() -> None:
         theirs.close()
 
 
+async def test_a_slice_serves_a_bounded_number_of_ready_sockets_and_the_next_slices_the_rest() -> None:
+    # However many sockets have room at once (1,000 slow downloads starting together), one
+    # turn of the pump looks at no more than it can serve; none is left behind.
+    pairs = [small_socket_pair() for _ in range(write_pump_module.READY_PER_SLICE * 2 + 5)]
+    pump = WritePump(10.0)
+    served_per_slice = []
+    async with trio.open_nursery() as nursery:
+        for ours, _theirs in pairs:
+            nursery.start_soon(pump.write, ours.fileno(), memoryview(b"hello"), lambda: None)
+        await trio.testing.wait_all_tasks_blocked()
+        delivered = 0
+        while delivered < len(pairs):
+            pump.write_a_slice()
+            got = [drain(theirs) for _ours, theirs in pairs]
+            served_per_slice.append(sum(1 for data in got if data == b"hello"))
+            delivered += served_per_slice[-1]
+            assert len(served_per_slice) <= len(pairs), "a ready socket is never served"
+    pump.close()
+    ready = write_pump_module.READY_PER_SLICE
+    assert served_per_slice == [ready, ready, 5]
+    for ours, theirs in pairs:
+        ours.close()
+        theirs.close()
+
+
 async def test_the_pump_lets_other_tasks_run_between_its_slices() -> None:
     # Every socket always has room (a thread-free peer drained by the test between turns),
     # so a pump that did not stop after its slice would never give the other task a turn.
