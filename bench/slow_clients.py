@@ -11,7 +11,9 @@ slow clients connect) over its RSS before.
 
 The slow clients run in a child process (`python -m bench.slow_clients`, one Trio loop),
 the poller in this one: sharing a process (and its GIL) would add the slow clients' work
-to the poller's latency. They still share the machine's cores with the servers.
+to the poller's latency. They still share the machine's cores with the servers, so their
+reading is one task for all of them (`PacedReaders`), as cheap as Python gets: on the real
+network those devices would cost the server's machine nothing.
 
 Accounts: one per slow client, as a device population would be, each with the same message
 hard-linked into its maildir (one file on disk and in the page cache, however many
