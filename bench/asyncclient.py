@@ -3,8 +3,9 @@
 
 Like bench/pop3client.py it parses no more than finding the end of a response needs. A
 multi-line body is consumed as it arrives (only a few bytes of it are kept to find the
-terminator, unless the caller wants the body), optionally at a fixed rate with a small
-receive buffer: a slow device on a slow line.
+terminator, unless the caller wants the body). A small receive buffer makes a slow device on
+a slow line; its reading at a fixed rate is bench.slow_clients.PacedReaders's, which takes
+the socket over between the status line and the end of the body (`hand_over`).
 """
 
 from __future__ import annotations
@@ -96,13 +97,12 @@ class AsyncPop3:
         await self._stream.send_all(line + b"\r\n")
         return await self._status()
 
-    async def multiline(self, line: bytes, *, rate: float | None = None, keep: bool = False) -> tuple[int, bytes]:
+    async def multiline(self, line: bytes, *, keep: bool = False) -> tuple[int, bytes]:
         """Send `line`, consume the multi-line answer. Returns (body bytes, the body if
-        `keep` else b""). With `rate` (bytes/s) it reads no faster than that."""
+        `keep` else b"")."""
         await self.start_multiline(line)
         kept = bytearray()
         body = BodyEnd()
-        started = trio.current_time()
         while True:
             data = bytes(self._buf)
             end = body.feed(data)
@@ -118,8 +118,6 @@ class AsyncPop3:
             if keep:
                 kept += data
             self._buf.clear()
-            if rate:
-                await trio.sleep_until(started + body.total / rate)
             await self._fill()
 
     async def start_multiline(self, line: bytes) -> None:

@@ -67,9 +67,9 @@ def _say(event: str, **fields: Any) -> None:
 class PacedReaders:
     """Reads every slow client's RETR body at its rate, from one task and one epoll set.
 
-    Why not each client's own `AsyncPop3.multiline(rate=...)`: a Trio sleep and a receive per
-    read of a few KiB, 4,000 times a second for 1,000 clients, took this process most of a
-    core, on a 2-core machine whose other core the measured server and the poller share.
+    Why not each client reading in its own task: a Trio sleep and a receive per read of a
+    few KiB, 4,000 times a second for 1,000 clients, took this process most of a core, on
+    a 2-core machine whose other core the measured server and the poller share.
     Here a read that is due costs one `os.read`; the client is the same (the same receive
     buffer and read size, no faster than the rate, and at its due time it takes what its
     socket holds, or waits for the first bytes)."""
