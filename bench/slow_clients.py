@@ -37,6 +37,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -181,6 +182,16 @@ class _Paced:
         self.error: BaseException | None = None
 
 
+@contextlib.asynccontextmanager
+async def paced_readers(rate: float, chunk: int) -> AsyncIterator[PacedReaders]:
+    """`PacedReaders` with its task running until the block ends."""
+    readers = PacedReaders(rate, chunk)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(readers.run)
+        yield readers
+        nursery.cancel_scope.cancel()
+
+
 async def _clients(spec: dict[str, Any]) -> None:
     accounts = spec["accounts"]
     limiter = trio.CapacityLimiter(spec["parallel"])
@@ -235,15 +246,11 @@ async def _clients(spec: dict[str, Any]) -> None:
         _say("ready", failed=sum(errors.values()))
 
     begun = time.perf_counter()
-    pacer = PacedReaders(spec["rate"], spec["receive_buffer"])
-    async with trio.open_nursery() as outer:
-        outer.start_soon(pacer.run)
-        async with trio.open_nursery() as nursery:
-            if retr:
-                nursery.start_soon(announce)
-            for user, password in accounts:
-                nursery.start_soon(client, user, password)
-        outer.cancel_scope.cancel()
+    async with paced_readers(spec["rate"], spec["receive_buffer"]) as pacer, trio.open_nursery() as nursery:
+        if retr:
+            nursery.start_soon(announce)
+        for user, password in accounts:
+            nursery.start_soon(client, user, password)
     _say("done", complete=complete[0], errors=dict(errors.most_common(10)), seconds=time.perf_counter() - begun)
 
 

@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from bench.asyncclient import AsyncPop3, BodyEnd, unstuff
-from bench.slow_clients import PacedReaders
+from bench.slow_clients import PacedReaders, paced_readers
 
 _BODY = b"line one\r\n..a stuffed dot\r\n\r\nlast line\r\n"
 
@@ -54,7 +54,6 @@ def test_a_dot_line_inside_the_body_is_not_its_end() -> None:
 
 
 async def test_each_client_gets_its_body_and_the_next_response_stays_readable() -> None:
-    readers = PacedReaders(rate=1 << 30, chunk=7)
     bodies = [_BODY * n for n in (0, 1, 5, 40)]
     servers = []
     clients = []
@@ -64,7 +63,7 @@ async def test_each_client_gets_its_body_and_the_next_response_stays_readable() 
         clients.append(AsyncPop3(trio.SocketStream(ours), chunk=7))
     got: dict[int, tuple[int, bytes]] = {}
 
-    async def client(i: int) -> None:
+    async def client(readers: PacedReaders, i: int) -> None:
         await clients[i].start_multiline(b"RETR 1")
         count = await readers.read_body(clients[i])
         got[i] = (count, await clients[i].command(b"QUIT"))
@@ -80,27 +79,23 @@ async def test_each_client_gets_its_body_and_the_next_response_stays_readable() 
             await trio.lowlevel.checkpoint()
         assert await stream.receive_some(100) == b"QUIT\r\n"
 
-    async with trio.open_nursery() as outer:
-        outer.start_soon(readers.run)
-        with trio.fail_after(10):
-            async with trio.open_nursery() as nursery:
-                for i in range(len(bodies)):
-                    nursery.start_soon(client, i)
-                    nursery.start_soon(server, i)
-        outer.cancel_scope.cancel()
+    with trio.fail_after(10):
+        async with paced_readers(rate=1 << 30, chunk=7) as readers, trio.open_nursery() as nursery:
+            for i in range(len(bodies)):
+                nursery.start_soon(client, readers, i)
+                nursery.start_soon(server, i)
     assert got == {i: (len(body), b"+OK bye " + str(i).encode()) for i, body in enumerate(bodies)}
     for stream in servers + [c._stream for c in clients]:
         await stream.aclose()
 
 
 async def test_a_server_that_closes_mid_body_is_an_error_for_that_client_only() -> None:
-    readers = PacedReaders(rate=1 << 30, chunk=4096)
     pairs = [trio.socket.socketpair() for _ in range(2)]
     clients = [AsyncPop3(trio.SocketStream(ours)) for ours, _ in pairs]
     servers = [trio.SocketStream(theirs) for _, theirs in pairs]
     outcome: dict[int, object] = {}
 
-    async def client(i: int) -> None:
+    async def client(readers: PacedReaders, i: int) -> None:
         await clients[i].start_multiline(b"RETR 1")
         try:
             outcome[i] = await readers.read_body(clients[i])
@@ -116,14 +111,11 @@ async def test_a_server_that_closes_mid_body_is_an_error_for_that_client_only() 
             await trio.sleep(0.05)
             await servers[i].send_all(b".\r\n")
 
-    async with trio.open_nursery() as outer:
-        outer.start_soon(readers.run)
-        with trio.fail_after(10):
-            async with trio.open_nursery() as nursery:
-                for i in range(2):
-                    nursery.start_soon(client, i)
-                    nursery.start_soon(server, i)
-        outer.cancel_scope.cancel()
+    with trio.fail_after(10):
+        async with paced_readers(rate=1 << 30, chunk=4096) as readers, trio.open_nursery() as nursery:
+            for i in range(2):
+                nursery.start_soon(client, readers, i)
+                nursery.start_soon(server, i)
     assert outcome == {0: "Pop3Error", 1: len(_BODY)}
     await servers[1].aclose()
     for c in clients:
