@@ -28,11 +28,11 @@ def run(servers: BenchServers, plan: Plan, rec: Recorder) -> None:
         Target("bridge_w2", "127.0.0.1", two.port),
     ]
     progress("workers: warm-up")
-    # Each worker keeps its own parked connections, and the kernel hands each connection to
-    # a worker at random: a deployment that has run a while has every account's connection
-    # parked in every worker, which one warm-up session per account would leave to chance
-    # (half the timed logins of the first round would be fresh ones). Every target gets the
-    # same warm-up.
+    # Each worker keeps its own parked connections, and a connection goes to whichever
+    # worker accepts it first, not to the one that served its account last: a deployment
+    # that has run a while has every account's connection parked in every worker, which one
+    # warm-up session per account would leave to chance (about half the timed logins of the
+    # first round would be fresh ones). Every target gets the same warm-up.
     for _session in range(_WARM_UP_SESSIONS):
         for target in targets:
             for account in accounts:

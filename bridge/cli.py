@@ -37,6 +37,7 @@ def _tune_gc() -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from bridge.net.sockets import InheritedListener
     from bridge.ops.service import run_until_signalled
     from bridge.ops.workers import run_supervisor, run_worker
 
@@ -44,7 +45,10 @@ def _serve(args: argparse.Namespace) -> int:
     configure_logging(settings.logging.level, settings.logging.format)
     _tune_gc()
     if args.worker_index is not None:
-        return run_worker(settings, args.config, args.worker_index, args.notify_fd, args.admin_socket, args.lifeline_fd)
+        return run_worker(
+            settings, args.config, args.worker_index, args.notify_fd, args.admin_socket, args.lifeline_fd,
+            [InheritedListener.parse(item) for item in args.listener],
+        )
     if settings.server.workers > 1:
         return run_supervisor(settings, args.config)
     trio.run(partial(run_until_signalled, settings, reload=partial(load_settings, args.config)))
@@ -147,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--notify-fd", type=int, help=argparse.SUPPRESS)
     serve.add_argument("--lifeline-fd", type=int, help=argparse.SUPPRESS)
     serve.add_argument("--admin-socket", help=argparse.SUPPRESS)
+    serve.add_argument("--listener", action="append", default=[], help=argparse.SUPPRESS)
     serve.set_defaults(func=_serve)
 
     check = commands.add_parser(

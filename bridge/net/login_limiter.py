@@ -43,7 +43,7 @@ at most `max_entries` records and forgets the least recently failed first; attem
 are held only while they last.
 
 The limiter lives in one process: with `server.workers` > 1 each worker counts its own
-attempts and failures, so an address that the kernel spreads over N workers gets up to N times
+attempts and failures, so an address whose connections go to N workers gets up to N times
 the thresholds.
 """
 

@@ -11,6 +11,7 @@ A configuration reload (bridge.ops.reload) runs `reload_hooks`.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from contextlib import AsyncExitStack
 from functools import partial
 
@@ -22,7 +23,7 @@ from bridge.net.addresses import peer_name, socket_name
 from bridge.net.client_timeouts import watchdog_tick
 from bridge.net.keepalive import set_tcp_keepalive
 from bridge.net.listeners import ConnectionAdmission, ListenerKind
-from bridge.net.sockets import open_pop3_listeners
+from bridge.net.sockets import InheritedListener, open_pop3_listeners
 from bridge.net.tls import ServerTls
 from bridge.ops.logs import get_logger
 from bridge.ops.reload import ReloadHook
@@ -34,11 +35,12 @@ _log = get_logger()
 
 
 class Pop3Service:
-    def __init__(self, settings: BridgeSettings, *, reuse_port: bool = False) -> None:
+    def __init__(self, settings: BridgeSettings, *, inherited: Sequence[InheritedListener] = ()) -> None:
         self.settings = settings
         self.state = SharedServices(settings)
         self.bound_addresses: list[str] = []
-        self.reuse_port = reuse_port
+        # A worker's listening sockets, inherited from its supervisor (bridge.net.sockets).
+        self.inherited = tuple(inherited)
         self.listening = False
         self.terminating = False
         # Run after every SIGHUP reload with the settings now in force (e.g. re-read TLS files).
@@ -150,7 +152,7 @@ class Pop3Service:
             await self._serve(task_status)
 
     async def _serve(self, task_status: trio.TaskStatus[list[str]]) -> None:
-        opened = await open_pop3_listeners(self.settings, self.reuse_port)
+        opened = await open_pop3_listeners(self.settings, self.inherited)
         listeners = [listener for listener, _kind in opened]
         self.bound_addresses = [socket_name(listener.socket) for listener in listeners]
         _log.info("listening", addresses=self.bound_addresses)

@@ -14,6 +14,7 @@ import trio
 
 from bridge.config import BridgeSettings
 from bridge.net.server import Pop3Service
+from bridge.net.sockets import InheritedListener
 from bridge.ops import metrics
 from bridge.ops.admin import AdminServer
 from bridge.ops.admin_api import AdminApi
@@ -32,7 +33,7 @@ async def run_until_signalled(
     signals: Sequence[int] = (signal.SIGTERM, signal.SIGINT),
     *,
     reload: Callable[[], BridgeSettings] | None = None,
-    reuse_port: bool = False,
+    inherited: Sequence[InheritedListener] = (),
     notify: Callable[[str], None] | None = None,
     admin_socket: str | None = None,
 ) -> None:
@@ -40,9 +41,10 @@ async def run_until_signalled(
     SIGTERM or SIGINT, then shut down gracefully; SIGHUP reloads the configuration with
     `reload()`. `notify` hears "ready" and "draining" (a worker tells its supervisor);
     `admin_socket`: a worker's private socket for the supervisor's admin API
-    (bridge.ops.worker_admin)."""
+    (bridge.ops.worker_admin); `inherited`: a worker's listening sockets, from its
+    supervisor."""
     raise_descriptor_limit(settings)
-    service = Pop3Service(settings, reuse_port=reuse_port)
+    service = Pop3Service(settings, inherited=inherited)
     probe = BackendHealth(lambda: service.settings)
 
     async def readiness() -> tuple[bool, str]:

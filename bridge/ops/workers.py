@@ -1,11 +1,14 @@
 """Several worker processes on one host: `[server] workers = N`.
 
 The parent process is a supervisor; it serves no POP3 itself. It starts N copies of
-`python -m bridge serve --worker-index I --notify-fd FD`. Each worker opens its own listening
-sockets on the same addresses with SO_REUSEPORT, so the kernel spreads incoming connections
-over the workers, and a worker that dies takes only its own connections with it.
+`python -m bridge serve --worker-index I --notify-fd FD`. The supervisor binds the POP3
+addresses once and every worker inherits the same listening sockets (bridge.net.sockets):
+whichever worker is free first takes the next connection, and a worker that dies takes only
+its own connections with it (the ones waiting to be accepted go to the others).
 
 The supervisor
+- holds the listening sockets for workers it restarts, and closes them when it begins to
+  shut down, so that new connections are refused once the workers have closed theirs;
 - restarts a worker that exits while the service runs (after 1 s, doubling up to 30 s while
   it keeps crashing, so a broken configuration does not spin the CPU);
 - forwards SIGTERM/SIGINT (graceful shutdown, see bridge.net.server) and SIGHUP (reload) to the
@@ -29,8 +32,10 @@ import json
 import os
 import shutil
 import signal
+import socket
 import sys
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -38,7 +43,9 @@ from pathlib import Path
 import structlog
 import trio
 
-from bridge.config import BridgeSettings, ConfigError, load_settings
+from bridge.config import BridgeSettings, load_settings
+from bridge.net.listeners import ListenerKind
+from bridge.net.sockets import InheritedListener, bind_pop3_sockets
 from bridge.ops import metrics
 from bridge.ops.admin import AdminServer
 from bridge.ops.admin_api import AdminApi
@@ -63,9 +70,10 @@ _KILL_AFTER_GRACE_SECONDS = 15.0
 
 def run_worker(
     settings: BridgeSettings, config_path: Path | None, index: int, notify_fd: int | None, admin_socket: str | None = None,
-    lifeline_fd: int | None = None,
+    lifeline_fd: int | None = None, inherited: Sequence[InheritedListener] = (),
 ) -> int:
-    """A worker process: the ordinary service, sharing its listeners, reporting to the parent."""
+    """A worker process: the ordinary service on the listening sockets it `inherited` from
+    the supervisor, reporting to it."""
     from bridge.ops.service import run_until_signalled
 
     structlog.contextvars.bind_contextvars(worker=index, pid=os.getpid())
@@ -82,7 +90,7 @@ def run_worker(
         run_until_signalled,
         settings,
         reload=partial(load_settings, config_path),
-        reuse_port=True,
+        inherited=inherited,
         notify=notify,
         admin_socket=admin_socket,
     )
@@ -123,8 +131,16 @@ class _Worker:
 
 
 class Supervisor:
-    def __init__(self, settings: BridgeSettings, config_path: Path | None, metrics_dir: str) -> None:
+    def __init__(
+        self, settings: BridgeSettings, config_path: Path | None, metrics_dir: str,
+        listeners: Sequence[tuple[socket.socket, ListenerKind]] = (),
+    ) -> None:
         self.settings = settings
+        # The POP3 listening sockets every worker inherits; closed when shutdown begins.
+        self._listeners = list(listeners)
+        # Held while a worker process is being started with the listeners' descriptors, so
+        # that they are not closed (and their numbers reused) in the middle of it.
+        self._starting = trio.Lock()
         self.reload_hooks: list[ReloadHook] = []
         self._config_path = config_path
         self._metrics_dir = metrics_dir
@@ -146,6 +162,8 @@ class Supervisor:
             command += ["--config", str(self._config_path)]
         if self.settings.admin.api:
             command += ["--admin-socket", socket_path(self._metrics_dir, index)]
+        for sock, kind in self._listeners:
+            command += ["--listener", InheritedListener(sock.fileno(), kind).as_argument()]
         return command + [
             "--worker-index", str(index), "--notify-fd", str(notify_fd), "--lifeline-fd", str(lifeline_fd),
         ]
@@ -201,7 +219,16 @@ class Supervisor:
                         self._terminating = True
                         self._stopping.set()
                         nursery.start_soon(self._kill_stragglers)
+                        await self._close_listeners()
                     self._signal_workers(signal.SIGTERM)
+
+    async def _close_listeners(self) -> None:
+        # The workers close their own copies as they begin to drain; once the last copy is
+        # closed the kernel refuses new connections instead of queueing them.
+        async with self._starting:
+            for sock, _kind in self._listeners:
+                sock.close()
+            self._listeners.clear()
 
     def _signal_workers(self, signum: int) -> None:
         for worker in self._workers:
@@ -220,6 +247,8 @@ class Supervisor:
         while not self._terminating:
             started = trio.current_time()
             returncode = await self._run_once(worker)
+            if returncode is None:  # shutdown began before the worker started
+                return
             metrics.forget_process(worker.pid, self._metrics_dir)
             if self._terminating:
                 _log.info("worker_stopped", worker=worker.index, worker_pid=worker.pid, returncode=returncode)
@@ -235,25 +264,29 @@ class Supervisor:
                 await self._stopping.wait()
             delay = min(delay * 2, _MAX_RESTART_DELAY_SECONDS)
 
-    async def _run_once(self, worker: _Worker) -> int:
-        read_end, write_end = os.pipe()
-        # The worker's lifeline: this process holds the write end until the worker is done;
-        # if this process dies, the kernel closes it and the worker reads the end.
-        lifeline_read, lifeline_write = os.pipe()
-        try:
-            process = await trio.lowlevel.open_process(
-                self._worker_command(worker.index, write_end, lifeline_read),
-                pass_fds=(write_end, lifeline_read),
-                env=self._worker_environment(),
-                process_group=0,
-            )
-        except BaseException:
-            os.close(read_end)
-            os.close(lifeline_write)
-            raise
-        finally:
-            os.close(write_end)
-            os.close(lifeline_read)
+    async def _run_once(self, worker: _Worker) -> int | None:
+        """The worker's exit status; None if shutdown began before it could start."""
+        async with self._starting:
+            if self._terminating:
+                return None
+            read_end, write_end = os.pipe()
+            # The worker's lifeline: this process holds the write end until the worker is done;
+            # if this process dies, the kernel closes it and the worker reads the end.
+            lifeline_read, lifeline_write = os.pipe()
+            try:
+                process = await trio.lowlevel.open_process(
+                    self._worker_command(worker.index, write_end, lifeline_read),
+                    pass_fds=(write_end, lifeline_read, *(sock.fileno() for sock, _kind in self._listeners)),
+                    env=self._worker_environment(),
+                    process_group=0,
+                )
+            except BaseException:
+                os.close(read_end)
+                os.close(lifeline_write)
+                raise
+            finally:
+                os.close(write_end)
+                os.close(lifeline_read)
         worker.process, worker.pid, worker.ready = process, process.pid, False
         _log.info("worker_started", worker=worker.index, worker_pid=process.pid)
         try:
@@ -275,25 +308,19 @@ class Supervisor:
             os.close(lifeline_write)
 
 
-def _check_shareable(settings: BridgeSettings) -> None:
-    for address in settings.pop3.listen_addresses:
-        if address.port == 0:
-            raise ConfigError(
-                f"pop3.listen: {address} has port 0, which each of the {settings.server.workers} "
-                "workers would resolve to a different port; give a port number"
-            )
-
-
 def run_supervisor(settings: BridgeSettings, config_path: Path | None) -> int:
     """The `serve` command with workers > 1; returns the exit status."""
     try:
-        _check_shareable(settings)
-    except ConfigError as exc:
-        print(f"pop3-imap-bridge: bad configuration:\n{exc}", file=sys.stderr)
-        return 2
+        # Bound once, here: every worker serves the same sockets (a port 0 included).
+        listeners = bind_pop3_sockets(settings)
+    except OSError as exc:
+        print(f"pop3-imap-bridge: {exc.strerror or exc}", file=sys.stderr)
+        return 1
     metrics_dir = tempfile.mkdtemp(prefix="pop3-imap-bridge-metrics-")
     try:
-        trio.run(Supervisor(settings, config_path, metrics_dir).run)
+        trio.run(Supervisor(settings, config_path, metrics_dir, listeners).run)
     finally:
+        for sock, _kind in listeners:
+            sock.close()
         shutil.rmtree(metrics_dir, ignore_errors=True)
     return 0

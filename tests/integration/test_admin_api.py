@@ -243,7 +243,7 @@ def test_who_with_the_configuration_file(helpdesk: Helpdesk, account: Account) -
 
 
 def test_with_workers_the_supervisor_asks_every_worker(dovecot: DovecotSandbox, tmp_path: Path) -> None:
-    """Sessions live in the workers (SO_REUSEPORT spreads them); who and kick reach all of them."""
+    """Sessions live in the workers (whichever accepts first); who and kick reach all of them."""
     box = dovecot.new_mailbox()
     box.append(numbered_messages(1))
     admin_port = free_port()

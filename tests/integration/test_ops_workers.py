@@ -1,19 +1,24 @@
-"""`[server] workers = N`: several processes share the POP3 port; the supervisor restarts a
-worker that dies, adds up their metrics, forwards SIGHUP/SIGTERM and exits 0.
+"""`[server] workers = N`: several processes accept from the same POP3 sockets; the
+supervisor restarts a worker that dies, adds up their metrics, forwards SIGHUP/SIGTERM and
+exits 0.
 
 Which worker served a connection is observable in the logs: every worker's events carry
 `worker` (its index) and `pid`."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import psutil
 
-from bridge.config import load_settings
-from bridge.ops.workers import run_supervisor
 from sandbox import Mailbox, numbered_messages
 from tests.harness import RawPop3, SubprocessBridge, free_port
 from tests.integration.ops_support import (
@@ -29,14 +34,34 @@ from tests.integration.ops_support import (
 WORKERS = 2
 
 
-def _serving_pids(bridge: SubprocessBridge) -> set[int]:
-    return {event["pid"] for event in events_named(bridge, "session_start")}
-
-
 def _greet_and_quit(port: int) -> None:
-    with RawPop3("127.0.0.1", port) as client:
+    # A connection no worker accepts would wait here: 10 s is ample for an idle worker.
+    with RawPop3("127.0.0.1", port, timeout=10) as client:
         assert client.greeting.startswith(b"+OK")
         assert client.command(b"QUIT").startswith(b"+OK")
+
+
+@contextmanager
+def _stopped(pid: int) -> Iterator[None]:
+    """The process frozen (SIGSTOP) for the block: a worker stuck or busy, as the other
+    workers see it."""
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(pid, signal.SIGCONT)
+
+
+def _served_by(bridge: SubprocessBridge, connections: int) -> set[int]:
+    """The workers (pids) that served `connections` new connections, each greeted and quit."""
+    before = len(events_named(bridge, "session_start"))
+    for _ in range(connections):
+        _greet_and_quit(bridge.port)
+    started = wait_for(
+        lambda: (found := events_named(bridge, "session_start")[before:]) and len(found) == connections and found,
+        f"{connections} sessions logged",
+    )
+    return {event["pid"] for event in started}
 
 
 def test_workers_share_the_port_and_a_killed_worker_is_restarted(mailbox: Mailbox, tmp_path: Path) -> None:
@@ -58,12 +83,13 @@ def test_workers_share_the_port_and_a_killed_worker_is_restarted(mailbox: Mailbo
         assert {child.pid for child in psutil.Process(supervisor).children()} == set(started.values())
         assert http_get(admin_port, "/readyz")[:2] == (200, "ready\n")
 
-        # The kernel spreads connections over the workers (SO_REUSEPORT hashes each new
-        # connection's addresses): 40 connections all landing on one of two workers would
-        # happen with probability 2**-39.
-        for _ in range(40):
-            _greet_and_quit(bridge.port)
-        wait_for(lambda: _serving_pids(bridge) == set(started.values()), "sessions served by every worker")
+        # One accept queue for all workers: while one is stopped (stuck, or busy with other
+        # sessions) the other takes every new connection at once, and either can serve.
+        # (With a socket per worker, SO_REUSEPORT, the kernel hashed about half of them to
+        # the stopped one, where they waited.)
+        for busy, free in ((started[0], started[1]), (started[1], started[0])):
+            with _stopped(busy):
+                assert _served_by(bridge, 6) == {free}
 
         # A real session through a worker, and the supervisor's /metrics adds up all workers.
         with RawPop3("127.0.0.1", bridge.port) as client:
@@ -95,17 +121,26 @@ def test_workers_share_the_port_and_a_killed_worker_is_restarted(mailbox: Mailbo
         )[0]
         wait_for(lambda: events_named(bridge, "listening", pid=replacement), "the new worker listening")
 
-        def served_by_replacement() -> bool:
-            _greet_and_quit(bridge.port)
-            return replacement in _serving_pids(bridge)
-
-        wait_for(served_by_replacement, "a connection served by the new worker")
+        # The new worker accepts from the same sockets.
+        with _stopped(started[1]):
+            assert _served_by(bridge, 2) == {replacement}
         assert value(scrape(admin_port), "bridge_worker_restarts_total") == 1
 
-        # SIGTERM: the supervisor stops every worker and exits 0.
+        # SIGTERM: the supervisor stops every worker and exits 0. While a session drains,
+        # new connections are refused, not queued on a socket the supervisor still holds.
         workers_now = {child.pid for child in psutil.Process(supervisor).children()}
         assert workers_now == {replacement, started[1]}
-        bridge.process.send_signal(signal.SIGTERM)
+        with RawPop3("127.0.0.1", bridge.port, timeout=10) as draining:
+            draining.login(mailbox.user, mailbox.password)
+            bridge.process.send_signal(signal.SIGTERM)
+            wait_for(lambda: len(events_named(bridge, "shutdown_draining")) == WORKERS, "every worker draining")
+            try:
+                socket.create_connection(("127.0.0.1", bridge.port), timeout=5).close()
+            except ConnectionRefusedError:
+                pass
+            else:
+                raise AssertionError("a new connection was accepted while the workers drained")
+            assert draining.command(b"QUIT").startswith(b"+OK")
         assert wait_for_exit(bridge) == 0
     assert not [pid for pid in workers_now if psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie"]
     assert {e["worker"] for e in events_named(bridge, "worker_stopped")} == set(range(WORKERS))
@@ -144,6 +179,37 @@ def test_workers_keep_running_and_stop_when_the_supervisor_dies(mailbox: Mailbox
     assert {e["pid"] for e in events_named(bridge, "supervisor_gone")} == workers
 
 
-def test_port_0_cannot_be_shared_by_workers(capsys: object) -> None:
-    settings = load_settings(None, {"pop3": {"listen": ["127.0.0.1:0"]}, "server": {"workers": 2}})
-    assert run_supervisor(settings, None) == 2
+def test_workers_share_a_port_0_listener(mailbox: Mailbox, tmp_path: Path) -> None:
+    """The supervisor binds each address once, so `port = 0` means one port the kernel
+    chose, served by every worker (each worker's `listening` event names it)."""
+    env = {**os.environ, "BRIDGE_POP3__LISTEN": '["127.0.0.1:0"]', "BRIDGE_SERVER__WORKERS": str(WORKERS),
+           "BRIDGE_UPSTREAM__HOST": "127.0.0.1", "BRIDGE_UPSTREAM__PORT": str(mailbox.imap_port),
+           "BRIDGE_UPSTREAM__TLS": "none", "BRIDGE_LOGGING__FORMAT": "json", "PYTHONUNBUFFERED": "1"}
+    log_path = tmp_path / "bridge.log"
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen([sys.executable, "-m", "bridge", "serve"], stdout=log, stderr=subprocess.STDOUT, env=env)
+    try:
+        def listening() -> list[list[str]]:
+            lines = log_path.read_text(errors="replace").split("\n")[:-1]
+            events = [json.loads(line) for line in lines if line.startswith("{")]
+            return [event["addresses"] for event in events if event.get("event") == "listening"]
+
+        addresses = wait_for(lambda: len(found := listening()) == WORKERS and found, "every worker listening")
+        assert addresses[0] == addresses[1] and len(addresses[0]) == 1
+        host, port = addresses[0][0].rsplit(":", 1)
+        assert host == "127.0.0.1" and int(port) != 0
+        _greet_and_quit(int(port))
+    finally:
+        process.terminate()
+        process.wait(30)
+
+
+def test_an_address_in_use_stops_the_supervisor_with_its_name(tmp_path: Path) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        env = {**os.environ, "BRIDGE_POP3__LISTEN": f'["127.0.0.1:{port}"]', "BRIDGE_SERVER__WORKERS": "2"}
+        done = subprocess.run(
+            [sys.executable, "-m", "bridge", "serve"], env=env, capture_output=True, text=True, timeout=60
+        )
+    assert done.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{port}: Address already in use" in done.stderr
