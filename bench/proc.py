@@ -46,6 +46,16 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def machine_busy_seconds() -> float:
+    """CPU seconds the machine's CPUs have worked so far, all of them together (from
+    /proc/stat: user, nice, system, irq and softirq time; not idle, I/O wait, or time the
+    hypervisor gave to others)."""
+    user, nice, system, _idle, _iowait, irq, softirq = (
+        int(value) for value in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:8]
+    )
+    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
+
+
 def tree_memory(pid: int) -> dict[str, int]:
     """RSS and PSS summed over `pid` and all its descendants. The RSS sum counts each shared
     page (libraries, Dovecot's shared code) once per process; the PSS sum splits them. PSS

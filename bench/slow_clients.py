@@ -47,7 +47,7 @@ from bench.asyncclient import AsyncPop3, BodyEnd
 from bench.maildirs import message_file, write_accounts
 from bench.plans import KIB, MIB, Plan, size_text
 from bench.pop3client import Pop3Error, poll
-from bench.proc import cpu_seconds, peak_rss_bytes, reset_peak, rss_bytes
+from bench.proc import cpu_seconds, machine_busy_seconds, peak_rss_bytes, reset_peak, rss_bytes
 from bench.report import Fact, Recorder, Row, progress
 from bench.scenarios import Account, make_accounts, percentile
 from bench.servers import BenchServers, Target
@@ -251,7 +251,10 @@ async def _clients(spec: dict[str, Any]) -> None:
             nursery.start_soon(announce)
         for user, password in accounts:
             nursery.start_soon(client, user, password)
-    _say("done", complete=complete[0], errors=dict(errors.most_common(10)), seconds=time.perf_counter() - begun)
+    _say(
+        "done", complete=complete[0], errors=dict(errors.most_common(10)), seconds=time.perf_counter() - begun,
+        cpu_seconds=time.process_time(),
+    )
 
 
 def child_main() -> int:
@@ -343,7 +346,12 @@ def run(servers: BenchServers, plan: Plan, rec: Recorder) -> None:
             memory["rss_before"] = rss_bytes(bridge.pid)
             cpu = cpu_seconds(bridge.pid)
             reset_peak(bridge.pid)
+        busy, begun = machine_busy_seconds(), time.perf_counter()
         loaded, report = _loaded(_start_clients(target, accounts, plan, "retr"), target, poller, plan)
+        # What the load itself cost the machine: on a real network the slow clients' CPU
+        # would be on other machines, here it is taken from the servers'.
+        rec.add("slow_clients_cpu", target.name, report["cpu_seconds"])
+        rec.add("slow_machine_busy", target.name, (machine_busy_seconds() - busy) / (time.perf_counter() - begun))
         if target.name == "bridge":
             memory["peak"] = peak_rss_bytes(bridge.pid)
             memory["cpu_seconds"] = cpu_seconds(bridge.pid) - cpu
@@ -371,6 +379,8 @@ def rows(rec: Recorder, plan: Plan) -> list[Row | Fact]:
         # The loaded p95 follows how full the bridge's one event loop is, which depends on the
         # host's speed as much as on the code: shown so that runs on different days compare.
         Row(f"{what}: bridge CPU over the row (s)", "slow_cpu", None, 1.0, False, ()),
+        Row(f"{what}: the benchmark's slow clients' own CPU (s)", "slow_clients_cpu", None, 1.0, False, ()),
+        Row(f"{what}: the machine's CPUs busy over the row (cores)", "slow_machine_busy", None, 1.0, False, (), digits=2),
         Row(f"{what}: fast poller p95, unloaded (ms)", "slow_poller_unloaded", None, ms, False, ()),
         Row(f"{what}: fast poller p95, loaded (ms)", "slow_poller_loaded", None, ms, False, ()),
         Row(f"{what}: fast poller p95, loaded ÷ unloaded", "slow_poller_ratio", None, 1.0, False, (), bound=1.5, unit="×"),

@@ -8,6 +8,7 @@ sampled, the second bridge really ran two workers."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -81,6 +82,13 @@ def test_slow_clients_row(tiny_run: tuple[str, dict[str, Any]]) -> None:
     # The bridge's CPU over the row was read from its process, and the table shows it.
     assert bridge["cpu_seconds"] > 0 and data["samples"]["slow_cpu"]["bridge"] == [bridge["cpu_seconds"]]
     assert "bridge CPU over the row (s)" in table
+    # What the load generator and the machine spent, for both servers.
+    for name in ("native", "bridge"):
+        [clients_cpu] = data["samples"]["slow_clients_cpu"][name]
+        [busy] = data["samples"]["slow_machine_busy"][name]
+        assert clients_cpu > 0 and 0 < busy <= (os.cpu_count() or 1) + 0.5, name
+    assert "the benchmark's slow clients' own CPU (s)" in table
+    assert "the machine's CPUs busy over the row (cores)" in table
 
 
 def test_workers_row(tiny_run: tuple[str, dict[str, Any]]) -> None:
