@@ -37,7 +37,7 @@ def _tune_gc() -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from bridge.net.sockets import InheritedListener
+    from bridge.net.sockets import InheritedListener, ListenError
     from bridge.ops.service import run_until_signalled
     from bridge.ops.workers import run_supervisor, run_worker
 
@@ -51,7 +51,17 @@ def _serve(args: argparse.Namespace) -> int:
         )
     if settings.server.workers > 1:
         return run_supervisor(settings, args.config)
-    trio.run(partial(run_until_signalled, settings, reload=partial(load_settings, args.config)))
+    refused: BaseException | None = None
+    try:
+        trio.run(partial(run_until_signalled, settings, reload=partial(load_settings, args.config)))
+    except* ListenError as group:
+        refused = group
+        while isinstance(refused, BaseExceptionGroup):
+            refused = refused.exceptions[0]
+    if isinstance(refused, ListenError):
+        # As the supervisor reports it: one line and status 1, not a traceback.
+        print(f"pop3-imap-bridge: {refused.strerror}", file=sys.stderr)
+        return 1
     return 0
 
 

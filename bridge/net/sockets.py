@@ -29,6 +29,14 @@ from bridge.net.listeners import ListenerKind
 _LISTEN_BACKLOG = 4096
 
 
+class ListenError(OSError):
+    """A POP3 address could not be bound; `strerror` names it and says why."""
+
+    @classmethod
+    def at(cls, kind: ListenerKind, exc: OSError) -> ListenError:
+        return cls(exc.errno, f"cannot listen on {kind.configured}: {exc.strerror or exc}")
+
+
 @dataclass(frozen=True, slots=True)
 class InheritedListener:
     """A listening socket a worker inherited from its supervisor, as descriptor `fd`;
@@ -59,7 +67,7 @@ def configured_listeners(settings: BridgeSettings) -> list[ListenerKind]:
 
 def bind_pop3_sockets(settings: BridgeSettings) -> list[tuple[socket.socket, ListenerKind]]:
     """Every POP3 address bound and listening, as plain sockets for worker processes to
-    inherit (the caller closes them). Raises OSError naming the address that failed."""
+    inherit (the caller closes them). Raises ListenError naming the address that failed."""
     bound: list[tuple[socket.socket, ListenerKind]] = []
     try:
         for kind in configured_listeners(settings):
@@ -75,7 +83,7 @@ def bind_pop3_sockets(settings: BridgeSettings) -> list[tuple[socket.socket, Lis
                     sock.bind(sockaddr)
                     sock.listen(_LISTEN_BACKLOG)
             except OSError as exc:
-                raise OSError(exc.errno, f"cannot listen on {kind.configured}: {exc.strerror or exc}") from exc
+                raise ListenError.at(kind, exc) from exc
     except BaseException:
         for sock, _kind in bound:
             sock.close()
@@ -94,7 +102,16 @@ async def open_pop3_listeners(
             for item in inherited
         ]
     listeners: list[tuple[trio.SocketListener, ListenerKind]] = []
-    for kind in configured_listeners(settings):
-        address = parse_listen_address(kind.configured)
-        listeners.extend((listener, kind) for listener in await trio.open_tcp_listeners(address.port, host=address.host))
+    try:
+        for kind in configured_listeners(settings):
+            address = parse_listen_address(kind.configured)
+            try:
+                opened = await trio.open_tcp_listeners(address.port, host=address.host)
+            except OSError as exc:
+                raise ListenError.at(kind, exc) from exc
+            listeners.extend((listener, kind) for listener in opened)
+    except BaseException:
+        for listener, _kind in listeners:
+            listener.socket.close()
+        raise
     return listeners

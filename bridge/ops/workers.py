@@ -45,7 +45,7 @@ import trio
 
 from bridge.config import BridgeSettings, load_settings
 from bridge.net.listeners import ListenerKind
-from bridge.net.sockets import InheritedListener, bind_pop3_sockets
+from bridge.net.sockets import InheritedListener, ListenError, bind_pop3_sockets
 from bridge.ops import metrics
 from bridge.ops.admin import AdminServer
 from bridge.ops.admin_api import AdminApi
@@ -313,8 +313,8 @@ def run_supervisor(settings: BridgeSettings, config_path: Path | None) -> int:
     try:
         # Bound once, here: every worker serves the same sockets (a port 0 included).
         listeners = bind_pop3_sockets(settings)
-    except OSError as exc:
-        print(f"pop3-imap-bridge: {exc.strerror or exc}", file=sys.stderr)
+    except ListenError as exc:
+        print(f"pop3-imap-bridge: {exc.strerror}", file=sys.stderr)
         return 1
     metrics_dir = tempfile.mkdtemp(prefix="pop3-imap-bridge-metrics-")
     try:

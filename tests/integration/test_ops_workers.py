@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import psutil
+import pytest
 
 from sandbox import Mailbox, numbered_messages
 from tests.harness import RawPop3, SubprocessBridge, free_port
@@ -204,12 +205,15 @@ def test_workers_share_a_port_0_listener(mailbox: Mailbox, tmp_path: Path) -> No
         process.wait(30)
 
 
-def test_an_address_in_use_stops_the_supervisor_with_its_name(tmp_path: Path) -> None:
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_an_address_in_use_stops_the_service_with_its_name(workers: str) -> None:
+    """With workers the supervisor binds before any worker starts; one process binds as its
+    service starts. Either way: one line naming the address, and status 1."""
     with socket.create_server(("127.0.0.1", 0)) as taken:
         port = taken.getsockname()[1]
-        env = {**os.environ, "BRIDGE_POP3__LISTEN": f'["127.0.0.1:{port}"]', "BRIDGE_SERVER__WORKERS": "2"}
+        env = {**os.environ, "BRIDGE_POP3__LISTEN": f'["127.0.0.1:{port}"]', "BRIDGE_SERVER__WORKERS": workers}
         done = subprocess.run(
             [sys.executable, "-m", "bridge", "serve"], env=env, capture_output=True, text=True, timeout=60
         )
     assert done.returncode == 1
-    assert f"cannot listen on 127.0.0.1:{port}: Address already in use" in done.stderr
+    assert done.stderr.strip() == f"pop3-imap-bridge: cannot listen on 127.0.0.1:{port}: Address already in use"

@@ -11,7 +11,12 @@ import pytest
 
 from bridge.config import load_settings
 from bridge.net.listeners import ListenerKind
-from bridge.net.sockets import InheritedListener, bind_pop3_sockets, open_pop3_listeners
+from bridge.net.sockets import (
+    InheritedListener,
+    ListenError,
+    bind_pop3_sockets,
+    open_pop3_listeners,
+)
 from tests.security_support import TlsFiles
 
 
@@ -68,3 +73,11 @@ def test_an_address_in_use_is_named() -> None:
         settings = load_settings(None, {"pop3": {"listen": [f"127.0.0.1:{port}"]}})
         with pytest.raises(OSError, match=f"cannot listen on 127.0.0.1:{port}: Address already in use"):
             bind_pop3_sockets(settings)
+
+
+async def test_a_process_of_its_own_names_the_address_it_cannot_listen_on() -> None:
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        settings = load_settings(None, {"pop3": {"listen": ["127.0.0.1:0", f"127.0.0.1:{port}"]}})
+        with pytest.raises(ListenError, match=f"cannot listen on 127.0.0.1:{port}: Address already in use"):
+            await open_pop3_listeners(settings)
