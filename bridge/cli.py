@@ -49,17 +49,18 @@ def _serve(args: argparse.Namespace) -> int:
             settings, args.config, args.worker_index, args.notify_fd, args.admin_socket, args.lifeline_fd,
             [InheritedListener.parse(item) for item in args.listener],
         )
-    if settings.server.workers > 1:
-        return run_supervisor(settings, args.config)
     refused: BaseException | None = None
     try:
+        if settings.server.workers > 1:
+            return run_supervisor(settings, args.config)
         trio.run(partial(run_until_signalled, settings, reload=partial(load_settings, args.config)))
     except* ListenError as group:
         refused = group
         while isinstance(refused, BaseExceptionGroup):
             refused = refused.exceptions[0]
     if isinstance(refused, ListenError):
-        # As the supervisor reports it: one line and status 1, not a traceback.
+        # One line and status 1, not a traceback (a supervisor binds before its workers
+        # start, a single process as its service starts).
         print(f"pop3-imap-bridge: {refused.strerror}", file=sys.stderr)
         return 1
     return 0

@@ -45,7 +45,7 @@ import trio
 
 from bridge.config import BridgeSettings, load_settings
 from bridge.net.listeners import ListenerKind
-from bridge.net.sockets import InheritedListener, ListenError, bind_pop3_sockets
+from bridge.net.sockets import InheritedListener, bind_pop3_sockets
 from bridge.ops import metrics
 from bridge.ops.admin import AdminServer
 from bridge.ops.admin_api import AdminApi
@@ -309,13 +309,10 @@ class Supervisor:
 
 
 def run_supervisor(settings: BridgeSettings, config_path: Path | None) -> int:
-    """The `serve` command with workers > 1; returns the exit status."""
-    try:
-        # Bound once, here: every worker serves the same sockets (a port 0 included).
-        listeners = bind_pop3_sockets(settings)
-    except ListenError as exc:
-        print(f"pop3-imap-bridge: {exc.strerror}", file=sys.stderr)
-        return 1
+    """The `serve` command with workers > 1; returns the exit status. Raises ListenError
+    before any worker starts if an address cannot be bound."""
+    # Bound once, here: every worker serves the same sockets (a port 0 included).
+    listeners = bind_pop3_sockets(settings)
     metrics_dir = tempfile.mkdtemp(prefix="pop3-imap-bridge-metrics-")
     try:
         trio.run(Supervisor(settings, config_path, metrics_dir, listeners).run)
