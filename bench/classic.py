@@ -135,7 +135,14 @@ def rows(rec: Recorder, plan: Plan) -> list[Row | Fact]:
         Row(
             f"RETR {size_text(plan.big_size)}, first time (ms)", "retr_big_cold", None, ms, False, (("native", 1.0),),
         ),
-        Row(f"download {plan.download_messages:,} msgs (ms)", "download", None, ms, False, (("native", 0.8),)),
+        Row(f"download {plan.download_messages:,} msgs (ms)", "download", "seconds", ms, False, (("native", 0.8),)),
+        # Where a download's time goes: the RETRs that answer at once, and the few that waited.
+        Row("download: median RETR round trip (µs)", "download", "retr_median", 1e6, False, ()),
+        Row(
+            f"download: RETRs over {scenarios.STALLED_RETR_SECONDS * 1000:g} ms, how many", "download", "stalls", 1.0, False, (),
+            digits=0,
+        ),
+        Row(f"download: RETRs over {scenarios.STALLED_RETR_SECONDS * 1000:g} ms, their time (ms)", "download", "stall_seconds", ms, False, ()),
         Row(f"{plan.concurrent_clients} clients: sessions/s", "concurrent", "sessions_per_second", 1.0, True, (("native", 0.8),)),
         Row(f"{plan.concurrent_clients} clients: p95 (ms)", "concurrent", "p95_seconds", ms, False, (("native", 1.5),)),
     ]

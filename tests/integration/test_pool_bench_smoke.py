@@ -39,6 +39,22 @@ def test_classic_rows(tiny_run: tuple[str, dict[str, Any]]) -> None:
     assert data["samples"]["idle_rss"]["bridge"][0]["sessions"] == data["plan"]["idle_sessions"]
 
 
+def test_download_rows_split_the_session(tiny_run: tuple[str, dict[str, Any]]) -> None:
+    """The download's split is measured on every server and adds up: a session takes at
+    least as long as its stalled RETRs together, and no more RETRs stall than it sent."""
+    table, data = tiny_run
+    for label in ("download: median RETR round trip", "download: RETRs over 0.5 ms, how many", "their time"):
+        assert label in table, f"{label!r} missing from:\n{table}"
+    messages = data["plan"]["download_messages"]
+    for target, samples in data["samples"]["download"].items():
+        assert samples, target
+        for sample in samples:
+            assert 0 < sample["retr_median"] < sample["seconds"], (target, sample)
+            assert 0 <= sample["stalls"] <= messages, (target, sample)
+            assert sample["stall_seconds"] <= sample["seconds"], (target, sample)
+            assert (sample["stalls"] == 0) == (sample["stall_seconds"] == 0), (target, sample)
+
+
 def test_huge_mailbox_rows(tiny_run: tuple[str, dict[str, Any]]) -> None:
     table, data = tiny_run
     samples, plan = data["samples"], data["plan"]
