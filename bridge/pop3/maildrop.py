@@ -111,6 +111,17 @@ def _packed(values: Sequence[int]) -> array[int]:
     return array("q", values)
 
 
+def _checked_entry(size: int, unique_id: str, ref: int) -> MaildropEntry:
+    """A MaildropEntry from a MessageList's columns, which were checked when the list was
+    made: not checked again (each RETR of a download makes one, and the check took more than
+    half of making it)."""
+    entry = object.__new__(MaildropEntry)
+    object.__setattr__(entry, "size", size)
+    object.__setattr__(entry, "unique_id", unique_id)
+    object.__setattr__(entry, "ref", ref)
+    return entry
+
+
 def _listing_lines(numbers: Iterable[int], values: Iterable[object]) -> bytes:
     # Numbers and checked unique ids: printable ASCII, and no line starts with a dot, so
     # nothing needs stuffing.
@@ -149,7 +160,7 @@ class Maildrop:
         entry = self._entries.get(index)
         if entry is None:
             messages = self._messages
-            entry = MaildropEntry(messages.sizes[index], messages.unique_ids[index], messages.refs[index])
+            entry = _checked_entry(messages.sizes[index], messages.unique_ids[index], messages.refs[index])
             self._entries[index] = entry
         return entry
 
@@ -165,6 +176,16 @@ class Maildrop:
         """The entry for a client-supplied message number, if it may be used."""
         index = self._locate(number)
         return index if isinstance(index, Unavailable) else self._entry(index)
+
+    def size_and_ref(self, number: int) -> tuple[int, int] | None:
+        """Size and ref of message `number` if `lookup` would give its entry, without making
+        the entry: the read-ahead walks hundreds of messages at once, in the middle of a
+        download, and their entries are made one at a time later, as the client asks."""
+        index = self._index(number)
+        if index is None or index in self._marked:
+            return None
+        messages = self._messages
+        return messages.sizes[index], messages.refs[index]
 
     def _live(self) -> list[int]:
         marked = self._marked

@@ -103,7 +103,7 @@ class Readahead:
         caller fetches it alone). Raises MessageGone."""
         self.drop()
         batch, granted = self._batch(number, FIRST_BATCH_MESSAGES)
-        if len(batch) < 2 or batch[0] is not entry:
+        if len(batch) < 2 or batch[0] != (entry.ref, entry.size):
             self._release(granted)
             return None
         arrived = await self._fetch(batch, granted)
@@ -125,47 +125,50 @@ class Readahead:
 
     # -- inside -----------------------------------------------------------------------------------
 
-    def _batch(self, number: int, most: int) -> tuple[list[MaildropEntry], int]:
-        """Messages from `number` on that are small and not marked, at most `most` of them
-        and `upstream.fetch_chunk` bytes, within what the process's budget grants; the
-        budget taken is returned with them (and held by this session from now on)."""
+    def _batch(self, number: int, most: int) -> tuple[list[tuple[int, int]], int]:
+        """(ref, size) of the messages from `number` on that are small and not marked, at
+        most `most` of them and `upstream.fetch_chunk` bytes, within what the process's
+        budget grants; the budget taken is returned with them (and held by this session from
+        now on)."""
         maildrop = self._maildrop
         small = self._chunk // 4
-        batch: list[tuple[int, MaildropEntry]] = []
+        batch: list[tuple[int, int, int]] = []
         total = 0
         while len(batch) < most and number <= len(maildrop):
-            found = maildrop.lookup(number)
-            if isinstance(found, MaildropEntry):
-                if found.size > small or total + found.size > self._chunk:
+            found = maildrop.size_and_ref(number)
+            if found is not None:
+                size, ref = found
+                if size > small or total + size > self._chunk:
                     break
-                batch.append((number, found))
-                total += found.size
+                batch.append((number, ref, size))
+                total += size
             number += 1
         granted = self._budget.take(total)
         while batch and total > granted:
-            number, dropped = batch.pop()
-            total -= dropped.size
+            number, _ref, size = batch.pop()
+            total -= size
         self._budget.give_back(granted - total)
         self._held += total
         self._next = number
-        return [entry for _number, entry in batch], total
+        return [(ref, size) for _number, ref, size in batch], total
 
-    async def _fetch(self, batch: list[MaildropEntry], granted: int) -> set[int]:
-        """One FETCH of `batch` (`granted` bytes of budget held for it); keeps what arrived
-        whole, gives back the rest, and returns the UIDs that arrived at all."""
+    async def _fetch(self, batch: list[tuple[int, int]], granted: int) -> set[int]:
+        """One FETCH of `batch` ((ref, size) pairs, `granted` bytes of budget held for it);
+        keeps what arrived whole, gives back the rest, and returns the UIDs that arrived at
+        all."""
         try:
             async with self._upstream.using() as store:
-                found = await store.fetch_messages([entry.ref for entry in batch])
+                found = await store.fetch_messages([ref for ref, _size in batch])
         except BaseException:
             self._release(granted)
             raise
         kept = 0
-        for entry in batch:
-            data = found.get(entry.ref)
+        for ref, size in batch:
+            data = found.get(ref)
             # What the server sends is checked against the listing: a message of another size
             # than listed is left out (the client's RETR fetches it on its own).
-            if data is not None and len(data) == entry.size:
-                self._messages[entry.ref] = data
+            if data is not None and len(data) == size:
+                self._messages[ref] = data
                 kept += len(data)
         self._release(granted - kept)
         return set(found)
@@ -180,7 +183,7 @@ class Readahead:
         done = self._in_flight = trio.Event()
         self._background.start_soon(self._fetch_in_background, batch, granted, done)
 
-    async def _fetch_in_background(self, batch: list[MaildropEntry], granted: int, done: trio.Event) -> None:
+    async def _fetch_in_background(self, batch: list[tuple[int, int]], granted: int, done: trio.Event) -> None:
         try:
             await self._fetch(batch, granted)
         except UpstreamError as exc:

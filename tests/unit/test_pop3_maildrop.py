@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 
 from bridge.pop3 import Maildrop, MaildropEntry, MessageList, Unavailable
@@ -153,6 +155,28 @@ def test_entries_made_from_columns_are_the_same_on_every_lookup() -> None:
     assert maildrop.lookup(2) is entry
     assert maildrop.mark_deleted(2) is entry
     assert maildrop.marked() == (entry,)
+
+
+def test_entries_made_from_columns_are_frozen_and_hash_as_made_by_hand() -> None:
+    entry = Maildrop(shared()).lookup(3)
+    by_hand = MaildropEntry(size=300, unique_id="uid-c", ref=13)
+    assert isinstance(entry, MaildropEntry)
+    assert (entry, hash(entry), repr(entry)) == (by_hand, hash(by_hand), repr(by_hand))
+    with pytest.raises(AttributeError):
+        entry.size = 5  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("make", [lambda: Maildrop(shared()), drop], ids=["columns", "entries"])
+def test_size_and_ref_answer_where_lookup_gives_an_entry(make: Callable[[], Maildrop]) -> None:
+    maildrop = make()
+    maildrop.mark_deleted(2)
+    for number in (0, 1, 2, 3, 4, HUGE_NUMBER):
+        found = maildrop.lookup(number)
+        expected = (found.size, found.ref) if isinstance(found, MaildropEntry) else None
+        assert maildrop.size_and_ref(number) == expected, number
+    assert maildrop.size_and_ref(2) is None
+    maildrop.reset()
+    assert maildrop.size_and_ref(2) is not None
 
 
 def test_empty_message_list() -> None:
