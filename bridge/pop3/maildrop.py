@@ -181,8 +181,8 @@ class Maildrop:
         """Size and ref of message `number` if `lookup` would give its entry, without making
         the entry: the read-ahead walks hundreds of messages at once, in the middle of a
         download, and their entries are made one at a time later, as the client asks."""
-        index = self._index(number)
-        if index is None or index in self._marked:
+        index = self._locate(number)
+        if isinstance(index, Unavailable):
             return None
         messages = self._messages
         return messages.sizes[index], messages.refs[index]
